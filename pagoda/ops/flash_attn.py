@@ -1,0 +1,33 @@
+"""FlashAttention kernels for CUDA and MUSA (Moore Threads' MATE installs as `flash_attn`).
+
+Imported by the CUDA and MUSA platforms; if flash_attn is missing the import fails
+quietly and the reference tier serves. Not exercised by CI (no GPU there).
+"""
+
+from __future__ import annotations
+
+import torch
+from flash_attn import flash_attn_varlen_func  # noqa: F401  (ImportError -> platform skips this module)
+
+from pagoda.ops.attention_metadata import AttentionMetadata
+from pagoda.ops.registry import DECLINE, register_kernel
+
+
+def paged_attention_flash(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Varlen attention straight over the paged pool (pages must be multiples of 256 tokens)."""
+    if meta.page_size % 256 != 0 or q.dtype not in (torch.float16, torch.bfloat16):
+        return DECLINE
+    shape = (-1, meta.page_size) + tuple(k_cache.shape[1:])
+    cu_q = torch.tensor(meta.query_starts, dtype=torch.int32, device=q.device)
+    seq_lens = torch.tensor(meta.seq_lens, dtype=torch.int32, device=q.device)
+    cu_k = torch.nn.functional.pad(seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
+    return flash_attn_varlen_func(
+        q, k_cache.view(shape), v_cache.view(shape), cu_q, cu_k, max(meta.query_lens), max(meta.seq_lens),
+        softmax_scale=scale, causal=True, block_table=meta.block_table.to(torch.int32),
+    )
+
+
+for _device_type in ("cuda", "musa"):
+    register_kernel("paged_attention", _device_type, priority=20)(paged_attention_flash)

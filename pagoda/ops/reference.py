@@ -1,0 +1,102 @@
+"""Reference implementations in plain PyTorch: the specification of every hot op.
+
+They run on any device torch supports. Faster kernels registered in the platform
+modules must produce the same results (tests/unit/test_ops.py checks each one).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pagoda.ops.attention_metadata import AttentionMetadata
+from pagoda.ops.registry import reference
+
+
+@reference("rms_norm")
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "llama") -> torch.Tensor:
+    """RMSNorm in float32. "llama": x*rsqrt(mean(x^2)+eps); "jiutian": x/(sqrt(mean(x^2))+eps)."""
+    xf = x.float()
+    ms = xf.pow(2).mean(dim=-1, keepdim=True)
+    if variant == "jiutian":
+        y = xf / (ms.sqrt() + eps)
+    else:
+        y = xf * torch.rsqrt(ms + eps)
+    return (weight.float() * y).to(x.dtype)
+
+
+@reference("add_rms_norm")
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "llama"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused residual add then RMSNorm: returns (norm(x + residual), x + residual)."""
+    summed = x + residual
+    return rms_norm.reference(summed, weight, eps, variant), summed
+
+
+@reference("rotary_embedding")
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half rotary embedding over the first rot_dim of each head.
+
+    q: [T, Hq, D], k: [T, Hk, D]; cos_sin_cache: [max_pos, rot_dim] holding cos | sin
+    halves (already multiplied by any attention scaling factor).
+    """
+    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)  # [T, rot_dim/2] each
+    cos = torch.cat((cos, cos), dim=-1)[:, None, :]
+    sin = torch.cat((sin, sin), dim=-1)[:, None, :]
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rot_dim = cos.shape[-1]
+    xr, xpass = x[..., :rot_dim], x[..., rot_dim:]
+    x1, x2 = xr.float().chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    out = (xr.float() * cos + rotated * sin).to(x.dtype)
+    return torch.cat((out, xpass), dim=-1) if xpass.numel() else out
+
+
+@reference("silu_and_mul")
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU activation on a fused [gate | up] projection: silu(gate) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@reference("store_kv")
+def store_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """Write this step's keys/values ([T, Hk, D]) into pool slots ([num_slots, Hk, D])."""
+    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+@reference("paged_attention")
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Causal grouped-query attention of a ragged batch over its paged context.
+
+    q: [T, Hq, D] for the batch's new tokens (already stored in the cache). Query i of
+    sequence b sits at position seq_len - query_len + i and sees keys 0..that position.
+    Returns [T, Hq, D].
+    """
+    out = torch.empty_like(q)
+    num_heads, num_kv_heads = q.shape[1], k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    for b, (qlen, klen) in enumerate(zip(meta.query_lens, meta.seq_lens)):
+        start = meta.query_starts[b]
+        slots = meta.context_slots[b]
+        qb = q[start : start + qlen].float().transpose(0, 1)  # [Hq, qlen, D]
+        kb = k_cache[slots].float().transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, klen, D]
+        vb = v_cache[slots].float().transpose(0, 1).repeat_interleave(group, dim=0)
+        scores = torch.matmul(qb, kb.transpose(1, 2)) * scale
+        qpos = torch.arange(klen - qlen, klen, device=q.device)[:, None]
+        kpos = torch.arange(klen, device=q.device)[None, :]
+        scores = scores.masked_fill(kpos > qpos, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[start : start + qlen] = torch.matmul(probs, vb).transpose(0, 1).to(q.dtype)
+    return out

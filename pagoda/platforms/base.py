@@ -1,0 +1,78 @@
+"""Platform: everything pagoda needs to know about a kind of accelerator.
+
+Core code asks the platform (never torch.cuda / torch.musa directly) for its device,
+dtypes, memory and synchronisation, and the platform names the kernel modules that
+register faster ops for its device type.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    graph_capture: bool = False
+    supports_bfloat16: bool = True
+    supports_float16: bool = True
+
+
+class Platform:
+    name: ClassVar[str] = "base"
+    device_type: ClassVar[str] = "cpu"
+    dist_backend: ClassVar[str] = "gloo"
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    kernel_modules: ClassVar[tuple[str, ...]] = ()
+    _HOOKS: ClassVar[tuple[str, ...]] = (
+        "is_available", "device", "default_dtype", "total_memory", "free_memory", "synchronize", "seed",
+    )
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        """Fail at class definition if a subclass misspells a hook (e.g. `free_mem`)."""
+        super().__init_subclass__(**kwargs)
+        for attr in vars(cls):
+            if attr.startswith("_") or attr in Platform.__dict__:
+                continue
+            if callable(getattr(cls, attr)) and attr not in cls._HOOKS:
+                raise TypeError(f"{cls.__name__}.{attr} is not a Platform hook")
+
+    def __init__(self, index: int = 0) -> None:
+        self.index = index
+
+    @classmethod
+    def is_available(cls) -> bool:
+        raise NotImplementedError
+
+    def device(self) -> torch.device:
+        return torch.device(self.device_type, self.index)
+
+    def default_dtype(self) -> torch.dtype:
+        """The compute dtype `--dtype auto` resolves to."""
+        return torch.bfloat16 if self.capabilities.supports_bfloat16 else torch.float16
+
+    def total_memory(self) -> int:
+        raise NotImplementedError
+
+    def free_memory(self) -> int:
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        pass
+
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def load_kernels(self) -> None:
+        """Import the modules that register this platform's kernels (idempotent)."""
+        for module in self.kernel_modules:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                pass  # optional vendor library missing: the reference tier serves
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.device()})"

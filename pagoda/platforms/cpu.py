@@ -1,0 +1,41 @@
+"""The CPU platform: always available; kernels in pagoda.ops.cpu."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pagoda.platforms.base import Capabilities, Platform
+
+
+class CpuPlatform(Platform):
+    name = "cpu"
+    device_type = "cpu"
+    dist_backend = "gloo"
+    capabilities = Capabilities(graph_capture=False)
+    kernel_modules = ("pagoda.ops.cpu",)
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
+
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def default_dtype(self) -> torch.dtype:
+        # float32 keeps parity with references; quantized and bf16 paths are opt-in.
+        return torch.float32
+
+    def total_memory(self) -> int:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+    def free_memory(self) -> int:
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -1,0 +1,36 @@
+"""NVIDIA GPUs through torch.cuda; FlashAttention kernels when flash_attn is installed."""
+
+from __future__ import annotations
+
+import torch
+
+from pagoda.platforms.base import Capabilities, Platform
+
+
+class CudaPlatform(Platform):
+    name = "cuda"
+    device_type = "cuda"
+    dist_backend = "nccl"
+    capabilities = Capabilities(graph_capture=True)
+    kernel_modules = ("pagoda.ops.flash_attn",)
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return torch.cuda.is_available()
+
+    @property
+    def _api(self):  # torch.cuda; MusaPlatform swaps in torch.musa
+        return torch.cuda
+
+    def total_memory(self) -> int:
+        return self._api.get_device_properties(self.index).total_memory
+
+    def free_memory(self) -> int:
+        return self._api.mem_get_info(self.index)[0]
+
+    def synchronize(self) -> None:
+        self._api.synchronize(self.index)
+
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+        self._api.manual_seed_all(seed)

@@ -1,0 +1,37 @@
+"""Helpers for tests that drive a pagoda model directly (no scheduler)."""
+
+from __future__ import annotations
+
+import torch
+
+from pagoda.cache.kv_pool import KVPool
+from pagoda.engine.model_runner import ModelRunner, SequenceChunk
+
+
+def make_runner(model: torch.nn.Module, num_pages: int = 64, page_size: int = 4) -> ModelRunner:
+    cfg = model.config
+    pool = KVPool(cfg.num_hidden_layers, num_pages, page_size, cfg.num_key_value_heads, cfg.head_dim,
+                  model.dtype, torch.device("cpu"))
+    return ModelRunner(model, pool, torch.device("cpu"))
+
+
+def pages_for(num_tokens: int, page_size: int, first_page: int = 1) -> list[int]:
+    """A sequence's page table: consecutive pages, deliberately not starting at 0."""
+    return list(range(first_page, first_page + (num_tokens + page_size - 1) // page_size))
+
+
+def prefill_logits(runner: ModelRunner, ids: list[int], first_page: int = 1) -> torch.Tensor:
+    """Logits for every position of `ids`, computed in one prefill."""
+    pages = pages_for(len(ids), runner.page_size, first_page)
+    out = runner.run([SequenceChunk(ids, 0, pages, all_logits=True)])
+    return out.all_logits[0]
+
+
+def incremental_logits(runner: ModelRunner, ids: list[int], chunk: int, first_page: int = 1) -> torch.Tensor:
+    """Logits for every position, fed `chunk` tokens at a time through the KV cache."""
+    pages = pages_for(len(ids), runner.page_size, first_page)
+    rows = []
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        rows.append(runner.run([SequenceChunk(part, start, pages, all_logits=True)]).all_logits[0])
+    return torch.cat(rows)

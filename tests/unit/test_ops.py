@@ -1,0 +1,105 @@
+"""Every registered kernel equals its reference; a declining kernel falls back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagoda import ops
+from pagoda.ops.attention_metadata import AttentionMetadata
+from pagoda.ops.registry import OPS, Op, register_kernel
+from pagoda.platforms import get_platform
+
+get_platform("cpu")  # loads the CPU kernels
+
+
+def _attention_inputs(query_lens: list[int], seq_lens: list[int], page_size: int = 4, hq: int = 6, hk: int = 2):
+    g = torch.Generator().manual_seed(sum(seq_lens))
+    pages_needed = [(s + page_size - 1) // page_size for s in seq_lens]
+    perm = torch.randperm(sum(pages_needed) + 3, generator=g)[: sum(pages_needed)] + 1  # scattered pages
+    table = torch.zeros(len(seq_lens), max(pages_needed), dtype=torch.long)
+    i = 0
+    for b, n in enumerate(pages_needed):
+        table[b, :n] = perm[i : i + n]
+        i += n
+    num_slots = (int(perm.max()) + 1) * page_size
+    k_cache = torch.randn(num_slots, hk, 16, generator=g)
+    v_cache = torch.randn(num_slots, hk, 16, generator=g)
+    slots = []
+    for b, (ql, sl) in enumerate(zip(query_lens, seq_lens)):
+        pos = torch.arange(sl - ql, sl)
+        slots.append(table[b, pos // page_size] * page_size + pos % page_size)
+    meta = AttentionMetadata(query_lens, seq_lens, torch.cat(slots), table, page_size)
+    q = torch.randn(sum(query_lens), hq, 16, generator=g)
+    return q, k_cache, v_cache, meta, 16**-0.5
+
+
+def _inputs(name: str):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 32, generator=g)
+    w = torch.randn(32, generator=g)
+    if name == "rms_norm":
+        return [(x, w, 1e-6, "llama"), (x, w, 1e-6, "jiutian"), (x * 1e-4, w, 1e-5, "llama")]
+    if name == "add_rms_norm":
+        return [(x, torch.randn(5, 32, generator=g), w, 1e-6, "llama"), (x, x, w, 1e-6, "jiutian")]
+    if name == "paged_attention":
+        return [
+            _attention_inputs([1, 1, 1], [1, 9, 17]),  # decode-only batch
+            _attention_inputs([12], [12]),  # fresh prefill
+            _attention_inputs([5, 1, 3], [13, 7, 3]),  # chunk on cached prefix + decode + prefill
+        ]
+    pytest.skip(f"no CPU kernel inputs needed for {name}")
+
+
+KERNELS = [(name, k) for name, op in OPS.items() for k in op.kernels if k.device_type == "cpu"]
+
+
+@pytest.mark.parametrize("name,kernel", KERNELS, ids=[k.name for _, k in KERNELS])
+def test_kernel_matches_reference(name: str, kernel) -> None:
+    op = OPS[name]
+    for args in _inputs(name):
+        got = kernel.fn(*args)
+        ref = op.reference(*args)
+        if got is ops.DECLINE:
+            continue
+        for a, b in zip(got if isinstance(got, tuple) else (got,), ref if isinstance(ref, tuple) else (ref,)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_every_cpu_kernel_is_exercised() -> None:
+    """Guards the table above: a new CPU kernel must come with inputs here."""
+    assert {name for name, _ in KERNELS} <= {"rms_norm", "add_rms_norm", "paged_attention"}
+
+
+def test_declined_input_falls_back_to_next_tier() -> None:
+    calls: list[str] = []
+    op = Op(name="toy", reference=lambda x: calls.append("reference") or x + 1)
+    OPS["toy"] = op
+    try:
+        @register_kernel("toy", "cpu", priority=5)
+        def low(x):
+            calls.append("low")
+            return x + 1
+
+        @register_kernel("toy", "cpu", priority=50)
+        def high(x):
+            calls.append("high")
+            return ops.DECLINE if x.numel() > 1 else x + 1
+
+        assert op(torch.zeros(1)).item() == 1 and calls == ["high"]
+        calls.clear()
+        assert op(torch.zeros(3)).tolist() == [1, 1, 1] and calls == ["high", "low"]
+        calls.clear()
+        op.kernels.clear()
+        op._chains.clear()
+        op(torch.zeros(2))
+        assert calls == ["reference"]
+    finally:
+        del OPS["toy"]
+
+
+def test_jiutian_norm_declined_by_native_kernel() -> None:
+    from pagoda.ops.cpu import rms_norm_native
+
+    x = torch.randn(2, 8)
+    assert rms_norm_native(x, torch.ones(8), 1e-6, "jiutian") is ops.DECLINE

@@ -1,0 +1,57 @@
+"""The hardware seam stays a seam: device APIs appear only in platforms/ and kernel modules."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from pagoda.errors import ConfigError
+from pagoda.platforms import CpuPlatform, MusaPlatform, Platform, get_platform
+
+ROOT = Path(__file__).resolve().parents[2] / "pagoda"
+ALLOWED = {ROOT / "platforms", ROOT / "ops" / "cpu.py", ROOT / "ops" / "flash_attn.py"}
+DEVICE_API = re.compile(r"torch\.(cuda|musa)\b|torch_musa|[\"'](cuda|musa)(:\d+)?[\"']")
+
+
+def _allowed(path: Path) -> bool:
+    return any(path == a or a in path.parents for a in ALLOWED)
+
+
+def test_no_device_api_outside_platforms() -> None:
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        if _allowed(path):
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if DEVICE_API.search(line):
+                offenders.append(f"{path.relative_to(ROOT.parent)}:{n}: {line.strip()}")
+    assert not offenders, "device APIs outside pagoda/platforms:\n" + "\n".join(offenders)
+
+
+def test_seam_check_catches_a_violation() -> None:
+    assert DEVICE_API.search("x = torch.cuda.is_available()")
+    assert DEVICE_API.search('device = "cuda:0"')
+    assert not DEVICE_API.search("device = platform.device()")
+
+
+def test_cpu_detected_here_and_musa_absent() -> None:
+    assert isinstance(get_platform(), CpuPlatform) or get_platform().name in ("cuda", "musa")
+    assert get_platform("cpu").device().type == "cpu"
+    assert MusaPlatform.dist_backend == "mccl" and MusaPlatform.device_type == "musa"
+
+
+def test_bad_device_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="unknown device"):
+        get_platform("tpu")
+    if not MusaPlatform.is_available():
+        with pytest.raises(ConfigError, match="not available"):
+            get_platform("musa")
+
+
+def test_misspelled_platform_hook_fails_at_definition() -> None:
+    with pytest.raises(TypeError, match="free_mem is not a Platform hook"):
+        class Broken(Platform):  # noqa: F841
+            def free_mem(self) -> int:
+                return 0
