@@ -20,3 +20,7 @@ class InvalidRequestError(PagodaError):
         super().__init__(message)
         self.message = message
         self.param = param
+
+
+class EngineOverloadedError(PagodaError):
+    """The waiting queue is full; the client should retry later (HTTP 503 with Retry-After)."""
