@@ -3,6 +3,10 @@
 Slot s of layer l holds one token's keys in ``k[l][s]`` and values in ``v[l][s]``;
 page p owns slots [p*page_size, (p+1)*page_size). Bookkeeping of which request
 holds which page lives in PageAllocator / RadixTree, not here.
+
+Memory is left uninitialised (host pages are touched only as the cache fills) except
+page 0, the null page that padded reads point at: it is zeroed so that masked-out
+positions never feed NaN garbage into attention.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ class KVPool:
     ) -> None:
         self.num_pages, self.page_size = num_pages, page_size
         shape = (num_pages * page_size, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        for cache in self.k + self.v:
+            cache[:page_size].zero_()
 
     @property
     def num_slots(self) -> int:

@@ -29,6 +29,7 @@ class Platform:
     kernel_modules: ClassVar[tuple[str, ...]] = ()
     _HOOKS: ClassVar[tuple[str, ...]] = (
         "is_available", "device", "default_dtype", "total_memory", "free_memory", "synchronize", "seed",
+        "kv_cache_budget",
     )
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -62,6 +63,10 @@ class Platform:
 
     def synchronize(self) -> None:
         pass
+
+    def kv_cache_budget(self) -> int:
+        """Bytes of KV cache to reserve when the user names no budget (after weights are loaded)."""
+        return int(self.free_memory() * 0.8)
 
     def seed(self, seed: int) -> None:
         torch.manual_seed(seed)

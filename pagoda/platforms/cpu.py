@@ -27,6 +27,10 @@ class CpuPlatform(Platform):
         # float32 keeps parity with references; quantized and bf16 paths are opt-in.
         return torch.float32
 
+    def kv_cache_budget(self) -> int:
+        # Host RAM is shared with everything else; pages are touched lazily, so this is a cap.
+        return min(int(self.free_memory() * 0.25), 4 << 30)
+
     def total_memory(self) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 

@@ -1,0 +1,165 @@
+"""AsyncEngine: the Engine on its own thread, streaming outputs into asyncio.
+
+The step loop never runs on the event loop, so an HTTP server stays responsive while
+the model computes. Requests are tokenized and validated on the caller's side (errors
+raise at once), then handed to the engine thread through a queue; each request's
+outputs come back on its own asyncio.Queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from pagoda.config import EngineConfig
+from pagoda.engine.engine import Engine, EngineStats
+from pagoda.engine.outputs import RequestOutput
+from pagoda.engine.sampling_params import SamplingParams
+from pagoda.errors import EngineOverloadedError, InvalidRequestError, PagodaError
+
+log = logging.getLogger("pagoda.async_engine")
+
+
+@dataclass
+class RequestStream:
+    """Outputs of one request, in order; ends after the finished output (or raises its error)."""
+
+    request_id: str
+    _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    finished: bool = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        return item
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine | None = None, **engine_options: Any) -> None:
+        self.engine = engine or Engine(EngineConfig.from_kwargs(**engine_options))
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, RequestStream]] = {}
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="pagoda-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    async def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
+        priority: int = 0,
+    ) -> RequestStream:
+        """Validate and queue a request; raises InvalidRequestError / EngineOverloadedError at once."""
+        request_id = request_id or self.engine.new_request_id()
+        waiting = len(self.engine.scheduler.waiting) + self._inbox.qsize()
+        if waiting >= self.engine.config.max_queued_requests:
+            raise EngineOverloadedError(f"the server is busy: {waiting} requests are already waiting")
+        group = await asyncio.to_thread(self.engine.make_requests, request_id, prompt, params, priority)
+        stream = RequestStream(request_id)
+        with self._lock:
+            if request_id in self._streams:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+            self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._inbox.put(("add", request_id, group, prompt if isinstance(prompt, str) else None))
+        return stream
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Incremental outputs of one request; leaving the loop early aborts it."""
+        stream = await self.add_request(prompt, params, request_id, priority)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            if not stream.finished:
+                self.abort(stream.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV pages at the engine's next step."""
+        self._inbox.put(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopped.set()
+        self._inbox.put(("stop",))
+        self._thread.join(timeout)
+
+    # ---- engine thread ---------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            self._drain_inbox(block=not self.engine.has_unfinished())
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # never let one bad step kill the server
+                log.exception("engine step failed; aborting the requests in flight")
+                self._fail_all(PagodaError(f"internal engine error: {e}"))
+                continue
+            for output in outputs:
+                self._deliver(output.request_id, output, output.finished)
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, item: tuple) -> None:
+        kind = item[0]
+        if kind == "add":
+            _, request_id, group, prompt = item
+            try:
+                self.engine.enqueue(request_id, group, prompt)
+            except PagodaError as e:
+                self._deliver(request_id, e, True)
+        elif kind == "abort":
+            output = self.engine.abort(item[1])
+            if output is not None:
+                self._deliver(item[1], output, True)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id in list(self.engine.groups):
+            self.engine.abort(request_id)
+            self._deliver(request_id, error, True)
+
+    def _deliver(self, request_id: str, item: Any, last: bool) -> None:
+        with self._lock:
+            entry = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
+        if entry is None:
+            return
+        loop, stream = entry
+        try:
+            loop.call_soon_threadsafe(stream._queue.put_nowait, item)
+        except RuntimeError:  # the client's event loop is gone
+            pass

@@ -1,0 +1,238 @@
+"""Scheduler: continuous batching with chunked prefill, prefix sharing and preemption.
+
+Contract (as vLLM's): ``schedule()`` picks this step's work under a token budget and
+returns chunks (request, number of tokens); ``update(out, tokens)`` advances the
+requests after the forward. It never touches tensors, only page ids, so it is tested
+on a CPU without a model.
+
+Each step: running requests first (decodes and continuing prefill chunks), then
+waiting requests in (priority, arrival) order while budget, pages and the running cap
+allow. When pages run out the lowest-priority, youngest running request is preempted:
+its computed pages go to the radix tree, its own references are dropped, and it is
+recomputed later (usually as a prefix-cache hit).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from pagoda.cache.page_allocator import PageAllocator
+from pagoda.cache.radix_tree import RadixTree
+from pagoda.engine.request import Request, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_running_requests: int
+    max_batched_tokens: int
+    chunked_prefill_size: int  # 0: no chunking beyond the step budget
+    enable_prefix_cache: bool = True
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    start: int
+    num_tokens: int
+
+    @property
+    def completes(self) -> bool:
+        """After this chunk the request's last known token is computed: sample its next one."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+def _order(req: Request) -> tuple[int, float]:
+    return (req.priority, req.arrival)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: PageAllocator) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.page_size = allocator.page_size
+        self.tree = RadixTree(allocator, enabled=config.enable_prefix_cache)
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.prompt_tokens_computed = 0
+        self.prompt_tokens_cached = 0
+        self.num_preemptions = 0
+
+    # ---- queue -----------------------------------------------------------------------
+
+    def add(self, req: Request) -> None:
+        req.status = Status.WAITING
+        keys = [_order(r) for r in self.waiting]
+        self.waiting.insert(bisect.bisect_right(keys, _order(req)), req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def pages_needed(self, num_tokens: int) -> int:
+        return (num_tokens + self.page_size - 1) // self.page_size
+
+    def abort(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+            self._release(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+
+    def finish(self, req: Request) -> None:
+        """Release a finished request's pages (its computed full pages stay in the prefix cache)."""
+        if req in self.running:
+            self.running.remove(req)
+            self._release(req)
+        req.status = Status.FINISHED
+
+    # ---- one step --------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_batched_tokens
+        for req in list(self.running):
+            if budget == 0:
+                break
+            if req not in self.running:  # preempted earlier in this loop
+                continue
+            n = self._chunk_len(req, req.num_computed, budget)
+            while not self._grow(req, req.num_computed + n):
+                victim = self._pick_victim(exclude=out)
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            if req in self.running:
+                out.chunks.append(ScheduledChunk(req, req.num_computed, n))
+                budget -= n
+        self._admit_waiting(out, budget)
+        return out
+
+    def update(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Request]:
+        """Advance each chunk; append its sampled token where the chunk completed the sequence.
+
+        Returns the requests that got a new token (the engine then checks stop conditions).
+        """
+        advanced = []
+        for chunk, token in zip(out.chunks, sampled):
+            req = chunk.request
+            if req.status is not Status.RUNNING:
+                continue
+            req.num_computed = chunk.start + chunk.num_tokens
+            if not req.in_prefill and not req.prompt_cached_in_tree:
+                self._cache_prompt(req)
+            if chunk.completes and token is not None:
+                req.output_ids.append(token)
+                advanced.append(req)
+        return advanced
+
+    # ---- internals -------------------------------------------------------------------
+
+    def _chunk_len(self, req: Request, start: int, budget: int) -> int:
+        n = req.num_tokens - start
+        if n > 1 and self.config.chunked_prefill_size:
+            n = min(n, self.config.chunked_prefill_size)
+        return min(n, budget)
+
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        """Make req's page table cover num_tokens, evicting cached prefixes if needed."""
+        need = self.pages_needed(num_tokens) - len(req.pages)
+        if need <= 0:
+            return True
+        pages = self._alloc(need)
+        if pages is None:
+            return False
+        req.pages.extend(pages)
+        return True
+
+    def _alloc(self, n: int) -> list[int] | None:
+        short = n - self.allocator.num_free()
+        if short > 0:
+            self.tree.evict(short)
+        return self.allocator.alloc(n)
+
+    def _pick_victim(self, exclude: SchedulerOutput) -> Request:
+        scheduled = {id(c.request) for c in exclude.chunks}
+        candidates = [r for r in self.running if id(r) not in scheduled] or self.running
+        return max(candidates, key=_order)
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.running.remove(req)
+        out.chunks = [c for c in out.chunks if c.request is not req]
+        self._release(req)
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        out.preempted.append(req)
+        self.add(req)
+
+    def _release(self, req: Request) -> None:
+        """Hand computed full pages to the radix tree, drop own references, unpin the prefix."""
+        full = req.num_computed // self.page_size
+        if full:
+            self.tree.insert(req.all_ids[: full * self.page_size], req.pages[:full])
+        self.allocator.decref(req.own_pages)
+        if req.prefix_handle is not None:
+            self.tree.unlock(req.prefix_handle)
+        req.pages, req.num_shared_pages, req.prefix_handle, req.num_computed = [], 0, None, 0
+
+    def _cache_prompt(self, req: Request) -> None:
+        """Once the prompt is computed, share its full pages (n > 1 siblings, concurrent prompts)."""
+        req.prompt_cached_in_tree = True
+        full = len(req.prompt_ids) // self.page_size
+        if not self.tree.enabled or full == 0:
+            return
+        self.tree.insert(req.prompt_ids[: full * self.page_size], req.pages[:full])
+
+    def _blocked(self, req: Request) -> bool:
+        """n > 1 siblings wait until the leader's prompt is in the prefix cache."""
+        leader = req.leader
+        return (
+            leader is not None and self.tree.enabled and not leader.finished and not leader.prompt_cached_in_tree
+        )
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        for req in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.config.max_running_requests:
+                return
+            if req in out.preempted or self._blocked(req):
+                continue
+            use_cache = self.tree.enabled and req.params.prompt_logprobs is None
+            match = self.tree.match_prefix(req.all_ids) if use_cache else None
+            if match is not None:
+                self.tree.lock(match.handle)
+            cached = match.num_tokens if match else 0
+            n = self._chunk_len(req, cached, budget)
+            shared = list(match.pages) if match else []
+            own = self._alloc(self.pages_needed(cached + n) - len(shared))
+            if own is None:
+                if match is not None:
+                    self.tree.unlock(match.handle)
+                return
+            self.waiting.remove(req)
+            req.pages, req.num_shared_pages = shared + own, len(shared)
+            req.prefix_handle = match.handle if match else None
+            req.num_computed = cached
+            req.status = Status.RUNNING
+            if req.num_preemptions == 0:
+                req.num_cached_prompt = min(cached, len(req.prompt_ids))
+                self.prompt_tokens_cached += req.num_cached_prompt
+                self.prompt_tokens_computed += len(req.prompt_ids) - req.num_cached_prompt
+            self.running.append(req)
+            out.chunks.append(ScheduledChunk(req, cached, n))
+            budget -= n
+
+    def check_integrity(self) -> None:
+        """When idle: every page is free or held by the prefix cache (no leak)."""
+        self.tree.check_integrity()
+        if not self.running:
+            held = self.allocator.num_free() + self.tree.cached_pages()
+            assert held == self.allocator.num_pages, f"page leak: {held} of {self.allocator.num_pages} accounted for"
