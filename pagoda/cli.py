@@ -1,0 +1,167 @@
+"""`pagoda serve | generate | chat`: the command line.
+
+Engine options are generated from EngineConfig's fields, so the CLI, `LLM(**kwargs)`
+and the server share one set of names. Any PagodaError ends the command with one
+line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import Any, Iterator
+
+from pagoda.config import EngineConfig, option_specs
+from pagoda.errors import PagodaError
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    for name, annotation, default, meta in option_specs():
+        flag = "--" + name.replace("_", "-")
+        if annotation == "bool":
+            group.add_argument(flag, action="store_true", help=meta["help"])
+            continue
+        kind = {"int": int, "float": float}.get(str(annotation).split(" ")[0], str)
+        group.add_argument(flag, type=kind, default=default, choices=meta.get("choices"), help=meta["help"])
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{name: getattr(args, name) for name, *_ in option_specs()})
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--request-seed", type=int, default=None, help="seed of this request's sampling")
+
+
+def _sampling_params(args: argparse.Namespace):
+    from pagoda.engine.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.request_seed,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagoda", description="A fast, portable LLM serving engine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve an OpenAI-compatible API (and a web chat at /)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY"), help="or PAGODA_API_KEY")
+    serve.add_argument("--served-model-name", default=None, help="the model name clients send")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
+    _add_engine_options(serve)
+
+    gen = sub.add_parser("generate", help="stream one completion to stdout")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
+    _add_sampling_options(gen)
+    _add_engine_options(gen)
+
+    chat = sub.add_parser("chat", help="chat in the terminal (/reset clears, /exit or Ctrl-D quits)")
+    chat.add_argument("--system", default=None, help="a system prompt")
+    _add_sampling_options(chat)
+    _add_engine_options(chat)
+    return parser
+
+
+def _stream(engine, prompt: Any, params) -> Iterator[str]:
+    """Run one request on a bare Engine and yield its text as it settles."""
+    request_id = engine.new_request_id()
+    engine.add_request(request_id, prompt, params)
+    try:
+        while engine.has_unfinished():
+            for output in engine.step():
+                yield output.outputs[0].delta_text
+    finally:
+        engine.abort(request_id)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pagoda.engine.engine import Engine
+
+    params = _sampling_params(args)
+    engine = Engine(_engine_config(args), show_progress=sys.stderr.isatty())
+    prompt: Any = args.prompt
+    if args.chat:
+        prompt = engine.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    start, first = time.perf_counter(), None
+    for piece in _stream(engine, prompt, params):
+        first = first or time.perf_counter()
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    elapsed = time.perf_counter() - start
+    tokens = engine.stats().generation_tokens
+    sys.stdout.write("\n")
+    decode = (tokens - 1) / (time.perf_counter() - first) if first and tokens > 1 else 0.0
+    print(f"[{tokens} tokens in {elapsed:.2f}s, first token {((first or start) - start) * 1000:.0f} ms, "
+          f"decode {decode:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from pagoda.engine.engine import Engine
+
+    params = _sampling_params(args)
+    engine = Engine(_engine_config(args), show_progress=sys.stderr.isatty())
+    if engine.tokenizer is None or not engine.tokenizer.chat_template:
+        raise PagodaError("this model has no chat template; use `pagoda generate` instead")
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    print("pagoda chat — /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        for piece in _stream(engine, engine.tokenizer.encode_chat(history), params):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pagoda.server.launch import serve
+
+    serve(
+        _engine_config(args), host=args.host, port=args.port, api_key=args.api_key,
+        served_model_name=args.served_model_name, shutdown_timeout=args.shutdown_timeout,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return {"serve": _serve, "generate": _generate, "chat": _chat}[args.command](args)
+    except PagodaError as e:
+        print(f"pagoda: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
