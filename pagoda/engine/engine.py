@@ -24,7 +24,7 @@ from pagoda.engine.request import Request
 from pagoda.engine.sampler import Sampler, SamplingRow, compute_logprobs, make_generator
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from pagoda.errors import ConfigError, InvalidRequestError, PagodaError
+from pagoda.errors import ConfigError, InvalidRequestError
 from pagoda.models.loader import LoadedModel, load_model
 from pagoda.platforms import get_platform
 from pagoda.tokenizer import IncrementalDetokenizer, load_tokenizer
@@ -330,5 +330,3 @@ class Engine:
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
 
-
-__all__ = ["Engine", "EngineStats", "PagodaError"]
