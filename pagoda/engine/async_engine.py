@@ -61,6 +61,11 @@ class AsyncEngine:
         return self.engine.tokenizer
 
     @property
+    def is_alive(self) -> bool:
+        """Whether the engine thread is running (the server's /health)."""
+        return self._thread.is_alive() and not self._stopped.is_set()
+
+    @property
     def num_in_flight(self) -> int:
         return len(self._streams)
 

@@ -202,7 +202,8 @@ class Engine:
                 "leave room for at least one generated token",
                 "prompt",
             )
-        max_tokens = params.max_tokens if params.max_tokens is not None else ctx - len(prompt_ids)
+        room = min(ctx, self.kv_tokens) - len(prompt_ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
         if len(prompt_ids) + max_tokens > ctx:
             raise InvalidRequestError(
                 f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the context length "

@@ -78,11 +78,9 @@ class Scheduler:
         return (num_tokens + self.page_size - 1) // self.page_size
 
     def abort(self, req: Request) -> None:
-        if req in self.running:
-            self.running.remove(req)
-            self._release(req)
-        elif req in self.waiting:
+        if req in self.waiting:
             self.waiting.remove(req)
+        self.finish(req)
 
     def finish(self, req: Request) -> None:
         """Release a finished request's pages (its computed full pages stay in the prefix cache)."""

@@ -1,0 +1,167 @@
+"""The FastAPI app: OpenAI routes, tokenizer utilities, health, metrics and the web chat page.
+
+Bodies are read and validated here rather than by FastAPI's signature parsing, so every failure
+(bad JSON, wrong type, oversize) is an OpenAI error body with the offending `param`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from importlib import resources
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pagoda import __version__
+from pagoda.engine.async_engine import AsyncEngine
+from pagoda.server.errors import APIError, GuardMiddleware, error_response, install_exception_handlers, validation_error
+from pagoda.server.metrics import CONTENT_TYPE, ServerMetrics
+from pagoda.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from pagoda.server.serving import OpenAIServing
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+OPEN_PATHS = ("/health", "/metrics", "/", "/favicon.ico", "/version", "/docs", "/openapi.json")
+WEB_FILES = {"index.html": "text/html", "chat.js": "text/javascript", "chat.css": "text/css"}
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class AuthMiddleware:
+    """Bearer-token check for everything but health, metrics and the page itself (whose script
+    sends the key it is given)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["path"].startswith("/web/") \
+                or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+            message = "missing API key: send 'Authorization: Bearer <key>'" if not auth else "incorrect API key"
+            await error_response(401, message, code="invalid_api_key",
+                                 headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+async def parse(request: Request, model: type[M]) -> M:
+    body = await request.body()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise validation_error(e.errors(include_url=False)) from None
+
+
+def create_app(
+    engine: AsyncEngine, served_model_name: str, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """Build the app around a running AsyncEngine (the caller owns its lifetime)."""
+    app = FastAPI(title="pagoda", version=__version__, docs_url="/docs", redoc_url=None)
+    metrics = ServerMetrics(engine)
+    serving = OpenAIServing(engine, served_model_name, metrics)
+    app.state.engine, app.state.metrics, app.state.draining = engine, metrics, False
+    created = int(time.time())
+    install_exception_handlers(app)
+    if api_key:
+        app.add_middleware(AuthMiddleware, api_key=api_key)
+    # Browser clients on other origins (as vLLM allows); the key, if any, is still required.
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(GuardMiddleware, max_body_bytes=max_body_bytes)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await serving.chat(await parse(request, ChatCompletionRequest), request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await serving.completions(await parse(request, CompletionRequest), request)
+
+    def model_card() -> dict[str, Any]:
+        return {"id": served_model_name, "object": "model", "created": created, "owned_by": "pagoda",
+                "root": served_model_name, "max_model_len": engine.engine.context_length}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> dict[str, Any]:
+        serving.check_model(model)
+        return model_card()
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.is_alive:
+            return error_response(503, "the engine thread has stopped", "server_error", code="engine_dead")
+        if app.state.draining:
+            return error_response(503, "the server is shutting down", "server_error", code="shutting_down")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        req = await parse(request, TokenizeRequest)
+        serving.check_model(req.model)
+        tok = engine.tokenizer
+        if isinstance(req.prompt, list):
+            tokens = req.prompt
+            check_token_ids(tokens, engine.engine.model_config.vocab_size, "prompt")
+        elif tok is None:
+            raise APIError(400, "this model has no tokenizer: only token ids can be used",
+                           param="prompt" if req.prompt is not None else "messages")
+        elif req.prompt is not None:
+            tokens = await asyncio.to_thread(tok.encode, req.prompt, req.add_special_tokens)
+        else:
+            messages = [m.to_template() for m in req.messages or []]
+            tokens = await asyncio.to_thread(tok.encode_chat, messages, req.add_generation_prompt)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.engine.context_length}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        req = await parse(request, DetokenizeRequest)
+        serving.check_model(req.model)
+        check_token_ids(req.tokens, engine.engine.model_config.vocab_size, "tokens")
+        if engine.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer, so tokens cannot be turned into text", param="tokens")
+        return {"prompt": engine.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> Response:
+        return web_file("index.html")
+
+    @app.get("/web/{name}")
+    async def web(name: str) -> Response:
+        return web_file(name)
+
+    return app
+
+
+def check_token_ids(tokens: list[int], vocab_size: int, param: str) -> None:
+    bad = next((t for t in tokens if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab_size})", param=param)
+
+
+def web_file(name: str) -> Response:
+    """The chat page's files, read from the installed package (no build step, no CDN)."""
+    if name not in WEB_FILES:
+        raise APIError(404, f"no such file: /web/{name}", code="not_found")
+    data = resources.files("pagoda.server").joinpath("web", name).read_bytes()
+    return Response(data, media_type=WEB_FILES[name], headers={"Cache-Control": "no-cache"})
