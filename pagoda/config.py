@@ -14,6 +14,7 @@ from pagoda.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
+QUANTIZATIONS = ("bf16", "int4")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -29,6 +30,12 @@ class EngineConfig:
     dtype: str = _opt("auto", "compute dtype", choices=DTYPES)
     device: str = _opt("auto", "auto (MUSA, then CUDA, then CPU), cpu, cuda[:N], musa[:N]")
     load_format: str = _opt("auto", "auto reads the checkpoint; dummy makes random weights", choices=LOAD_FORMATS)
+    quantization: str | None = _opt(
+        None,
+        "linear-layer weights: bf16 (bfloat16 matmuls, oneDNN-prepacked on CPU) or int4 (weight-only, groups of 128/64/32, "
+        "bfloat16 activations, quantized as weights load); norms, attention and the residual stay in --dtype",
+        choices=QUANTIZATIONS,
+    )
     seed: int = _opt(0, "seed for dummy weights and requests without their own seed")
     context_length: int | None = _opt(None, "maximum tokens per sequence (default: the model's)")
     rope_scaling: str | None = _opt(None, 'JSON rope scaling override, e.g. {"rope_type":"yarn","factor":4}')
@@ -51,6 +58,8 @@ class EngineConfig:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError(f"load_format must be one of {', '.join(LOAD_FORMATS)} (got {self.load_format!r})")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (got {self.quantization!r})")
         if self.chunked_prefill_size < 0:
             raise ConfigError(f"chunked_prefill_size must be >= 0 (got {self.chunked_prefill_size})")
         if self.context_length is not None and self.context_length < 1:

@@ -7,6 +7,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda import ops
+from pagoda.errors import ConfigError
+
+INT4_GROUP_SIZES = (128, 64, 32)  # largest that divides the input: fewer scales, same kernel speed
+
+
+def int4_group_size(in_features: int) -> int:
+    for size in INT4_GROUP_SIZES:
+        if in_features % size == 0:
+            return size
+    raise ConfigError(f"int4 needs input sizes divisible by 32 (got {in_features})")
 
 
 def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -23,8 +33,60 @@ class Linear(nn.Module):
         self.weight = _param(out_features, in_features, dtype=dtype, device=device)
         self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
 
+    def load_rows(self, row0: int, w: torch.Tensor) -> None:
+        self.weight.data[row0 : row0 + w.shape[0]].copy_(w)
+
+    def finalize(self) -> None:
+        """Called once after all weights are loaded (quantized layers repack here)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+class Int4Linear(Linear):
+    """Weight-only int4 linear (groups of 128/64/32 inputs), bfloat16 activations inside."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self.qweight = ops.Int4Weight.empty(out_features, in_features, int4_group_size(in_features), device)
+        self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
+
+    def load_rows(self, row0: int, w: torch.Tensor) -> None:
+        self.qweight.load_rows(row0, w)
+
+    def finalize(self) -> None:
+        self.qweight = ops.int4_prepack(self.qweight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.int4_linear(x, self.qweight, self.bias)
+
+
+class BF16Linear(Linear):
+    """bfloat16 weights and matmuls (oneDNN-prepacked on CPU); the model around it keeps its dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device):
+        super().__init__(in_features, out_features, bias, torch.bfloat16, device)
+        self.packed = None
+
+    def finalize(self) -> None:
+        self.packed = ops.linear_prepack(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.packed_linear(x, self.weight, self.packed, self.bias)
+
+
+def make_linear(
+    in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device,
+    quantization: str | None = None,
+) -> Linear:
+    if quantization is None:
+        return Linear(in_features, out_features, bias, dtype, device)
+    if quantization == "bf16":
+        return BF16Linear(in_features, out_features, bias, dtype, device)
+    if quantization == "int4":
+        return Int4Linear(in_features, out_features, bias, dtype, device)
+    raise ConfigError(f"unknown quantization {quantization!r}")
 
 
 class RMSNorm(nn.Module):

@@ -16,20 +16,20 @@ from pagoda import ops
 from pagoda.cache.kv_pool import KVPool
 from pagoda.errors import ModelLoadError
 from pagoda.models.config import ModelConfig
-from pagoda.models.layers import Linear, RMSNorm, _param
+from pagoda.models.layers import Linear, RMSNorm, _param, make_linear
 from pagoda.models.rope import cos_sin_cache
 from pagoda.ops.attention_metadata import AttentionMetadata
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, device: torch.device, quant: str | None):
         super().__init__()
         self.layer_id = layer_id
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
         self.scale = cfg.head_dim**-0.5
-        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.qkv_bias, dtype, device)
-        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, False, dtype, device)
+        self.qkv_proj = make_linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.qkv_bias, dtype, device, quant)
+        self.o_proj = make_linear(cfg.q_size, cfg.hidden_size, False, dtype, device, quant)
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, meta: AttentionMetadata, kv: KVPool
@@ -47,23 +47,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, quant: str | None):
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, dtype, device)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype, device)
+        self.gate_up_proj = make_linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, dtype, device, quant)
+        self.down_proj = make_linear(cfg.intermediate_size, cfg.hidden_size, False, dtype, device, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, device: torch.device, quant: str | None):
         super().__init__()
         norm = (cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_variant, dtype, device)
         self.input_layernorm = RMSNorm(*norm)
-        self.self_attn = Attention(cfg, layer_id, dtype, device)
+        self.self_attn = Attention(cfg, layer_id, dtype, device, quant)
         self.post_attention_layernorm = RMSNorm(*norm)
-        self.mlp = MLP(cfg, dtype, device)
+        self.mlp = MLP(cfg, dtype, device, quant)
 
     def forward(self, x, residual, positions, cos_sin, meta, kv):
         if residual is None:
@@ -76,13 +76,21 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_position: int | None = None):
+    def __init__(
+        self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_position: int | None = None,
+        quantization: str | None = None,
+    ):
         super().__init__()
         self.config, self.dtype = cfg, dtype
         self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, dtype, device, quantization) for i in range(cfg.num_hidden_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_variant, dtype, device)
-        self.lm_head = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings
+            else make_linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device, quantization)
+        )
         self.register_buffer(
             "cos_sin",
             cos_sin_cache(
@@ -108,15 +116,15 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return torch.matmul(hidden, head.t()).float()
+        if self.lm_head is None:  # tied: the embedding matrix is the output head
+            return torch.matmul(hidden, self.embed_tokens.t()).float()
+        return self.lm_head(hidden).float()
 
     # ---- weights -------------------------------------------------------------------
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors in, fusing q/k/v and gate/up; check every parameter is set."""
         cfg = self.config
-        params = dict(self.named_parameters())
         expected = self._expected_weights()
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -127,43 +135,51 @@ class LlamaForCausalLM(nn.Module):
                 if name == "lm_head.weight" and cfg.tie_word_embeddings:
                     continue
                 raise ModelLoadError(f"the weights hold {name!r}, which this {cfg.architecture} config has no place for")
-            pname, row0, rows = target
-            param = params[pname]
-            view = param.data if row0 is None else param.data.narrow(0, row0, rows)
-            if tuple(tensor.shape) != tuple(view.shape):
+            path, row0, shape = target
+            if tuple(tensor.shape) != shape:
                 raise ModelLoadError(
-                    f"config does not match weights: {name} has shape {tuple(tensor.shape)}, "
-                    f"the config implies {tuple(view.shape)}"
+                    f"config does not match weights: {name} has shape {tuple(tensor.shape)}, the config implies {shape}"
                 )
-            view.copy_(tensor)
+            owner_path, _, attr = path.rpartition(".")
+            owner = self.get_submodule(owner_path) if owner_path else self
+            if isinstance(owner, Linear) and attr == "weight":
+                owner.load_rows(row0, tensor)
+            else:
+                getattr(owner, attr).data[row0 : row0 + shape[0]].copy_(tensor)
             loaded.add(name)
         missing = sorted(set(expected) - loaded)
         if missing:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise ModelLoadError(f"the weights lack {', '.join(missing[:3])}{more}")
+        self.finalize()
 
-    def _expected_weights(self) -> dict[str, tuple[str, int | None, int]]:
-        """HF name -> (parameter name, first row in a fused parameter or None, rows)."""
+    def finalize(self) -> None:
+        """Repack quantized layers for their kernels once every weight is in place."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.finalize()
+
+    def _expected_weights(self) -> dict[str, tuple[str, int, tuple[int, ...]]]:
+        """HF name -> (our parameter path, first row inside it, the tensor's shape)."""
         cfg = self.config
-        q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
-        out: dict[str, tuple[str, int | None, int]] = {
-            "model.embed_tokens.weight": ("embed_tokens", None, 0),
-            "model.norm.weight": ("norm.weight", None, 0),
+        h, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+        out: dict[str, tuple[str, int, tuple[int, ...]]] = {
+            "model.embed_tokens.weight": ("embed_tokens", 0, (cfg.vocab_size, h)),
+            "model.norm.weight": ("norm.weight", 0, (h,)),
         }
         if not cfg.tie_word_embeddings:
-            out["lm_head.weight"] = ("lm_head", None, 0)
+            out["lm_head.weight"] = ("lm_head.weight", 0, (cfg.vocab_size, h))
         for i in range(cfg.num_hidden_layers):
             hf, me = f"model.layers.{i}.", f"layers.{i}."
-            out[hf + "input_layernorm.weight"] = (me + "input_layernorm.weight", None, 0)
-            out[hf + "post_attention_layernorm.weight"] = (me + "post_attention_layernorm.weight", None, 0)
-            out[hf + "self_attn.o_proj.weight"] = (me + "self_attn.o_proj.weight", None, 0)
-            out[hf + "mlp.down_proj.weight"] = (me + "mlp.down_proj.weight", None, 0)
-            out[hf + "mlp.gate_proj.weight"] = (me + "mlp.gate_up_proj.weight", 0, inter)
-            out[hf + "mlp.up_proj.weight"] = (me + "mlp.gate_up_proj.weight", inter, inter)
-            kinds = ("weight", "bias") if cfg.qkv_bias else ("weight",)
-            for kind in kinds:
-                fused = me + "self_attn.qkv_proj." + kind
-                out[hf + "self_attn.q_proj." + kind] = (fused, 0, q)
-                out[hf + "self_attn.k_proj." + kind] = (fused, q, kv)
-                out[hf + "self_attn.v_proj." + kind] = (fused, q + kv, kv)
+            out[hf + "input_layernorm.weight"] = (me + "input_layernorm.weight", 0, (h,))
+            out[hf + "post_attention_layernorm.weight"] = (me + "post_attention_layernorm.weight", 0, (h,))
+            out[hf + "self_attn.o_proj.weight"] = (me + "self_attn.o_proj.weight", 0, (h, q))
+            out[hf + "mlp.down_proj.weight"] = (me + "mlp.down_proj.weight", 0, (h, inter))
+            out[hf + "mlp.gate_proj.weight"] = (me + "mlp.gate_up_proj.weight", 0, (inter, h))
+            out[hf + "mlp.up_proj.weight"] = (me + "mlp.gate_up_proj.weight", inter, (inter, h))
+            parts = (("q", 0, q), ("k", q, kv), ("v", q + kv, kv))
+            for proj, row0, rows in parts:
+                out[hf + f"self_attn.{proj}_proj.weight"] = (me + "self_attn.qkv_proj.weight", row0, (rows, h))
+                if cfg.qkv_bias:
+                    out[hf + f"self_attn.{proj}_proj.bias"] = (me + "self_attn.qkv_proj.bias", row0, (rows,))
         return out

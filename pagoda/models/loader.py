@@ -18,6 +18,7 @@ from tqdm import tqdm
 from pagoda.config import EngineConfig
 from pagoda.errors import ConfigError, ModelLoadError
 from pagoda.models.config import ModelConfig
+from pagoda.models.layers import Linear
 from pagoda.models.registry import model_class
 from pagoda.platforms import Platform
 from pagoda.weights.default_model import default_model_path
@@ -34,6 +35,7 @@ class LoadedModel:
     dtype: torch.dtype
     load_seconds: float
     context_length: int
+    weight_bytes: int
 
 
 def resolve_model_path(config: EngineConfig) -> Path | None:
@@ -86,7 +88,9 @@ def load_model(config: EngineConfig, platform: Platform, show_progress: bool = F
             f"context_length {config.context_length} exceeds the model's {model_cfg.max_position_embeddings} "
             "positions; pass --rope-scaling to extend it"
         )
-    model = model_class(model_cfg.architecture)(model_cfg, dtype, device, max_position=context_length)
+    model = model_class(model_cfg.architecture)(
+        model_cfg, dtype, device, max_position=context_length, quantization=config.quantization
+    )
     if checkpoint is None:
         _fill_dummy(model, config.seed)
     else:
@@ -94,16 +98,41 @@ def load_model(config: EngineConfig, platform: Platform, show_progress: bool = F
         stream = tqdm(checkpoint.tensors(), total=len(names), desc="loading weights", unit="tensor", disable=not show_progress)
         model.load_weights(stream)
     model.eval()
-    return LoadedModel(model, model_cfg, hf_config, path, dtype, time.perf_counter() - start, context_length)
+    return LoadedModel(
+        model, model_cfg, hf_config, path, dtype, time.perf_counter() - start, context_length, weight_bytes(model)
+    )
 
 
 @torch.no_grad()
 def _fill_dummy(model: torch.nn.Module, seed: int) -> None:
-    """Random weights, one parameter at a time in its own dtype (no float32 copy of the model)."""
+    """Random weights, a bounded block of rows at a time in the target format (never a float32
+    copy of the model: a 35B-class int4 model starts in the RAM its int4 weights need)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    rows_per_block = 1024
+    done: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, Linear):
+            for row0 in range(0, module.out_features, rows_per_block):
+                rows = min(rows_per_block, module.out_features - row0)
+                module.load_rows(row0, torch.empty(rows, module.in_features).normal_(0.0, 0.02, generator=gen))
+            if isinstance(getattr(module, "weight", None), torch.Tensor):
+                done.add(id(module.weight))
     for name, param in model.named_parameters():
+        if id(param) in done:
+            continue
         if name.endswith("norm.weight"):
             param.fill_(1.0)
             continue
-        chunk = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen)
-        param.copy_(chunk)
+        for block in param.data.split(rows_per_block):
+            block.copy_(torch.empty(block.shape).normal_(0.0, 0.02, generator=gen))
+    model.finalize()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Memory held by the weights, quantized ones included."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for module in model.modules():
+        qweight = getattr(module, "qweight", None)
+        if qweight is not None:
+            total += qweight.nbytes()
+    return total

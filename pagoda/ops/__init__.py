@@ -7,24 +7,32 @@ registered for the tensors' device type and falls back to the reference.
 from pagoda.ops.attention_metadata import AttentionMetadata
 from pagoda.ops.reference import (
     add_rms_norm,
+    linear_prepack,
+    packed_linear,
     paged_attention,
     rms_norm,
     rotary_embedding,
     silu_and_mul,
     store_kv,
 )
+from pagoda.ops.quant import Int4Weight, int4_linear, int4_prepack
 from pagoda.ops.registry import DECLINE, OPS, kernels_of, register_kernel
 from pagoda.ops.sampling import apply_penalties, apply_token_bias, apply_top_k_top_p_min_p, sample_from_probs, token_bin_counts
 
 __all__ = [
     "AttentionMetadata",
     "DECLINE",
+    "Int4Weight",
     "OPS",
     "add_rms_norm",
     "apply_penalties",
     "apply_token_bias",
     "apply_top_k_top_p_min_p",
+    "int4_linear",
+    "int4_prepack",
     "kernels_of",
+    "linear_prepack",
+    "packed_linear",
     "paged_attention",
     "register_kernel",
     "rms_norm",

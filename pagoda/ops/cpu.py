@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pagoda.ops.attention_metadata import AttentionMetadata
+from pagoda.ops.quant import Int4Weight, unpack_nibbles
 from pagoda.ops.registry import DECLINE, register_kernel
 
 
@@ -59,3 +60,45 @@ def paged_attention_sdpa(
             ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start : start + qlen] = ob[0].transpose(0, 1)
     return out
+
+
+@register_kernel("int4_prepack", "cpu", priority=10)
+def int4_prepack_cpu(w: Int4Weight):
+    """torch's AVX512 int4 layout; frees the canonical copy (35B-class models need the RAM)."""
+    if w.out_features % 16 or w.group_size not in (32, 64, 128, 256) or w.qweight is None:
+        return DECLINE
+    q = unpack_nibbles(w.qweight).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    scales_zeros = torch.stack([w.scales.t(), w.zeros.t()], dim=-1).contiguous()  # [K/g, N, 2] bf16
+    w.packed, w.qweight = (packed, scales_zeros), None
+    return w
+
+
+@register_kernel("int4_linear", "cpu", priority=10)
+def int4_linear_cpu(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None):
+    if w.packed is None:
+        return DECLINE
+    packed, scales_zeros = w.packed
+    x2 = x.reshape(-1, w.in_features).to(torch.bfloat16)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, w.group_size, scales_zeros)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], w.out_features).to(x.dtype)
+
+
+@register_kernel("linear_prepack", "cpu", priority=10)
+def linear_prepack_onednn(weight: torch.Tensor):
+    """oneDNN's blocked layout for bfloat16 weights: 1.7-2.5x faster than F.linear here."""
+    if weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return DECLINE
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+
+@register_kernel("packed_linear", "cpu", priority=10)
+def packed_linear_onednn(x: torch.Tensor, weight: torch.Tensor, packed, bias: torch.Tensor | None = None):
+    if packed is None:
+        return DECLINE
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    b = None if bias is None else bias.to(torch.bfloat16)
+    y = torch.ops.mkldnn._linear_pointwise(x2, packed, b, "none", [], "")
+    return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)

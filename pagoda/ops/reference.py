@@ -100,3 +100,17 @@ def paged_attention(
         probs = torch.softmax(scores, dim=-1)
         out[start : start + qlen] = torch.matmul(probs, vb).transpose(0, 1).to(q.dtype)
     return out
+
+
+@reference("linear_prepack")
+def linear_prepack(weight: torch.Tensor):
+    """A kernel's own layout of a dense weight (made once after loading); None: no kernel wants one."""
+    return None
+
+
+@reference("packed_linear")
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T (+ b) computed in the weight's dtype, returned in x's dtype; `packed` is a
+    kernel's prepacked copy of `weight` (the reference ignores it)."""
+    y = F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
+    return y.to(x.dtype)

@@ -89,7 +89,11 @@ def kernels_of(name: str) -> list[Kernel]:
 
 
 def _device_type(args: tuple[Any, ...]) -> str:
+    """Device type of the first tensor argument (or of an argument with a `device`, e.g. packed weights)."""
     for a in args:
         if isinstance(a, torch.Tensor):
             return a.device.type
+        device = getattr(a, "device", None)
+        if isinstance(device, torch.device):
+            return device.type
     return "cpu"

@@ -1,0 +1,106 @@
+"""Weight-only int4 quantization: the canonical format, its reference matmul and prepack.
+
+Canonical format (any device): per output row, groups of `group_size` input weights;
+``q`` in 0..15 packed two per byte (low nibble = even column) into ``qweight``
+[N, K/2] uint8, and w = (q - 8) * scale + zero with ``scales`` / ``zeros`` [N, K/g]
+in bfloat16 (the precision the fast CPU kernel keeps). GGUF Q4_1 blocks (w = d*q + m)
+map onto it as scale = d, zero = m + 8d. Activations are rounded to bfloat16, as the
+fast kernels compute.
+
+``int4_prepack`` turns canonical weights into a platform kernel's layout once, after
+loading; the reference tier keeps them canonical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pagoda.ops.registry import reference
+
+
+@dataclass
+class Int4Weight:
+    out_features: int
+    in_features: int
+    group_size: int
+    qweight: torch.Tensor | None  # [N, K/2] uint8, canonical (None once a kernel packed it)
+    scales: torch.Tensor  # [N, K/g] bfloat16
+    zeros: torch.Tensor  # [N, K/g] bfloat16
+    packed: Any = None  # a platform kernel's own layout, set by int4_prepack
+
+    @property
+    def device(self) -> torch.device:
+        return self.scales.device
+
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, group_size: int, device: torch.device) -> "Int4Weight":
+        groups = in_features // group_size
+        return cls(
+            out_features, in_features, group_size,
+            torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device),
+            torch.zeros(out_features, groups, dtype=torch.bfloat16, device=device),
+            torch.zeros(out_features, groups, dtype=torch.bfloat16, device=device),
+        )
+
+    def nbytes(self) -> int:
+        return self.out_features * self.in_features // 2 + 2 * self.scales.numel() * self.scales.element_size()
+
+    def load_rows(self, row0: int, w: torch.Tensor) -> None:
+        """Quantize float rows w [n, K] into rows row0.. (rows are independent, so fused
+        projections load their parts one HF tensor at a time)."""
+        q, scales, zeros = quantize_int4(w, self.group_size)
+        rows = slice(row0, row0 + w.shape[0])
+        self.qweight[rows] = pack_nibbles(q)
+        self.scales[rows] = scales
+        self.zeros[rows] = zeros
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max quantization per group: returns q [N, K] uint8, scales, zeros [N, K/g] bf16."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group_size, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-10).to(torch.bfloat16)
+    zero = (lo + 8 * scale.float()).to(torch.bfloat16)
+    base = zero.float() - 8 * scale.float()  # what q = 0 stands for, after bf16 rounding
+    q = ((g - base[..., None]) / scale.float()[..., None]).round().clamp(0, 15).to(torch.uint8).reshape(n, k)
+    return q, scale, zero
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    q = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.uint8, device=packed.device)
+    q[:, 0::2] = packed & 0xF
+    q[:, 1::2] = packed >> 4
+    return q
+
+
+def dequantize_int4(w: Int4Weight) -> torch.Tensor:
+    """The float32 weight [N, K] the canonical format stands for."""
+    q = unpack_nibbles(w.qweight).float().reshape(w.out_features, -1, w.group_size)
+    deq = (q - 8) * w.scales.float()[..., None] + w.zeros.float()[..., None]
+    return deq.reshape(w.out_features, w.in_features)
+
+
+@reference("int4_linear")
+def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = bf16(x) @ dequant(w)^T (+ bias), accumulated in float32, returned in x's dtype."""
+    if w.qweight is None:
+        raise RuntimeError("int4 weight was packed for a kernel that declined this input")
+    y = F.linear(x.to(torch.bfloat16).float(), dequantize_int4(w))
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+@reference("int4_prepack")
+def int4_prepack(w: Int4Weight) -> Int4Weight:
+    """Convert canonical weights to the fastest kernel's layout; the reference keeps them."""
+    return w

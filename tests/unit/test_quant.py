@@ -1,0 +1,93 @@
+"""Weight-only int4: the canonical format round-trips, kernels match the reference, models load."""
+
+from __future__ import annotations
+
+import torch
+
+from pagoda import ops
+from pagoda.ops.quant import Int4Weight, dequantize_int4, int4_linear, quantize_int4
+from pagoda.platforms import get_platform
+
+get_platform("cpu")
+
+
+def _weight(n: int = 64, k: int = 128, seed: int = 0) -> tuple[torch.Tensor, Int4Weight]:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+    q = Int4Weight.empty(n, k, 32, torch.device("cpu"))
+    q.load_rows(0, w[: n // 2])
+    q.load_rows(n // 2, w[n // 2 :])
+    return w, q
+
+
+def test_quantization_error_is_within_half_a_step() -> None:
+    w, q = _weight()
+    deq = dequantize_int4(q)
+    step = (w.reshape(64, -1, 32).amax(-1) - w.reshape(64, -1, 32).amin(-1)) / 15
+    err = (deq - w).abs().reshape(64, -1, 32).amax(-1)
+    assert (err <= step * 0.5 + step * 0.02 + 1e-6).all()  # + bf16 rounding of scale and zero
+
+
+def test_gguf_q4_1_style_weights_are_exact() -> None:
+    """Values d*q + m (q in 0..15, every level used) survive exactly when d, m are bf16-exact."""
+    d = torch.tensor([[2.0**-6], [2.0**-5]])
+    m = torch.tensor([[-0.125], [-0.25]])
+    q = torch.arange(32).remainder(16).float().repeat(2, 1)
+    w = d * q + m
+    qw, scales, zeros = quantize_int4(w, 32)
+    packed = Int4Weight(2, 32, 32, qweight=ops.quant.pack_nibbles(qw), scales=scales, zeros=zeros)
+    assert torch.equal(dequantize_int4(packed), w)
+
+
+def test_cpu_kernel_matches_reference() -> None:
+    for batch in (1, 5, 33):
+        w, q = _weight(seed=batch)
+        x = torch.randn(batch, 128)
+        bias = torch.randn(64)
+        ref = int4_linear.reference(x, q, bias)
+        packed = ops.int4_prepack(q)
+        assert packed.packed is not None and packed.qweight is None  # the CPU kernel took it
+        got = ops.int4_linear(x, packed, bias)
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)  # both bf16 inputs, fp32 sums
+        assert (got - x @ w.t() - bias).abs().max() < 0.2
+
+
+def test_prepack_declines_unaligned_rows_and_reference_serves() -> None:
+    w, q = _weight(n=24)
+    x = torch.randn(3, 128)
+    same = ops.int4_prepack(q)
+    assert same.packed is None and same.qweight is not None
+    torch.testing.assert_close(ops.int4_linear(x, same), int4_linear.reference(x, same))
+
+
+def test_int4_model_tracks_the_float_model(tiny_config_path) -> None:
+    from pagoda import LLM, SamplingParams
+
+    dense = LLM(model_config=str(tiny_config_path), load_format="dummy", kv_cache_memory=0.01)
+    int4 = LLM(model_config=str(tiny_config_path), load_format="dummy", kv_cache_memory=0.01, quantization="int4")
+    assert int4.engine.loaded.weight_bytes < dense.engine.loaded.weight_bytes * 0.6
+    from tests.model_utils import prefill_logits
+
+    ids = list(range(10, 60))
+    a = prefill_logits(dense.engine.runner, ids)
+    b = prefill_logits(int4.engine.runner, ids)
+    # 4-bit random Gaussian weights: ~10% noise per weight; the logits stay strongly aligned
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.95
+    out = int4.generate([ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 8
+
+
+def test_bf16_prepacked_linear_matches_reference() -> None:
+    from pagoda.ops.reference import packed_linear
+
+    w = (torch.randn(96, 64) * 0.05).bfloat16()
+    bias = torch.randn(96)
+    packed = ops.linear_prepack(w)
+    assert packed is not None  # oneDNN is available on the CPU builds we test
+    for batch in (1, 7, 64):
+        x = torch.randn(batch, 64)
+        got = ops.packed_linear(x, w, packed, bias)
+        ref = packed_linear.reference(x, w, None, bias)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
+    assert ops.packed_linear.reference(x, w, packed, bias).shape == (64, 96)
+    assert ops.linear_prepack(w.float()) is None  # declined: float32 weights use F.linear
