@@ -32,10 +32,11 @@ class EngineConfig:
     load_format: str = _opt("auto", "auto reads the checkpoint; dummy makes random weights", choices=LOAD_FORMATS)
     quantization: str | None = _opt(
         None,
-        "linear-layer weights: bf16 (bfloat16 matmuls, oneDNN-prepacked on CPU) or int4 (weight-only, groups of 128/64/32, "
+        "linear-layer weights: bf16 (bfloat16 matmuls, oneDNN-prepacked on CPU) or int4 (weight-only, "
         "bfloat16 activations, quantized as weights load); norms, attention and the residual stay in --dtype",
         choices=QUANTIZATIONS,
     )
+    int4_group_size: int = _opt(32, "weights per int4 scale: 32 keeps GGUF Q4 blocks exact; 128 saves memory", choices=(32, 64, 128))
     seed: int = _opt(0, "seed for dummy weights and requests without their own seed")
     context_length: int | None = _opt(None, "maximum tokens per sequence (default: the model's)")
     rope_scaling: str | None = _opt(None, 'JSON rope scaling override, e.g. {"rope_type":"yarn","factor":4}')
@@ -60,6 +61,8 @@ class EngineConfig:
             raise ConfigError(f"load_format must be one of {', '.join(LOAD_FORMATS)} (got {self.load_format!r})")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (got {self.quantization!r})")
+        if self.int4_group_size not in (32, 64, 128):
+            raise ConfigError(f"int4_group_size must be 32, 64 or 128 (got {self.int4_group_size})")
         if self.chunked_prefill_size < 0:
             raise ConfigError(f"chunked_prefill_size must be >= 0 (got {self.chunked_prefill_size})")
         if self.context_length is not None and self.context_length < 1:

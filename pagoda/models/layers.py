@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,14 +11,13 @@ from torch import nn
 from pagoda import ops
 from pagoda.errors import ConfigError
 
-INT4_GROUP_SIZES = (128, 64, 32)  # largest that divides the input: fewer scales, same kernel speed
 
+@dataclass(frozen=True)
+class LinearFormat:
+    """How linear-layer weights are stored: "bf16" or "int4" (with its group size)."""
 
-def int4_group_size(in_features: int) -> int:
-    for size in INT4_GROUP_SIZES:
-        if in_features % size == 0:
-            return size
-    raise ConfigError(f"int4 needs input sizes divisible by 32 (got {in_features})")
+    kind: str
+    group_size: int = 32  # int4: GGUF Q4 blocks are 32 wide, so 32 re-quantizes them near-losslessly
 
 
 def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -44,12 +45,17 @@ class Linear(nn.Module):
 
 
 class Int4Linear(Linear):
-    """Weight-only int4 linear (groups of 128/64/32 inputs), bfloat16 activations inside."""
+    """Weight-only int4 linear (asymmetric, per group of inputs), bfloat16 activations inside."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device,
+        group_size: int = 32,
+    ):
         nn.Module.__init__(self)
+        if in_features % group_size:
+            raise ConfigError(f"int4 group size {group_size} does not divide the layer's {in_features} inputs")
         self.in_features, self.out_features = in_features, out_features
-        self.qweight = ops.Int4Weight.empty(out_features, in_features, int4_group_size(in_features), device)
+        self.qweight = ops.Int4Weight.empty(out_features, in_features, group_size, device)
         self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
 
     def load_rows(self, row0: int, w: torch.Tensor) -> None:
@@ -78,15 +84,15 @@ class BF16Linear(Linear):
 
 def make_linear(
     in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device,
-    quantization: str | None = None,
+    fmt: LinearFormat | None = None,
 ) -> Linear:
-    if quantization is None:
+    if fmt is None:
         return Linear(in_features, out_features, bias, dtype, device)
-    if quantization == "bf16":
+    if fmt.kind == "bf16":
         return BF16Linear(in_features, out_features, bias, dtype, device)
-    if quantization == "int4":
-        return Int4Linear(in_features, out_features, bias, dtype, device)
-    raise ConfigError(f"unknown quantization {quantization!r}")
+    if fmt.kind == "int4":
+        return Int4Linear(in_features, out_features, bias, dtype, device, fmt.group_size)
+    raise ConfigError(f"unknown linear format {fmt.kind!r}")
 
 
 class RMSNorm(nn.Module):

@@ -16,13 +16,13 @@ from pagoda import ops
 from pagoda.cache.kv_pool import KVPool
 from pagoda.errors import ModelLoadError
 from pagoda.models.config import ModelConfig
-from pagoda.models.layers import Linear, RMSNorm, _param, make_linear
+from pagoda.models.layers import Linear, LinearFormat, RMSNorm, _param, make_linear
 from pagoda.models.rope import cos_sin_cache
 from pagoda.ops.attention_metadata import AttentionMetadata
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, device: torch.device, quant: str | None):
+    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, device: torch.device, quant: LinearFormat | None):
         super().__init__()
         self.layer_id = layer_id
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -32,14 +32,14 @@ class Attention(nn.Module):
         self.o_proj = make_linear(cfg.q_size, cfg.hidden_size, False, dtype, device, quant)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, meta: AttentionMetadata, kv: KVPool
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv: KVPool
     ) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = ops.rotary_embedding(positions, q, k, cos_sin)
+        q, k = ops.rotary_embedding(q, k, *rope)
         k_cache, v_cache = kv.k[self.layer_id], kv.v[self.layer_id]
         ops.store_kv(k_cache, v_cache, meta.slot_mapping, k, v)
         out = ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
@@ -47,7 +47,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, quant: str | None):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, quant: LinearFormat | None):
         super().__init__()
         self.gate_up_proj = make_linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, dtype, device, quant)
         self.down_proj = make_linear(cfg.intermediate_size, cfg.hidden_size, False, dtype, device, quant)
@@ -57,7 +57,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, device: torch.device, quant: str | None):
+    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, device: torch.device, quant: LinearFormat | None):
         super().__init__()
         norm = (cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_variant, dtype, device)
         self.input_layernorm = RMSNorm(*norm)
@@ -65,12 +65,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(*norm)
         self.mlp = MLP(cfg, dtype, device, quant)
 
-    def forward(self, x, residual, positions, cos_sin, meta, kv):
+    def forward(self, x, residual, rope, meta, kv):
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, positions, cos_sin, meta, kv)
+        x = self.self_attn(x, rope, meta, kv)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -78,7 +78,7 @@ class DecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     def __init__(
         self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_position: int | None = None,
-        quantization: str | None = None,
+        quantization: LinearFormat | None = None,
     ):
         super().__init__()
         self.config, self.dtype = cfg, dtype
@@ -87,36 +87,34 @@ class LlamaForCausalLM(nn.Module):
             DecoderLayer(cfg, i, dtype, device, quantization) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_variant, dtype, device)
+        # A tied head reuses the embedding, except with quantized linears: then it gets a bf16
+        # copy (the vocabulary projection is too sensitive for int4, and float32 is slow).
+        head_format = (LinearFormat("bf16") if quantization else None) if cfg.tie_word_embeddings else quantization
         self.lm_head = (
-            None if cfg.tie_word_embeddings
-            else make_linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device, quantization)
+            None if cfg.tie_word_embeddings and not quantization
+            else make_linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device, head_format)
         )
-        self.register_buffer(
-            "cos_sin",
-            cos_sin_cache(
-                cfg.head_dim, cfg.rope_theta, max_position or cfg.max_position_embeddings, cfg.rope_scaling,
-                torch.float32, device,
-            ),
-            persistent=False,
-        )
-
-    @property
-    def max_positions(self) -> int:
-        return self.cos_sin.shape[0]
+        cos, sin = cos_sin_cache(
+            cfg.head_dim, cfg.rope_theta, max_position or cfg.max_position_embeddings, cfg.rope_scaling,
+            torch.float32, device,
+        ).chunk(2, dim=-1)
+        self.register_buffer("rope_cos", torch.cat((cos, cos), dim=-1), persistent=False)  # [positions, head_dim]
+        self.register_buffer("rope_sin", torch.cat((sin, sin), dim=-1), persistent=False)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: KVPool
     ) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm, for every input token."""
         x = self.embed_tokens[input_ids]
+        rope = (self.rope_cos[positions], self.rope_sin[positions])  # gathered once for all layers
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, positions, self.cos_sin, meta, kv)
+            x, residual = layer(x, residual, rope, meta, kv)
         x, _ = self.norm(x, residual)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is None:  # tied: the embedding matrix is the output head
+        if self.lm_head is None:  # tied and unquantized: the embedding matrix is the output head
             return torch.matmul(hidden, self.embed_tokens.t()).float()
         return self.lm_head(hidden).float()
 
@@ -155,6 +153,8 @@ class LlamaForCausalLM(nn.Module):
 
     def finalize(self) -> None:
         """Repack quantized layers for their kernels once every weight is in place."""
+        if self.config.tie_word_embeddings and self.lm_head is not None:
+            self.lm_head.load_rows(0, self.embed_tokens.data)
         for module in self.modules():
             if isinstance(module, Linear):
                 module.finalize()

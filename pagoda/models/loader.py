@@ -18,7 +18,7 @@ from tqdm import tqdm
 from pagoda.config import EngineConfig
 from pagoda.errors import ConfigError, ModelLoadError
 from pagoda.models.config import ModelConfig
-from pagoda.models.layers import Linear
+from pagoda.models.layers import Linear, LinearFormat
 from pagoda.models.registry import model_class
 from pagoda.platforms import Platform
 from pagoda.weights.default_model import default_model_path
@@ -49,6 +49,10 @@ def resolve_model_path(config: EngineConfig) -> Path | None:
 
 def resolve_dtype(name: str, platform: Platform) -> torch.dtype:
     return platform.default_dtype() if name == "auto" else _DTYPES[name]
+
+
+def linear_format(config: EngineConfig) -> LinearFormat | None:
+    return LinearFormat(config.quantization, config.int4_group_size) if config.quantization else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -89,7 +93,7 @@ def load_model(config: EngineConfig, platform: Platform, show_progress: bool = F
             "positions; pass --rope-scaling to extend it"
         )
     model = model_class(model_cfg.architecture)(
-        model_cfg, dtype, device, max_position=context_length, quantization=config.quantization
+        model_cfg, dtype, device, max_position=context_length, quantization=linear_format(config)
     )
     if checkpoint is None:
         _fill_dummy(model, config.seed)

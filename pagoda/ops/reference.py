@@ -36,26 +36,20 @@ def add_rms_norm(
 
 @reference("rotary_embedding")
 def rotary_embedding(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate-half rotary embedding over the first rot_dim of each head.
+    """Rotate-half rotary embedding: x * cos + rotate_half(x) * sin, per head.
 
-    q: [T, Hq, D], k: [T, Hk, D]; cos_sin_cache: [max_pos, rot_dim] holding cos | sin
-    halves (already multiplied by any attention scaling factor).
+    q: [T, Hq, D], k: [T, Hk, D]; cos, sin: [T, D] for each token's position (each half
+    repeated, already multiplied by any attention scaling factor), float32.
     """
-    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)  # [T, rot_dim/2] each
-    cos = torch.cat((cos, cos), dim=-1)[:, None, :]
-    sin = torch.cat((sin, sin), dim=-1)[:, None, :]
+    cos, sin = cos[:, None, :], sin[:, None, :]
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    rot_dim = cos.shape[-1]
-    xr, xpass = x[..., :rot_dim], x[..., rot_dim:]
-    x1, x2 = xr.float().chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    out = (xr.float() * cos + rotated * sin).to(x.dtype)
-    return torch.cat((out, xpass), dim=-1) if xpass.numel() else out
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 @reference("silu_and_mul")
