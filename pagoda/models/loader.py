@@ -92,9 +92,9 @@ def load_model(config: EngineConfig, platform: Platform, show_progress: bool = F
             f"context_length {config.context_length} exceeds the model's {model_cfg.max_position_embeddings} "
             "positions; pass --rope-scaling to extend it"
         )
-    model = model_class(model_cfg.architecture)(
-        model_cfg, dtype, device, max_position=context_length, quantization=linear_format(config)
-    )
+    fmt = linear_format(config)
+    _check_fits(estimate_weight_bytes(model_cfg, dtype, fmt), platform, config)
+    model = model_class(model_cfg.architecture)(model_cfg, dtype, device, max_position=context_length, quantization=fmt)
     if checkpoint is None:
         _fill_dummy(model, config.seed)
     else:
@@ -130,6 +130,39 @@ def _fill_dummy(model: torch.nn.Module, seed: int) -> None:
         for block in param.data.split(rows_per_block):
             block.copy_(torch.empty(block.shape).normal_(0.0, 0.02, generator=gen))
     model.finalize()
+
+
+def _bytes_per_weight(fmt: LinearFormat | None, dtype: torch.dtype) -> float:
+    if fmt is None:
+        return torch.empty((), dtype=dtype).element_size()
+    if fmt.kind == "bf16":
+        return 2.0
+    return 0.5 + 4 / fmt.group_size  # nibbles, plus a bf16 scale and zero per group
+
+
+def estimate_weight_bytes(cfg: ModelConfig, dtype: torch.dtype, fmt: LinearFormat | None) -> int:
+    """Weight memory of a config in a format, known before anything is allocated."""
+    h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    per_layer = h * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * h + 3 * h * i
+    elem = torch.empty((), dtype=dtype).element_size()
+    small = cfg.num_hidden_layers * (2 * h + (cfg.q_size + 2 * cfg.kv_size if cfg.qkv_bias else 0)) + h
+    total = cfg.num_hidden_layers * per_layer * _bytes_per_weight(fmt, dtype) + (v * h + small) * elem
+    if not cfg.tie_word_embeddings:
+        total += v * h * _bytes_per_weight(fmt, dtype)
+    elif fmt is not None:
+        total += v * h * 2  # the bf16 copy of a tied head
+    return int(total)
+
+
+def _check_fits(needed: int, platform: Platform, config: EngineConfig) -> None:
+    """Fail fast, with the numbers, rather than die of OOM half-way through loading."""
+    free = platform.free_memory()
+    if needed > 0.9 * free:
+        hint = "" if config.quantization == "int4" else "; --quantization int4 needs about 1/7 of float32"
+        raise ConfigError(
+            f"the model's weights need {needed / 2**30:.1f} GiB "
+            f"({config.quantization or config.dtype}) but only {free / 2**30:.1f} GiB of memory is free{hint}"
+        )
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
