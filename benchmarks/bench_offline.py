@@ -20,6 +20,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantization", default=None, choices=("bf16", "int4"))
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
@@ -28,7 +29,8 @@ def main() -> None:
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    llm = LLM(model=args.model, dtype=args.dtype, max_running_requests=args.max_running_requests)
+    llm = LLM(model=args.model, dtype=args.dtype, quantization=args.quantization,
+              max_running_requests=args.max_running_requests)
     load_s = time.perf_counter() - t0
     rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -51,6 +53,7 @@ def main() -> None:
         "bench": "offline",
         "model": str(llm.engine.loaded.path),
         "dtype": str(llm.engine.loaded.dtype).removeprefix("torch."),
+        "quantization": args.quantization,
         "load_s": round(load_s, 2),
         "rss_after_load_mb": round(rss_after_load),
         "single_stream_decode_tok_s": round(decode_tps, 1),
