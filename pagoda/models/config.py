@@ -94,6 +94,12 @@ class ModelConfig:
                 rope_scaling = None  # Jiutian's configuration class forces it off.
             if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) in (None, "default"):
                 rope_scaling = None
+            if (rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) == "yarn"
+                    and not rope_scaling.get("original_max_position_embeddings")):
+                # YaRN's ramp is relative to the trained length (transformers' default), never to an
+                # extended --context-length the model is built for.
+                trained = cfg.get("max_position_embeddings", 2048)
+                rope_scaling = {**rope_scaling, "original_max_position_embeddings": trained}
             return cls(
                 architecture=arch,
                 vocab_size=int(cfg["vocab_size"]),
