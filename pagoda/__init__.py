@@ -14,6 +14,7 @@ _EXPORTS = {
     "SamplingParams": "pagoda.engine.sampling_params",
     "EngineConfig": "pagoda.config",
     "AsyncEngine": "pagoda.engine.async_engine",
+    "StructuredOutputs": "pagoda.structured",
 }
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from pagoda.engine.async_engine import AsyncEngine
     from pagoda.engine.llm import LLM
     from pagoda.engine.sampling_params import SamplingParams
+    from pagoda.structured import StructuredOutputs
 
 
 def __getattr__(name: str) -> Any:
@@ -31,4 +33,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'pagoda' has no attribute {name!r}")
 
 
-__all__ = ["AsyncEngine", "EngineConfig", "LLM", "SamplingParams", "__version__"]
+__all__ = ["AsyncEngine", "EngineConfig", "LLM", "SamplingParams", "StructuredOutputs", "__version__"]

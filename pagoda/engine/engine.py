@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +30,9 @@ from pagoda.errors import ConfigError, InvalidRequestError
 from pagoda.models.loader import LoadedModel, load_model
 from pagoda.platforms import get_platform
 from pagoda.tokenizer import IncrementalDetokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from pagoda.structured.backend import StructuredBackend
 
 log = logging.getLogger("pagoda.engine")
 
@@ -72,6 +77,8 @@ class Engine:
         self.prompts: dict[str, str | None] = {}
         self.generation_tokens = 0
         self._ids = itertools.count()
+        self._structured: StructuredBackend | None = None
+        self._structured_lock = threading.Lock()
 
     # ---- set-up ----------------------------------------------------------------------
 
@@ -93,6 +100,17 @@ class Engine:
         if self.tokenizer is not None:
             ids |= set(self.tokenizer.stop_token_ids)
         return frozenset(ids)
+
+    @property
+    def structured(self) -> "StructuredBackend":
+        """The grammar backend, built on the first constrained request (xgrammar reads the vocabulary)."""
+        if self._structured is None:
+            with self._structured_lock:
+                if self._structured is None:
+                    from pagoda.structured.backend import StructuredBackend
+
+                    self._structured = StructuredBackend(self.tokenizer, self.model_config.vocab_size, self.eos_ids)
+        return self._structured
 
     def _init_kv_cache(self) -> None:
         cfg, mc = self.config, self.model_config
@@ -155,6 +173,12 @@ class Engine:
         params.validate_token_ids(vocab)
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        grammar = None
+        if params.structured is not None:
+            if self.tokenizer is None:
+                raise InvalidRequestError("structured output needs a tokenizer; this model has none",
+                                          params.structured.kind)
+            grammar = self.structured.compile(params.structured)
         group: list[Request] = []
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
@@ -169,6 +193,7 @@ class Engine:
                 group_id=request_id,
                 leader=group[0] if group else None,
                 generator=make_generator(seed, self.platform.device()),
+                grammar=None if grammar is None else self.structured.new_state(grammar),
             )
             if self.tokenizer is not None:
                 req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
@@ -272,6 +297,7 @@ class Engine:
                 output_ids=c.request.output_ids,
                 generator=c.request.generator,
                 eos_token_ids=set(c.request.eos_ids),
+                grammar=c.request.grammar,
             )
             for c in (out.chunks[i] for i in rows_idx)
         ]

@@ -1,15 +1,19 @@
 """Turns sampled tokens into text and decisions: detokenize, stop checks, output objects.
 
 Stop strings are never emitted in part: text that could still become a stop string
-is held back until it cannot (or the request ends).
+is held back until it cannot (or the request ends). A structured-output request also stops
+(finish reason "stop") once its grammar has ended, even with ignore_eos.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 from pagoda.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
 from pagoda.engine.request import Request
+
+log = logging.getLogger("pagoda.engine")
 
 
 class OutputProcessor:
@@ -28,6 +32,12 @@ class OutputProcessor:
             reason, req.stop_reason = "stop", token
         elif not params.ignore_eos and token in req.eos_ids:
             reason = "stop"
+        elif req.grammar is not None:
+            if not req.grammar.accept(token):  # the mask makes this unreachable; never run off-grammar
+                log.warning("request %s: token %d rejected by its grammar; stopping it", req.request_id, token)
+                reason = "stop"
+            elif req.grammar.finished:
+                reason = "stop"
         if req.detokenizer is not None:
             req.pending_text += req.detokenizer.add(token)
             if reason is None and params.stop and self._match_stop(req):

@@ -13,6 +13,7 @@ from pagoda.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pagoda.cache.radix_tree import RadixNode
+    from pagoda.structured.grammar import GrammarState
     from pagoda.tokenizer.detokenizer import IncrementalDetokenizer
 
 
@@ -49,6 +50,7 @@ class Request:
     # Output state, owned by the engine.
     generator: torch.Generator | None = None
     detokenizer: "IncrementalDetokenizer | None" = None
+    grammar: "GrammarState | None" = None  # structured output: the sequence's matcher
     text: str = ""
     pending_text: str = ""  # decoded but held back: it may be the start of a stop string
     logprobs: list = field(default_factory=list)

@@ -1,7 +1,8 @@
 """The batched sampler: one call turns a step's [B, V] logits into B next tokens.
 
 Order (as vLLM): on the raw logits, logit_bias and min_tokens (ban stop/eos tokens), then
-repetition/frequency/presence penalties; greedy rows take the argmax; the others are
+repetition/frequency/presence penalties, then each constrained row's grammar mask (-inf on
+the tokens its grammar does not allow next); greedy rows take the argmax; the others are
 divided by their temperature, filtered by top-k, top-p and min-p, and sampled by an
 exponential race. Per-row parameters become [B] tensors once per call, and each stage is
 skipped when no row in the batch needs it.
@@ -18,12 +19,16 @@ has a finite logprob).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
 
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.ops import sampling as sops
+
+if TYPE_CHECKING:
+    from pagoda.structured.backend import GrammarMasker
+    from pagoda.structured.grammar import GrammarState
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -44,6 +49,7 @@ class SamplingRow:
     output_ids: list[int]
     generator: torch.Generator | None = None
     eos_token_ids: set[int] = field(default_factory=set)
+    grammar: "GrammarState | None" = None  # structured output: only tokens it allows are sampled
 
 
 @dataclass
@@ -79,7 +85,15 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> T
 
 
 class Sampler:
-    """Stateless: everything per-request arrives in the SamplingRows."""
+    """Stateless: everything per-request arrives in the SamplingRows (the grammar masker it
+    builds on first use holds only a reusable bitmask buffer).
+
+    Constrained rows are masked in the given logits in place unless a row asks for logprobs
+    (which need the raw logits): copying [B, V] every step would cost as much as the masking.
+    """
+
+    def __init__(self) -> None:
+        self._masker: GrammarMasker | None = None
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
@@ -88,8 +102,34 @@ class Sampler:
             return SamplerOutput(token_ids=[])
         processed = _apply_bias_and_min_tokens(logits.float(), rows)
         processed = _apply_penalties(processed, rows)
+        processed = self._apply_grammars(logits, processed, rows)
         tokens = _pick_tokens(processed, rows)
         return _output(logits, tokens, rows)
+
+    def _apply_grammars(self, raw: torch.Tensor, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """Mask constrained rows in one batched fill + apply (no Python loop over the vocabulary)."""
+        idx = [i for i, row in enumerate(rows) if row.grammar is not None]
+        if not idx:
+            return logits
+        if self._masker is None:
+            from pagoda.structured.backend import GrammarMasker
+
+            self._masker = GrammarMasker()
+        if logits.data_ptr() == raw.data_ptr() and any(row.params.logprobs is not None for row in rows):
+            logits = logits.clone()  # raw logits still feed the logprobs
+        bitmask = self._masker(logits, [rows[i].grammar for i in idx], idx)
+        # min_tokens bans the stop tokens; where those are all the grammar allows, the grammar wins.
+        # (A ban is an out-of-place scatter, so `raw` is intact whenever a row can be dead.)
+        banning = [i for i in idx if rows[i].params.min_tokens > len(rows[i].output_ids)]
+        if banning:
+            ban_t = torch.tensor(banning, dtype=torch.long, device=logits.device)
+            dead = logits.index_select(0, ban_t).amax(dim=-1) == float("-inf")
+            revive = [i for i, d in zip(banning, dead.tolist()) if d]
+            if revive:
+                rev_t = torch.tensor(revive, dtype=torch.long, device=logits.device)
+                logits.index_copy_(0, rev_t, raw.index_select(0, rev_t).to(logits.dtype))
+                self._masker.apply(logits, bitmask, revive)
+        return logits
 
 
 def _apply_bias_and_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagoda.errors import InvalidRequestError
+from pagoda.structured.params import StructuredOutputs
 
 MAX_LOGPROBS = 20
 """OpenAI's cap on top logprobs; also bounds the per-step top-k the sampler computes."""
@@ -31,6 +32,9 @@ class SamplingParams:
     the number of top alternatives to return per token (0 = only the sampled token's).
     `stop` may be given as one string; `logit_bias` keys may be given as strings of digits
     (the OpenAI JSON form). Both are normalised in __post_init__, which also validates.
+    `structured` constrains the output to a JSON schema, regex, grammar or choice (a dict of
+    StructuredOutputs' fields is accepted too); whether it compiles is checked when the request
+    is added to an engine.
     """
 
     n: int = 1
@@ -52,6 +56,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         self._normalise()
@@ -79,6 +84,8 @@ class SamplingParams:
             self.stop_token_ids = []
         elif isinstance(self.stop_token_ids, tuple):
             self.stop_token_ids = list(self.stop_token_ids)
+        if isinstance(self.structured, dict):
+            self.structured = StructuredOutputs(**self.structured)
         if isinstance(self.logit_bias, dict):
             self.logit_bias = {_digit_key(k): float(v) if _is_int(v) else v for k, v in self.logit_bias.items()}
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
@@ -115,6 +122,12 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequestError(f"{name} must be a boolean (got {getattr(self, name)!r})", name)
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredOutputs):
+                raise InvalidRequestError(
+                    f"structured must be a StructuredOutputs (got {type(self.structured).__name__})", "structured"
+                )
+            self.structured.validate()
 
     def validate_token_ids(self, vocab_size: int) -> None:
         """Check token ids against the model's vocabulary (known only once a model is loaded)."""
