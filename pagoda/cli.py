@@ -16,6 +16,8 @@ from typing import Any, Iterator
 
 from pagoda.config import EngineConfig, option_specs
 from pagoda.errors import PagodaError
+from pagoda.server.reasoning_parsers import REASONING_PARSERS
+from pagoda.server.tool_parsers import TOOL_PARSERS
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY"), help="or PAGODA_API_KEY")
     serve.add_argument("--served-model-name", default=None, help="the model name clients send")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
+    serve.add_argument("--tool-call-parser", default="hermes", choices=sorted(TOOL_PARSERS),
+                       help="the format the model writes tool calls in (hermes: Hermes/Qwen <tool_call> JSON)")
+    serve.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                       help="split the model's <think>...</think> into reasoning_content (default: off)")
     _add_engine_options(serve)
 
     gen = sub.add_parser("generate", help="stream one completion to stdout")
@@ -147,6 +153,7 @@ def _serve(args: argparse.Namespace) -> int:
     serve(
         _engine_config(args), host=args.host, port=args.port, api_key=args.api_key,
         served_model_name=args.served_model_name, shutdown_timeout=args.shutdown_timeout,
+        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
     )
     return 0
 

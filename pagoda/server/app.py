@@ -64,11 +64,12 @@ async def parse(request: Request, model: type[M]) -> M:
 
 def create_app(
     engine: AsyncEngine, served_model_name: str, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+    tool_call_parser: str = "hermes", reasoning_parser: str | None = None,
 ) -> FastAPI:
     """Build the app around a running AsyncEngine (the caller owns its lifetime)."""
     app = FastAPI(title="pagoda", version=__version__, docs_url="/docs", redoc_url=None)
     metrics = ServerMetrics(engine)
-    serving = OpenAIServing(engine, served_model_name, metrics)
+    serving = OpenAIServing(engine, served_model_name, metrics, tool_call_parser, reasoning_parser)
     app.state.engine, app.state.metrics, app.state.draining = engine, metrics, False
     created = int(time.time())
     install_exception_handlers(app)
@@ -129,8 +130,8 @@ def create_app(
         elif req.prompt is not None:
             tokens = await asyncio.to_thread(tok.encode, req.prompt, req.add_special_tokens)
         else:
-            messages = [m.to_template() for m in req.messages or []]
-            tokens = await asyncio.to_thread(tok.encode_chat, messages, req.add_generation_prompt)
+            tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+            tokens = await serving.encode_chat(req.messages or [], tools, req.add_generation_prompt)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.engine.context_length}
 
     @app.post("/detokenize")

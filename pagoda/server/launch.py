@@ -23,6 +23,8 @@ from pagoda.config import EngineConfig
 from pagoda.engine.async_engine import AsyncEngine
 from pagoda.engine.engine import Engine
 from pagoda.server.app import create_app
+from pagoda.server.reasoning_parsers import get_reasoning_parser
+from pagoda.server.tool_parsers import get_tool_parser
 
 log = logging.getLogger("pagoda.server")
 
@@ -94,13 +96,19 @@ def serve(
     api_key: str | None = None,
     served_model_name: str | None = None,
     shutdown_timeout: float = 30.0,
+    tool_call_parser: str = "hermes",
+    reasoning_parser: str | None = None,
 ) -> None:
     """Load the model (with a progress bar), serve until SIGTERM/SIGINT, drain, shut down."""
     setup_logging()
+    # Unknown parser names fail before the model loads.
+    get_tool_parser(tool_call_parser)
+    if reasoning_parser:
+        get_reasoning_parser(reasoning_parser)
     engine = AsyncEngine(Engine(config, show_progress=True))
     try:
         name = served_model_name or default_served_name(config)
-        app = create_app(engine, name, api_key)
+        app = create_app(engine, name, api_key, tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser)
         uv_config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
             timeout_graceful_shutdown=math.ceil(shutdown_timeout), timeout_keep_alive=5,

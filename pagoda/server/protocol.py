@@ -3,16 +3,31 @@
 Parsed in pydantic's strict JSON mode so ``"max_tokens": "5"`` is a 400 rather than a guess;
 range checks are left to SamplingParams, which names the offending field. Unknown fields are
 ignored (as vLLM does): evaluation harnesses send many we have no use for.
+
+Structured output comes as OpenAI's ``response_format`` or as vLLM's/SGLang's extras, each under
+its vLLM ``guided_*`` name and its plain name; at most one may be given per request.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pagoda.structured import StructuredOutputs
+
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_N = 128  # choices per request (n, best_of): more is a mistake or an attack on the KV cache
+FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+
+# request field -> StructuredOutputs field
+STRUCTURED_FIELDS = {
+    "guided_json": "json_schema", "json_schema": "json_schema",
+    "guided_regex": "regex", "regex": "regex",
+    "guided_grammar": "grammar", "ebnf": "grammar",
+    "guided_choice": "choice", "choice": "choice",
+}
 
 
 class _Strict(BaseModel):
@@ -21,6 +36,26 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class JsonSchemaSpec(_Strict):
+    """``response_format.json_schema``: OpenAI's wrapper around the schema itself."""
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError('response_format of type "json_schema" needs json_schema.schema')
+        return self
 
 
 class _SamplingFields(_Strict):
@@ -49,6 +84,15 @@ class _SamplingFields(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     request_id: str | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    json_schema: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    regex: str | None = None
+    guided_grammar: str | None = None
+    ebnf: str | None = None
+    guided_choice: list[str] | None = None
+    choice: list[str] | None = None
 
     @model_validator(mode="after")
     def _shared_checks(self) -> _SamplingFields:
@@ -56,7 +100,33 @@ class _SamplingFields(_Strict):
             raise ValueError(f"n must be <= {MAX_N} (got {self.n})")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        given = self.structured_fields()
+        if len(given) > 1:
+            raise ValueError(f"structured output: give only one of {', '.join(given)}")
         return self
+
+    def structured_fields(self) -> list[str]:
+        """The structured-output fields this request sets (response_format "text" is none)."""
+        given = [name for name in STRUCTURED_FIELDS if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.insert(0, "response_format")
+        return given
+
+    def structured_outputs(self) -> tuple[StructuredOutputs | None, str | None]:
+        """The StructuredOutputs asked for, and the request field it came from (errors name it).
+        Raises InvalidRequestError (param = that StructuredOutputs field) for a malformed value."""
+        given = self.structured_fields()
+        if not given:
+            return None, None
+        field = given[0]
+        if field == "response_format":
+            fmt = self.response_format
+            assert fmt is not None
+            if fmt.type == "json_object":
+                return StructuredOutputs(json_object=True), field
+            assert fmt.json_schema is not None
+            return StructuredOutputs(json_schema=fmt.json_schema.schema_), field
+        return StructuredOutputs(**{STRUCTURED_FIELDS[field]: getattr(self, field)}), field
 
 
 class ChatMessage(BaseModel):
@@ -107,8 +177,32 @@ class ChatMessage(BaseModel):
         return data
 
 
-class ResponseFormat(_Strict):
-    type: str
+class FunctionDefinition(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        if not FUNCTION_NAME.match(name):
+            raise ValueError(f"function names must match ^[A-Za-z0-9_-]{{1,64}}$ (got {name!r})")
+        return name
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -116,9 +210,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -126,9 +220,33 @@ class ChatCompletionRequest(_SamplingFields):
     def _checks(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise ValueError(f"response_format type {self.response_format.type!r} is not supported; only 'text' is")
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not self.tools:
+            raise ValueError("tool_choice is only allowed when tools are given")
+        names = [t.function.name for t in self.tools or []]
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names the function {choice.function.name!r}, which is not among the tools")
+        if len(set(names)) < len(names):
+            raise ValueError("tools must have distinct function names")
+        if self.forces_tool_call and self.structured_fields():
+            raise ValueError("tool_choice 'required' or a named function cannot be combined with structured output "
+                             f"({self.structured_fields()[0]})")
         return self
+
+    @property
+    def active_tools(self) -> list[dict[str, Any]]:
+        """The tools the model is shown: none when there are none or tool_choice is "none"."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        return [t.model_dump(exclude_none=True, by_alias=True) for t in self.tools]
+
+    @property
+    def forces_tool_call(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+
+    @property
+    def forced_function(self) -> str | None:
+        return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
 
     @property
     def effective_max_tokens(self) -> int | None:
@@ -191,6 +309,7 @@ class TokenizeRequest(_Strict):
     model: str | None = None
     prompt: str | list[int] | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -210,6 +329,8 @@ class DetokenizeRequest(_Strict):
 VALIDATOR_PARAMS: dict[str, str] = {
     "top_logprobs requires": "top_logprobs",
     "response_format": "response_format",
+    "tool_choice": "tool_choice",
+    "tools must": "tools",
     "suffix": "suffix",
     "best_of": "best_of",
     "max_tokens must be": "max_tokens",
@@ -218,4 +339,4 @@ VALIDATOR_PARAMS: dict[str, str] = {
     'give exactly one of "prompt"': "prompt",
 }
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]

@@ -2,6 +2,11 @@
 
 Both endpoints share one flow: validate, submit (engine errors raise before any byte is sent,
 so they are proper 4xx), then either collect the final outputs or stream deltas as SSE.
+
+Chat adds tools and reasoning: tools reach the model through its chat template (or, for a
+template without a tools section, through the tool parser's system prompt); tool_choice
+"required" or a named function constrains the output to the parser's call format; each choice's
+text is split into reasoning, content and tool calls by ChoiceParser, delta by delta when streaming.
 """
 
 from __future__ import annotations
@@ -18,9 +23,14 @@ from starlette.responses import JSONResponse, Response
 
 from pagoda.engine.async_engine import AsyncEngine
 from pagoda.engine.outputs import CompletionOutput, RequestOutput
+from pagoda.errors import InvalidRequestError
+from pagoda.server.chat_output import ChoiceDelta, ChoiceParser, chat_message, finish_reason
 from pagoda.server.errors import APIError
 from pagoda.server.metrics import RequestTracker, ServerMetrics
-from pagoda.server.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from pagoda.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, _SamplingFields
+from pagoda.server.reasoning_parsers import get_reasoning_parser
+from pagoda.server.tool_parsers import arguments_object, get_tool_parser
+from pagoda.structured import StructuredOutputs
 from pagoda.server.streaming import (
     SSE_DONE,
     SSEResponse,
@@ -38,9 +48,16 @@ from pagoda.server.streaming import (
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics) -> None:
+    def __init__(
+        self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics, tool_call_parser: str = "hermes",
+        reasoning_parser: str | None = None,
+    ) -> None:
         self.engine, self.model_name, self.metrics = engine, model_name, metrics
         self.text = TokenText(engine.tokenizer)
+        self.tool_parser = get_tool_parser(tool_call_parser)
+        self.reasoning_parser = get_reasoning_parser(reasoning_parser) if reasoning_parser else None
+        template = engine.tokenizer.chat_template if engine.tokenizer is not None else None
+        self.template_knows_tools = "tools" in (template or "")
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -60,6 +77,46 @@ class OpenAIServing:
     def _trackers(self, request_id: str, count: int) -> list[RequestTracker]:
         return [self.metrics.tracker(request_id if count == 1 else f"{request_id}-{i}") for i in range(count)]
 
+    @staticmethod
+    def _structured(req: _SamplingFields, renames: dict[str, str]) -> StructuredOutputs | None:
+        """The request's structured output; its errors (and the engine's compile errors, via
+        `renames`) name the field the client sent."""
+        try:
+            spec, field = req.structured_outputs()
+        except InvalidRequestError as e:
+            raise APIError(400, e.message, param=req.structured_fields()[0]) from None
+        if spec is not None and field is not None:
+            renames[spec.kind] = field
+        return spec
+
+    async def encode_chat(
+        self, messages: list[ChatMessage], tools: list[dict[str, Any]], add_generation_prompt: bool = True,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """The chat prompt's token ids (chat completions and /tokenize render alike)."""
+        tok = self.engine.tokenizer
+        rendered = self._chat_messages(messages, tools)
+        template_tools = tools if tools and self.template_knows_tools else None
+        encode = functools.partial(tok.encode_chat, rendered, add_generation_prompt, template_tools,
+                                   **(template_kwargs or {}))
+        return await asyncio.to_thread(encode)
+
+    def _chat_messages(self, chat: list[ChatMessage], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Messages for the template; a template without a tools section gets the parser's rendering."""
+        messages = [m.to_template() for m in chat]
+        tool_turns = any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+        if (tools or tool_turns) and not self.template_knows_tools:
+            return self.tool_parser.render_without_template_support(messages, tools)
+        for m in messages:  # templates print arguments as objects; OpenAI sends them as JSON text
+            for call in m.get("tool_calls") or []:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict):
+                    call["function"] = {**fn, "arguments": arguments_object(fn.get("arguments"))}
+        return messages
+
+    def _choice_parser(self, tools: list[dict[str, Any]]) -> ChoiceParser:
+        return ChoiceParser(self.reasoning_parser, self.tool_parser if tools else None)
+
     # ---- chat ------------------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
@@ -67,16 +124,18 @@ class OpenAIServing:
         max_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         renames = {"max_tokens": max_name, "logprobs": "top_logprobs"}
         top_n = (req.top_logprobs or 0) if req.logprobs else None
-        params = make_params({**self._common(req), "max_tokens": req.effective_max_tokens, "logprobs": top_n},
-                             renames)
+        tools = req.active_tools
+        structured = self._structured(req, renames)
+        if tools and req.forces_tool_call:
+            tag = self.tool_parser.structural_tag(tools, req.forced_function, req.parallel_tool_calls)
+            structured, renames["structural_tag"] = StructuredOutputs(structural_tag=tag), "tools"
+        params = make_params({**self._common(req), "max_tokens": req.effective_max_tokens, "logprobs": top_n,
+                              "structured": structured}, renames)
         tok = self.engine.tokenizer
         if tok is None:
             raise APIError(400, "this model has no tokenizer, so it cannot chat: use /v1/completions with token ids",
                            param="messages")
-        messages = [m.to_template() for m in req.messages]
-        encode = functools.partial(tok.encode_chat, messages, req.add_generation_prompt, req.tools,
-                                   **(req.chat_template_kwargs or {}))
-        prompt_ids = await asyncio.to_thread(encode)
+        prompt_ids = await self.encode_chat(req.messages, tools, req.add_generation_prompt, req.chat_template_kwargs)
         request_id = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
         streams = await submit(self.engine, [prompt_ids], params, request_id, req.priority, renames)
         trackers = self._trackers(request_id, 1)
@@ -84,20 +143,22 @@ class OpenAIServing:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return SSEResponse(self._chat_events(follow(self.engine, streams, trackers), request_id, created,
-                                                 req.n, top_n, include_usage))
+                                                 req.n, top_n, include_usage, tools))
         (final,) = await collect(self.engine, streams, trackers, raw)
-        choices = [
-            {"index": c.index, "message": {"role": "assistant", "content": c.text},
-             "logprobs": chat_logprobs(c.logprobs or [], top_n, self.text) if top_n is not None else None,
-             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-            for c in final.outputs
-        ]
+        choices = []
+        for c in final.outputs:
+            parsed = self._choice_parser(tools).parse(c.text)
+            choices.append({
+                "index": c.index, "message": chat_message(parsed, self.reasoning_parser is not None),
+                "logprobs": chat_logprobs(c.logprobs or [], top_n, self.text) if top_n is not None else None,
+                "finish_reason": finish_reason(c.finish_reason, bool(parsed.calls)), "stop_reason": c.stop_reason,
+            })
         return JSONResponse({"id": request_id, "object": "chat.completion", "created": created,
                              "model": self.model_name, "choices": choices, "usage": usage([final])})
 
     async def _chat_events(
         self, outputs: AsyncIterator[tuple[int, RequestOutput]], request_id: str, created: int, n: int,
-        top_n: int | None, include_usage: bool,
+        top_n: int | None, include_usage: bool, tools: list[dict[str, Any]],
     ) -> AsyncIterator[str]:
         base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
         extra = {"usage": None} if include_usage else {}
@@ -113,6 +174,7 @@ class OpenAIServing:
             for i in range(n):
                 yield chunk(i, {"role": "assistant", "content": ""})
             done = [False] * n
+            parsers = [self._choice_parser(tools) for _ in range(n)]
             final: RequestOutput | None = None
             async for _, output in outputs:
                 final = output
@@ -120,14 +182,35 @@ class OpenAIServing:
                     if done[c.index] or not (c.delta_text or c.delta_token_ids or c.finished):
                         continue
                     done[c.index] = c.finished
+                    parser = parsers[c.index]
+                    parsed = parser.feed(c.delta_text) if c.delta_text else ChoiceDelta()
+                    if c.finished:
+                        parsed += parser.finish()
                     lp = chat_logprobs(c.delta_logprobs, top_n, self.text) if top_n is not None else None
-                    delta = {"content": c.delta_text} if c.delta_text or not c.finished else {}
-                    yield chunk(c.index, delta, lp, c.finish_reason, c.stop_reason)
+                    delta = self._delta(parsed, parser.num_calls - len(parsed.calls))
+                    if parsed.content or not (delta or c.finished or parser.active):
+                        delta["content"] = parsed.content
+                    if not (delta or lp or c.finished):
+                        continue  # text a parser holds back (a call being written, a partial marker)
+                    finish = finish_reason(c.finish_reason, parser.num_calls > 0)
+                    yield chunk(c.index, delta, lp, finish, c.stop_reason)
             if include_usage and final is not None:
                 yield sse({**base, "choices": [], "usage": usage([final])})
             yield SSE_DONE
         finally:
             await outputs.aclose()  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _delta(parsed: ChoiceDelta, first_call_index: int) -> dict[str, Any]:
+        """Reasoning and tool calls of one streamed chunk (OpenAI's delta shape; content is added by
+        the caller)."""
+        delta: dict[str, Any] = {}
+        if parsed.reasoning:
+            delta["reasoning_content"] = parsed.reasoning
+        if parsed.calls:
+            delta["tool_calls"] = [{"index": first_call_index + k, **call.to_openai()}
+                                   for k, call in enumerate(parsed.calls)]
+        return delta
 
     # ---- completions -----------------------------------------------------------------
 
@@ -139,9 +222,11 @@ class OpenAIServing:
         fields = {**self._common(req), "n": best_of or req.n, "max_tokens": 1 if score_only else req.max_tokens,
                   "logprobs": logprobs,
                   "prompt_logprobs": req.logprobs if req.echo and req.logprobs is not None else None}
-        params = make_params(fields, {"n": "best_of"} if best_of else None)
+        renames = {"n": "best_of"} if best_of else {}
+        fields["structured"] = self._structured(req, renames)
+        params = make_params(fields, renames)
         request_id = f"cmpl-{req.request_id or uuid.uuid4().hex}"
-        streams = await submit(self.engine, req.prompts, params, request_id, req.priority)
+        streams = await submit(self.engine, req.prompts, params, request_id, req.priority, renames)
         trackers = self._trackers(request_id, len(streams))
         created = int(time.time())
         if req.stream:
