@@ -66,6 +66,11 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         self.platform.seed(config.seed)
         self.loaded: LoadedModel = load_model(config, self.platform, show_progress)
+        log.info(
+            "model: %s, %.2f GiB of weights (%s), loaded in %.1f s",
+            self.loaded.config.architecture, self.loaded.weight_bytes / GiB, config.quantization or self.loaded.dtype,
+            self.loaded.load_seconds,
+        )
         self.model_config = self.loaded.config
         self.context_length = self.loaded.context_length
         self.tokenizer = self._load_tokenizer()
