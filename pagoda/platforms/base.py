@@ -27,6 +27,8 @@ class Platform:
     dist_backend: ClassVar[str] = "gloo"
     capabilities: ClassVar[Capabilities] = Capabilities()
     kernel_modules: ClassVar[tuple[str, ...]] = ()
+    # Pure-torch kernels every platform registers for its own device type.
+    portable_kernel_modules: ClassVar[tuple[str, ...]] = ("pagoda.ops.sdpa",)
     _HOOKS: ClassVar[tuple[str, ...]] = (
         "is_available", "device", "default_dtype", "total_memory", "free_memory", "synchronize", "seed",
         "kv_cache_budget",
@@ -73,6 +75,8 @@ class Platform:
 
     def load_kernels(self) -> None:
         """Import the modules that register this platform's kernels (idempotent)."""
+        for module in self.portable_kernel_modules:
+            importlib.import_module(module).register(self.device_type)
         for module in self.kernel_modules:
             try:
                 importlib.import_module(module)

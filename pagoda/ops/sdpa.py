@@ -1,0 +1,53 @@
+"""Paged attention on torch's scaled_dot_product_attention: portable across device types.
+
+Every platform registers it (see Platform.load_kernels), so no device ever falls back to
+the reference's explicit score matrix; vendor kernels (FlashAttention/MATE) rank above it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pagoda.ops.attention_metadata import AttentionMetadata
+from pagoda.ops.registry import register_kernel
+
+_registered: set[str] = set()
+
+
+def register(device_type: str) -> None:
+    if device_type not in _registered:
+        register_kernel("paged_attention", device_type, priority=10)(paged_attention_sdpa)
+        _registered.add(device_type)
+
+
+def paged_attention_sdpa(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Decode-only batches: one padded, masked SDPA call over all sequences.
+
+    Mixed or prefill batches: one SDPA call per sequence (causal, offset by its cached
+    prefix). Grouped-query heads are handled by SDPA without repeating KV.
+    """
+    if meta.is_decode_only:
+        slots, valid = meta.padded_context_slots  # [B, L]
+        k = k_cache[slots].transpose(1, 2)  # [B, Hk, L, D]
+        v = v_cache[slots].transpose(1, 2)
+        mask = valid[:, None, None, :]  # [B, 1, 1, L]
+        out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        return out[:, :, 0, :]
+    out = torch.empty_like(q)
+    for b, (qlen, klen) in enumerate(zip(meta.query_lens, meta.seq_lens)):
+        start = meta.query_starts[b]
+        slots = meta.context_slots[b]
+        qb = q[start : start + qlen].transpose(0, 1)[None]
+        kb = k_cache[slots].transpose(0, 1)[None]
+        vb = v_cache[slots].transpose(0, 1)[None]
+        if qlen == klen:
+            ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            qpos = torch.arange(klen - qlen, klen, device=q.device)[:, None]
+            mask = torch.arange(klen, device=q.device)[None, :] <= qpos
+            ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start : start + qlen] = ob[0].transpose(0, 1)
+    return out
