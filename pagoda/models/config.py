@@ -28,6 +28,16 @@ _MODEL_TYPE_TO_ARCH = {
 }
 
 
+def normalize_rope_scaling(scaling: dict[str, Any] | None, trained_positions: int) -> dict[str, Any] | None:
+    """None for "default" scaling; YaRN's ramp made relative to the trained length (as
+    transformers does), never to an extended --context-length the model is built for."""
+    if scaling is None or scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+        return None
+    if scaling.get("rope_type", scaling.get("type")) == "yarn" and not scaling.get("original_max_position_embeddings"):
+        return {**scaling, "original_max_position_embeddings": trained_positions}
+    return scaling
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     architecture: str
@@ -92,14 +102,7 @@ class ModelConfig:
             rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta"))
             if arch == "JiutianForCausalLM":
                 rope_scaling = None  # Jiutian's configuration class forces it off.
-            if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) in (None, "default"):
-                rope_scaling = None
-            if (rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) == "yarn"
-                    and not rope_scaling.get("original_max_position_embeddings")):
-                # YaRN's ramp is relative to the trained length (transformers' default), never to an
-                # extended --context-length the model is built for.
-                trained = cfg.get("max_position_embeddings", 2048)
-                rope_scaling = {**rope_scaling, "original_max_position_embeddings": trained}
+            rope_scaling = normalize_rope_scaling(rope_scaling, int(cfg.get("max_position_embeddings", 2048)))
             return cls(
                 architecture=arch,
                 vocab_size=int(cfg["vocab_size"]),

@@ -6,6 +6,7 @@ dtype, so peak memory stays near the size of the model itself.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from pagoda.config import EngineConfig
 from pagoda.errors import ConfigError, ModelLoadError
-from pagoda.models.config import ModelConfig
+from pagoda.models.config import ModelConfig, normalize_rope_scaling
 from pagoda.models.layers import Linear, LinearFormat
 from pagoda.models.registry import model_class
 from pagoda.platforms import Platform
@@ -64,11 +65,10 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
 
 
-def _apply_overrides(hf_config: dict[str, Any], config: EngineConfig) -> dict[str, Any]:
-    scaling = config.rope_scaling_dict()
-    if scaling is not None:
-        hf_config = {**hf_config, "rope_scaling": scaling}
-    return hf_config
+def _apply_overrides(model_cfg: ModelConfig, config: EngineConfig) -> ModelConfig:
+    """A user's --rope-scaling wins over the checkpoint's (even Jiutian's forced None)."""
+    scaling = normalize_rope_scaling(config.rope_scaling_dict(), model_cfg.max_position_embeddings)
+    return model_cfg if scaling is None else dataclasses.replace(model_cfg, rope_scaling=scaling)
 
 
 def load_model(config: EngineConfig, platform: Platform, show_progress: bool = False) -> LoadedModel:
@@ -84,8 +84,7 @@ def load_model(config: EngineConfig, platform: Platform, show_progress: bool = F
 
         checkpoint = load_checkpoint(path)
         hf_config = checkpoint.hf_config
-    hf_config = _apply_overrides(hf_config, config)
-    model_cfg = ModelConfig.from_hf_dict(hf_config)
+    model_cfg = _apply_overrides(ModelConfig.from_hf_dict(hf_config), config)
     context_length = config.context_length or model_cfg.max_position_embeddings
     if config.context_length and config.context_length > model_cfg.max_position_embeddings and not model_cfg.rope_scaling:
         raise ConfigError(

@@ -310,3 +310,22 @@ def test_first_2k_positions_match_transformers(long_prompt: list[int], chunked_r
     ours = torch.stack(chunked_run.chunk_logits[:4])
     assert (ours - ref).abs().max().item() < 5e-3  # float32, 30 layers, 2K positions: rounding only
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_rope_scaling_override_applies_to_jiutian(tmp_path) -> None:
+    """Jiutian's config class forces rope_scaling off, but a user's --rope-scaling still wins."""
+    import json
+
+    from pagoda import LLM, SamplingParams
+
+    cfg = {"architectures": ["JiutianForCausalLM"], "model_type": "jiutian", "vocab_size": 128, "hidden_size": 64,
+           "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "max_position_embeddings": 256, "qkv_bias": True, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    llm = LLM(model_config=str(path), load_format="dummy", context_length=512, kv_cache_memory=0.01,
+              rope_scaling='{"rope_type": "yarn", "factor": 2.0}')
+    assert llm.engine.model_config.rope_scaling["rope_type"] == "yarn"
+    assert llm.engine.model_config.rope_scaling["original_max_position_embeddings"] == 256
+    out = llm.generate([[1] * 300], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2
