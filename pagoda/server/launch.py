@@ -21,7 +21,6 @@ import uvicorn
 
 from pagoda.config import EngineConfig
 from pagoda.engine.async_engine import AsyncEngine
-from pagoda.engine.engine import Engine
 from pagoda.server.app import create_app
 from pagoda.server.reasoning_parsers import get_reasoning_parser
 from pagoda.server.tool_parsers import get_tool_parser
@@ -105,7 +104,7 @@ def serve(
     get_tool_parser(tool_call_parser)
     if reasoning_parser:
         get_reasoning_parser(reasoning_parser)
-    engine = AsyncEngine(Engine(config, show_progress=True))
+    engine = AsyncEngine(config, show_progress=True)
     try:
         name = served_model_name or default_served_name(config)
         app = create_app(engine, name, api_key, tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser)
