@@ -156,7 +156,8 @@ def estimate_weight_bytes(cfg: ModelConfig, dtype: torch.dtype, fmt: LinearForma
 def _check_fits(needed: int, platform: Platform, config: EngineConfig) -> None:
     """Fail fast, with the numbers, rather than die of OOM half-way through loading."""
     free = platform.free_memory()
-    if needed > 0.9 * free:
+    headroom = 1 << 30  # runtime, and repacking one layer's weights after loading
+    if needed + headroom > 0.95 * free:
         hint = "" if config.quantization == "int4" else "; --quantization int4 needs about 1/7 of float32"
         raise ConfigError(
             f"the model's weights need {needed / 2**30:.1f} GiB "

@@ -36,7 +36,7 @@ def int4_prepack_cpu(w: Int4Weight):
     q = unpack_nibbles(w.qweight).to(torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     scales_zeros = torch.stack([w.scales.t(), w.zeros.t()], dim=-1).contiguous()  # [K/g, N, 2] bf16
-    w.packed, w.qweight = (packed, scales_zeros), None
+    w.packed, w.qweight, w.scales, w.zeros = (packed, scales_zeros), None, None, None  # no second copy
     return w
 
 

@@ -28,13 +28,10 @@ class Int4Weight:
     in_features: int
     group_size: int
     qweight: torch.Tensor | None  # [N, K/2] uint8, canonical (None once a kernel packed it)
-    scales: torch.Tensor  # [N, K/g] bfloat16
-    zeros: torch.Tensor  # [N, K/g] bfloat16
+    scales: torch.Tensor | None  # [N, K/g] bfloat16 (None once packed)
+    zeros: torch.Tensor | None  # [N, K/g] bfloat16 (None once packed)
     packed: Any = None  # a platform kernel's own layout, set by int4_prepack
-
-    @property
-    def device(self) -> torch.device:
-        return self.scales.device
+    device: torch.device = torch.device("cpu")
 
     @classmethod
     def empty(cls, out_features: int, in_features: int, group_size: int, device: torch.device) -> "Int4Weight":
@@ -44,10 +41,12 @@ class Int4Weight:
             torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device),
             torch.zeros(out_features, groups, dtype=torch.bfloat16, device=device),
             torch.zeros(out_features, groups, dtype=torch.bfloat16, device=device),
+            device=device,
         )
 
     def nbytes(self) -> int:
-        return self.out_features * self.in_features // 2 + 2 * self.scales.numel() * self.scales.element_size()
+        """Nibbles plus a bf16 scale and zero per group (the same in every layout)."""
+        return self.out_features * self.in_features // 2 + 4 * self.out_features * (self.in_features // self.group_size)
 
     def load_rows(self, row0: int, w: torch.Tensor) -> None:
         """Quantize float rows w [n, K] into rows row0.. (rows are independent, so fused
