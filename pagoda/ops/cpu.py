@@ -33,8 +33,13 @@ def int4_prepack_cpu(w: Int4Weight):
     """torch's AVX512 int4 layout; frees the canonical copy (35B-class models need the RAM)."""
     if w.out_features % 16 or w.group_size not in (32, 64, 128, 256) or w.qweight is None:
         return DECLINE
-    q = unpack_nibbles(w.qweight).to(torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    # Row blocks convert independently: unpacking a vocabulary-sized head to int32 at once
+    # would take 4 bytes per weight (5 GB for a 152K x 7K head).
+    packed = torch.empty_like(w.qweight)
+    for row0 in range(0, w.out_features, 4096):
+        rows = slice(row0, row0 + 4096)
+        q = unpack_nibbles(w.qweight[rows]).to(torch.int32)
+        packed[rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     scales_zeros = torch.stack([w.scales.t(), w.zeros.t()], dim=-1).contiguous()  # [K/g, N, 2] bf16
     w.packed, w.qweight, w.scales, w.zeros = (packed, scales_zeros), None, None, None  # no second copy
     return w

@@ -91,3 +91,11 @@ def test_bf16_prepacked_linear_matches_reference() -> None:
         torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
     assert ops.packed_linear.reference(x, w, packed, bias).shape == (64, 96)
     assert ops.linear_prepack(w.float()) is None  # declined: float32 weights use F.linear
+
+
+def test_prepack_in_row_blocks_equals_whole_matrix_conversion() -> None:
+    from pagoda.ops.quant import unpack_nibbles
+
+    w, q = _weight(n=4096 + 32, k=64)
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(q.qweight).to(torch.int32), 1)
+    assert torch.equal(ops.int4_prepack(q).packed[0], whole)
