@@ -301,7 +301,7 @@ class Engine:
                 prompt_ids=c.request.prompt_ids,
                 output_ids=c.request.output_ids,
                 generator=c.request.generator,
-                eos_token_ids=set(c.request.eos_ids),
+                eos_token_ids=c.request.eos_ids,
                 grammar=c.request.grammar,
             )
             for c in (out.chunks[i] for i in rows_idx)

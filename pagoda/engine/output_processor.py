@@ -81,7 +81,6 @@ class OutputProcessor:
         outputs = []
         for req in group:
             tokens = req.output_ids
-            tokens_to_send = len(tokens)
             want_lp = req.params.logprobs is not None
             outputs.append(
                 CompletionOutput(
@@ -92,11 +91,11 @@ class OutputProcessor:
                     stop_reason=req.stop_reason,
                     logprobs=list(req.logprobs) if want_lp else None,
                     delta_text=req.text[req.sent_text :],
-                    delta_token_ids=tokens[req.sent_tokens : tokens_to_send],
-                    delta_logprobs=req.logprobs[req.sent_tokens : tokens_to_send] if want_lp else [],
+                    delta_token_ids=tokens[req.sent_tokens :],
+                    delta_logprobs=req.logprobs[req.sent_tokens :] if want_lp else [],
                 )
             )
-            req.sent_text, req.sent_tokens = len(req.text), tokens_to_send
+            req.sent_text, req.sent_tokens = len(req.text), len(tokens)
         first = group[0]
         finish_times = [r.finish_time for r in group if r.finish_time is not None]
         return RequestOutput(

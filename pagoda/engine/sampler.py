@@ -18,7 +18,7 @@ has a finite logprob).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
@@ -48,7 +48,7 @@ class SamplingRow:
     prompt_ids: list[int]
     output_ids: list[int]
     generator: torch.Generator | None = None
-    eos_token_ids: set[int] = field(default_factory=set)
+    eos_token_ids: frozenset[int] = frozenset()
     grammar: "GrammarState | None" = None  # structured output: only tokens it allows are sampled
 
 

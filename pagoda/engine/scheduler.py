@@ -68,8 +68,7 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         req.status = Status.WAITING
-        keys = [_order(r) for r in self.waiting]
-        self.waiting.insert(bisect.bisect_right(keys, _order(req)), req)
+        bisect.insort(self.waiting, req, key=_order)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
