@@ -133,7 +133,7 @@ def _fill_dummy(model: torch.nn.Module, seed: int) -> None:
 
 def _bytes_per_weight(fmt: LinearFormat | None, dtype: torch.dtype) -> float:
     if fmt is None:
-        return torch.empty((), dtype=dtype).element_size()
+        return dtype.itemsize
     if fmt.kind == "bf16":
         return 2.0
     return 0.5 + 4 / fmt.group_size  # nibbles, plus a bf16 scale and zero per group
@@ -143,7 +143,7 @@ def estimate_weight_bytes(cfg: ModelConfig, dtype: torch.dtype, fmt: LinearForma
     """Weight memory of a config in a format, known before anything is allocated."""
     h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     per_layer = h * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * h + 3 * h * i
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     small = cfg.num_hidden_layers * (2 * h + (cfg.q_size + 2 * cfg.kv_size if cfg.qkv_bias else 0)) + h
     total = cfg.num_hidden_layers * per_layer * _bytes_per_weight(fmt, dtype) + (v * h + small) * elem
     if not cfg.tie_word_embeddings:
