@@ -41,6 +41,10 @@ class EngineConfig:
     context_length: int | None = _opt(None, "maximum tokens per sequence (default: the model's)")
     rope_scaling: str | None = _opt(None, 'JSON rope scaling override, e.g. {"rope_type":"yarn","factor":4}')
     kv_cache_memory: float | None = _opt(None, "GiB of KV cache (default: sized from free memory)")
+    kv_cache_dtype: str = _opt(
+        "auto", "KV-cache storage dtype; auto is bfloat16 with --quantization (half the bytes attention "
+        "reads), else the compute dtype; attention math stays float32", choices=DTYPES,
+    )
     page_size: int = _opt(16, "tokens per KV-cache page")
     max_running_requests: int = _opt(256, "cap on sequences decoding at once")
     max_batched_tokens: int = _opt(2048, "token budget of one engine step")
@@ -57,6 +61,8 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be a positive integer (got {value!r})")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if self.kv_cache_dtype not in DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of {', '.join(DTYPES)} (got {self.kv_cache_dtype!r})")
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError(f"load_format must be one of {', '.join(LOAD_FORMATS)} (got {self.load_format!r})")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:

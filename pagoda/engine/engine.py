@@ -119,7 +119,7 @@ class Engine:
 
     def _init_kv_cache(self) -> None:
         cfg, mc = self.config, self.model_config
-        dtype = self.loaded.dtype
+        dtype = self.kv_cache_dtype()
         per_token = KVPool.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, dtype)
         if cfg.kv_cache_memory is not None:
             budget = int(cfg.kv_cache_memory * GiB)
@@ -149,7 +149,16 @@ class Engine:
             ),
             self.allocator,
         )
-        log.info("KV cache: %d tokens in %d pages (%.2f GiB)", self.kv_tokens, num_pages, num_pages * per_page / GiB)
+        log.info(
+            "KV cache: %d tokens in %d pages (%.2f GiB, %s)", self.kv_tokens, num_pages, num_pages * per_page / GiB,
+            str(dtype).removeprefix("torch."),
+        )
+
+    def kv_cache_dtype(self) -> torch.dtype:
+        name = self.config.kv_cache_dtype
+        if name == "auto":
+            return torch.bfloat16 if self.config.quantization else self.loaded.dtype
+        return getattr(torch, name)
 
     # ---- requests --------------------------------------------------------------------
 

@@ -43,6 +43,18 @@ class AttentionMetadata:
         return starts
 
     @cached_property
+    def decode_rows(self) -> torch.Tensor:
+        """[n, 3] int64 on the host, one row per single-token sequence: (token index, batch
+        index, context length); the layout the C decode kernel reads."""
+        rows = [(self.query_starts[b], b, self.seq_lens[b]) for b, q in enumerate(self.query_lens) if q == 1]
+        return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+
+    @cached_property
+    def multi_token_seqs(self) -> list[int]:
+        """Batch indices of sequences with more than one new token (prefill chunks)."""
+        return [b for b, q in enumerate(self.query_lens) if q > 1]
+
+    @cached_property
     def context_slots(self) -> list[torch.Tensor]:
         """Per sequence, the pool slots of its whole context in order (reference path)."""
         ps = self.page_size

@@ -8,8 +8,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pagoda.ops import native
 from pagoda.ops.quant import Int4Weight, unpack_nibbles
 from pagoda.ops.registry import DECLINE, register_kernel
+from pagoda.ops.sdpa import attend_per_sequence
 
 
 @register_kernel("rms_norm", "cpu", priority=10)
@@ -73,3 +75,31 @@ def packed_linear_onednn(x: torch.Tensor, weight: torch.Tensor, packed, bias: to
     b = None if bias is None else bias.to(torch.bfloat16)
     y = torch.ops.mkldnn._linear_pointwise(x2, packed, b, "none", [], "")
     return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+
+
+@register_kernel("paged_attention", "cpu", priority=20)
+def paged_attention_cpu(q, k_cache, v_cache, meta, scale):
+    """Decode tokens read their context from the pages in place (C kernel); prefill chunks,
+    which are compute-bound, go to torch's flash SDPA one sequence at a time."""
+    lib = native.library()
+    rows = meta.decode_rows
+    if (
+        lib is None or not len(rows) or q.dtype != torch.float32 or k_cache.dtype not in _DECODE_FN
+        or not (q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous())
+    ):
+        return DECLINE
+    t, hq, d = q.shape
+    hk = k_cache.shape[1]
+    block_table = meta.block_table
+    out = torch.empty_like(q)
+    getattr(lib, _DECODE_FN[k_cache.dtype])(
+        q.data_ptr(), hq * d, k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(),
+        block_table.stride(0), rows.data_ptr(), len(rows), out.data_ptr(), hq * d, hq, hk, d,
+        meta.page_size, scale, int(rows[:, 2].max()), torch.get_num_threads(),
+    )
+    if meta.multi_token_seqs:
+        attend_per_sequence(q, k_cache, v_cache, meta, scale, out, meta.multi_token_seqs)
+    return out
+
+
+_DECODE_FN = {torch.float32: "paged_decode_attention_f32", torch.bfloat16: "paged_decode_attention_bf16"}

@@ -6,6 +6,8 @@ the reference's explicit score matrix; vendor kernels (FlashAttention/MATE) rank
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 import torch.nn.functional as F
 
@@ -31,18 +33,27 @@ def paged_attention_sdpa(
     """
     if meta.is_decode_only:
         slots, valid = meta.padded_context_slots  # [B, L]
-        k = _gather(k_cache, slots).transpose(1, 2)  # [B, Hk, L, D]
-        v = _gather(v_cache, slots).transpose(1, 2)
+        k = _gather(k_cache, slots, q.dtype).transpose(1, 2)  # [B, Hk, L, D]
+        v = _gather(v_cache, slots, q.dtype).transpose(1, 2)
         mask = valid[:, None, None, :]  # [B, 1, 1, L]
         out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         return out[:, :, 0, :]
     out = torch.empty_like(q)
-    for b, (qlen, klen) in enumerate(zip(meta.query_lens, meta.seq_lens)):
-        start = meta.query_starts[b]
+    attend_per_sequence(q, k_cache, v_cache, meta, scale, out, range(meta.batch_size))
+    return out
+
+
+def attend_per_sequence(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    out: torch.Tensor, seqs: Iterable[int],
+) -> None:
+    """Write the attention of sequences `seqs` into out, one causal SDPA call each."""
+    for b in seqs:
+        qlen, klen, start = meta.query_lens[b], meta.seq_lens[b], meta.query_starts[b]
         slots = meta.context_slots[b]
         qb = q[start : start + qlen].transpose(0, 1)[None]
-        kb = _gather(k_cache, slots).transpose(0, 1)[None]
-        vb = _gather(v_cache, slots).transpose(0, 1)[None]
+        kb = _gather(k_cache, slots, q.dtype).transpose(0, 1)[None]
+        vb = _gather(v_cache, slots, q.dtype).transpose(0, 1)[None]
         if qlen == klen:
             ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
         else:
@@ -50,9 +61,10 @@ def paged_attention_sdpa(
             mask = torch.arange(klen, device=q.device)[None, :] <= qpos
             ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start : start + qlen] = ob[0].transpose(0, 1)
-    return out
 
 
-def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """cache[slots] via index_select: ~3.5x faster than advanced indexing for whole rows."""
-    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
+def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """cache[slots] via index_select (~3.5x faster than advanced indexing for whole rows),
+    in the query's dtype (the cache may be stored narrower)."""
+    rows = cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
+    return rows.to(dtype)

@@ -13,7 +13,10 @@ from pagoda.platforms import get_platform
 get_platform("cpu")  # loads the CPU kernels
 
 
-def _attention_inputs(query_lens: list[int], seq_lens: list[int], page_size: int = 4, hq: int = 6, hk: int = 2):
+def _attention_inputs(
+    query_lens: list[int], seq_lens: list[int], page_size: int = 4, hq: int = 6, hk: int = 2,
+    kv_dtype: torch.dtype = torch.float32, d: int = 16,
+):
     g = torch.Generator().manual_seed(sum(seq_lens))
     pages_needed = [(s + page_size - 1) // page_size for s in seq_lens]
     perm = torch.randperm(sum(pages_needed) + 3, generator=g)[: sum(pages_needed)] + 1  # scattered pages
@@ -23,15 +26,15 @@ def _attention_inputs(query_lens: list[int], seq_lens: list[int], page_size: int
         table[b, :n] = perm[i : i + n]
         i += n
     num_slots = (int(perm.max()) + 1) * page_size
-    k_cache = torch.randn(num_slots, hk, 16, generator=g)
-    v_cache = torch.randn(num_slots, hk, 16, generator=g)
+    k_cache = torch.randn(num_slots, hk, d, generator=g).to(kv_dtype)
+    v_cache = torch.randn(num_slots, hk, d, generator=g).to(kv_dtype)
     slots = []
     for b, (ql, sl) in enumerate(zip(query_lens, seq_lens)):
         pos = torch.arange(sl - ql, sl)
         slots.append(table[b, pos // page_size] * page_size + pos % page_size)
     meta = AttentionMetadata(query_lens, seq_lens, torch.cat(slots), table, page_size)
-    q = torch.randn(sum(query_lens), hq, 16, generator=g)
-    return q, k_cache, v_cache, meta, 16**-0.5
+    q = torch.randn(sum(query_lens), hq, d, generator=g)
+    return q, k_cache, v_cache, meta, d**-0.5
 
 
 def _inputs(name: str):
@@ -47,6 +50,10 @@ def _inputs(name: str):
             _attention_inputs([1, 1, 1], [1, 9, 17]),  # decode-only batch
             _attention_inputs([12], [12]),  # fresh prefill
             _attention_inputs([5, 1, 3], [13, 7, 3]),  # chunk on cached prefix + decode + prefill
+            _attention_inputs([1, 1], [300, 2], page_size=16, hq=9, hk=3),  # long context, group of 3
+            _attention_inputs([1, 4, 1], [5, 30, 70], kv_dtype=torch.bfloat16),  # bf16 KV cache
+            _attention_inputs([1, 1], [40, 3], d=8),  # head_dim off the 16-wide vector path
+            _attention_inputs([1] * 5, [20, 1, 33, 16, 17], d=144, kv_dtype=torch.bfloat16),  # > 8 vectors
         ]
     pytest.skip(f"{name}'s kernel is checked against its reference in test_quant.py")
 
@@ -64,6 +71,17 @@ def test_kernel_matches_reference(name: str, kernel) -> None:
             continue
         for a, b in zip(got if isinstance(got, tuple) else (got,), ref if isinstance(ref, tuple) else (ref,)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_c_decode_attention_is_built_and_used() -> None:
+    """The C kernel must really serve decode rows here (a compiler is part of the set-up);
+    otherwise the parity test above would pass by declining."""
+    from pagoda.ops import native
+    from pagoda.ops.cpu import paged_attention_cpu
+
+    assert native.library() is not None
+    args = _attention_inputs([1, 1, 1], [1, 9, 17])
+    assert paged_attention_cpu(*args) is not ops.DECLINE
 
 
 def test_every_cpu_kernel_is_exercised() -> None:

@@ -1,0 +1,63 @@
+"""Decode step time of the engine alone (no HTTP, no sampling variety), with a profile.
+
+    python benchmarks/bench_step.py --quantization bf16 --batch 1 64 [--profile]
+
+Fills the engine with `batch` sequences whose prompts are `--context` tokens, lets them
+all reach decode, then times `Engine.step()` (schedule, forward, greedy sample, outputs).
+Prints one JSON line per batch size and, with --profile, torch's op table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import torch
+
+from pagoda import LLM, SamplingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--quantization", default=None)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+
+    llm = LLM(model=args.model, quantization=args.quantization, max_running_requests=max(args.batch))
+    engine = llm.engine
+    vocab = engine.model_config.vocab_size
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0, max_tokens=1024, ignore_eos=True)
+    for batch in args.batch:
+        ids = []
+        for _ in range(batch):
+            ids.append(engine.new_request_id())
+            engine.add_request(ids[-1], [rng.randrange(100, vocab) for _ in range(args.context)], params)
+        while engine.stats().num_waiting or any(r.in_prefill for r in engine.scheduler.running):
+            engine.step()
+        for _ in range(4):
+            engine.step()
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        step_ms = (time.perf_counter() - t) / args.steps * 1000
+        print(json.dumps({"bench": "step", "quantization": args.quantization, "batch": batch,
+                          "context": args.context, "step_ms": round(step_ms, 2),
+                          "tok_s": round(batch * 1000 / step_ms, 1)}))
+        if args.profile:
+            with torch.profiler.profile() as prof:
+                for _ in range(8):
+                    engine.step()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        for rid in ids:
+            engine.abort(rid)
+
+
+if __name__ == "__main__":
+    main()

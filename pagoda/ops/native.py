@@ -1,0 +1,83 @@
+"""Small C kernels for the CPU tier, compiled on first use and called through ctypes.
+
+Why C at all: a decode step of a small model is hundreds of tiny ops, and some work
+(attention over paged KV) has no torch op that reads pages in place. The sources live
+in ``pagoda/ops/csrc``; each is compiled once per machine with the system C compiler
+(``-O3 -march=native -fopenmp``) into a cache keyed by source, flags and CPU, so no
+build step is needed at install time. Without a compiler the library is unavailable
+and the kernels using it decline, leaving the torch kernels and references to serve.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+log = logging.getLogger("pagoda.ops")
+
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PAGODA_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pagoda"
+    )
+    return Path(root) / "kernels"
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (logged once) when they cannot be built here."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.warning("no C compiler found: CPU C kernels are off (slower attention)")
+        return None
+    digest = hashlib.sha256()
+    for part in (platform.machine(), _cpu_signature(), " ".join(FLAGS), compiler):
+        digest.update(part.encode())
+    for src in SOURCES:
+        digest.update(src.read_bytes())
+    target = cache_dir() / f"pagoda_kernels_{digest.hexdigest()[:16]}.so"
+    if not target.exists():
+        try:
+            _compile(compiler, target)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            detail = getattr(exc, "stderr", "") or str(exc)
+            log.warning("building the CPU C kernels failed, they are off: %s", detail.strip()[:500])
+            return None
+    return _bind(ctypes.CDLL(str(target)))
+
+
+def _compile(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        subprocess.run([compiler, *FLAGS, "-o", str(out), *map(str, SOURCES), "-lm"],
+                       check=True, capture_output=True, text=True)
+        os.replace(out, target)  # atomic: concurrent processes never load a half-written file
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    for name in ("paged_decode_attention_f32", "paged_decode_attention_bf16"):
+        fn = getattr(lib, name)
+        fn.argtypes = [p, i64, p, p, p, i64, p, i64, p, i64, i32, i32, i32, i32, f32, i32, i32]
+        fn.restype = None
+    return lib
