@@ -50,6 +50,11 @@ class AttentionMetadata:
         return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
 
     @cached_property
+    def decode_max_len(self) -> int:
+        """Longest context among the single-token sequences (0 if none)."""
+        return max((s for q, s in zip(self.query_lens, self.seq_lens) if q == 1), default=0)
+
+    @cached_property
     def multi_token_seqs(self) -> list[int]:
         """Batch indices of sequences with more than one new token (prefill chunks)."""
         return [b for b, q in enumerate(self.query_lens) if q > 1]

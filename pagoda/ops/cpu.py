@@ -1,6 +1,8 @@
-"""CPU kernels: torch's fused native ops where they match the reference exactly enough.
+"""CPU kernels: pagoda's C kernels (pagoda/ops/csrc) first, then torch's fused native ops.
 
-Each kernel declines (returns DECLINE) inputs it does not cover; the reference serves them.
+Each kernel declines (returns DECLINE) inputs it does not cover, including everything
+when the C library could not be built here; the next tier, and at last the reference,
+serves them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,83 @@ from pagoda.ops import native
 from pagoda.ops.quant import Int4Weight, unpack_nibbles
 from pagoda.ops.registry import DECLINE, register_kernel
 from pagoda.ops.sdpa import attend_per_sequence
+
+
+def _f32_rows(*tensors: torch.Tensor) -> bool:
+    """float32 with contiguous last-dimension rows (the row stride may be anything)."""
+    return all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors)
+
+
+@register_kernel("rms_norm", "cpu", priority=20)
+def rms_norm_c(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "llama"):
+    lib = native.library()
+    if lib is None or not (_f32_rows(x, weight) and x.is_contiguous()):
+        return DECLINE
+    out = torch.empty_like(x)
+    cols = x.shape[-1]
+    lib.rms_norm_f32(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // cols, cols, eps,
+                     variant == "jiutian", torch.get_num_threads())
+    return out
+
+
+@register_kernel("add_rms_norm", "cpu", priority=20)
+def add_rms_norm_c(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "llama"):
+    lib = native.library()
+    if lib is None or not (_f32_rows(x, residual, weight) and x.is_contiguous() and residual.is_contiguous()):
+        return DECLINE
+    out, summed = torch.empty_like(x), torch.empty_like(x)
+    cols = x.shape[-1]
+    lib.add_rms_norm_f32(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), out.data_ptr(), summed.data_ptr(),
+                         x.numel() // cols, cols, eps, variant == "jiutian", torch.get_num_threads())
+    return out, summed
+
+
+@register_kernel("rotary_embedding", "cpu", priority=20)
+def rotary_embedding_c(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Reads q/k straight out of the fused QKV output (strided rows), writes contiguous heads."""
+    lib = native.library()
+    d = q.shape[-1]
+    if (
+        lib is None or not _f32_rows(q, k) or q.stride(1) != d or k.stride(1) != d
+        or not (cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous())
+    ):
+        return DECLINE
+    outs = []
+    for x in (q, k):
+        out = torch.empty(x.shape, dtype=x.dtype)
+        lib.rotary_f32(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
+                       x.shape[0], x.shape[1], d, torch.get_num_threads())
+        outs.append(out)
+    return tuple(outs)
+
+
+@register_kernel("store_kv", "cpu", priority=20)
+def store_kv_c(k_cache, v_cache, slot_mapping, k, v):
+    lib = native.library()
+    if (
+        lib is None or not _f32_rows(k, v) or k.stride(1) != k.shape[-1] or v.stride(1) != v.shape[-1]
+        or k_cache.dtype not in _KV_CACHE_DTYPES or v_cache.dtype != k_cache.dtype
+        or not (k_cache.is_contiguous() and v_cache.is_contiguous() and slot_mapping.is_contiguous())
+    ):
+        return DECLINE
+    width = k.shape[1] * k.shape[2]
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        lib.store_rows_f32(x.data_ptr(), x.stride(0), slot_mapping.data_ptr(), cache.data_ptr(),
+                           cache.dtype == torch.bfloat16, x.shape[0], width, torch.get_num_threads())
+
+
+@register_kernel("silu_and_mul", "cpu", priority=20)
+def silu_and_mul_c(x: torch.Tensor):
+    lib = native.library()
+    if lib is None or x.dtype != torch.float32 or not x.is_contiguous():
+        return DECLINE
+    n = x.shape[-1] // 2
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+    lib.silu_and_mul_f32(x.data_ptr(), out.data_ptr(), x.numel() // (2 * n), n, torch.get_num_threads())
+    return out
+
+
+_KV_CACHE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @register_kernel("rms_norm", "cpu", priority=10)
@@ -84,7 +163,7 @@ def paged_attention_cpu(q, k_cache, v_cache, meta, scale):
     lib = native.library()
     rows = meta.decode_rows
     if (
-        lib is None or not len(rows) or q.dtype != torch.float32 or k_cache.dtype not in _DECODE_FN
+        lib is None or not len(rows) or q.dtype != torch.float32 or k_cache.dtype not in _KV_CACHE_DTYPES
         or not (q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous())
     ):
         return DECLINE
@@ -92,14 +171,13 @@ def paged_attention_cpu(q, k_cache, v_cache, meta, scale):
     hk = k_cache.shape[1]
     block_table = meta.block_table
     out = torch.empty_like(q)
-    getattr(lib, _DECODE_FN[k_cache.dtype])(
+    decode = lib.paged_decode_attention_bf16 if k_cache.dtype == torch.bfloat16 else lib.paged_decode_attention_f32
+    decode(
         q.data_ptr(), hq * d, k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(),
         block_table.stride(0), rows.data_ptr(), len(rows), out.data_ptr(), hq * d, hq, hk, d,
-        meta.page_size, scale, int(rows[:, 2].max()), torch.get_num_threads(),
+        meta.page_size, scale, meta.decode_max_len, torch.get_num_threads(),
     )
     if meta.multi_token_seqs:
         attend_per_sequence(q, k_cache, v_cache, meta, scale, out, meta.multi_token_seqs)
     return out
 
-
-_DECODE_FN = {torch.float32: "paged_decode_attention_f32", torch.bfloat16: "paged_decode_attention_bf16"}

@@ -74,10 +74,21 @@ def _compile(compiler: str, target: Path) -> None:
         os.replace(out, target)  # atomic: concurrent processes never load a half-written file
 
 
+_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_DECODE = [_P, _I64, _P, _P, _P, _I64, _P, _I64, _P, _I64, _I32, _I32, _I32, _I32, _F32, _I32, _I32]
+SIGNATURES = {  # the C functions and their argument types (see the sources for their meaning)
+    "paged_decode_attention_f32": _DECODE,
+    "paged_decode_attention_bf16": _DECODE,
+    "rms_norm_f32": [_P, _P, _P, _I64, _I64, _F32, _I32, _I32],
+    "add_rms_norm_f32": [_P, _P, _P, _P, _P, _I64, _I64, _F32, _I32, _I32],
+    "rotary_f32": [_P, _I64, _P, _P, _P, _I64, _I32, _I32, _I32],
+    "store_rows_f32": [_P, _I64, _P, _P, _I32, _I64, _I64, _I32],
+    "silu_and_mul_f32": [_P, _P, _I64, _I64, _I32],
+}
+
+
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
-    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    for name in ("paged_decode_attention_f32", "paged_decode_attention_bf16"):
+    for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes = [p, i64, p, p, p, i64, p, i64, p, i64, i32, i32, i32, i32, f32, i32, i32]
-        fn.restype = None
+        fn.argtypes, fn.restype = argtypes, None
     return lib

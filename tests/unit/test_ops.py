@@ -45,6 +45,24 @@ def _inputs(name: str):
         return [(x, w, 1e-6, "llama"), (x, w, 1e-6, "jiutian"), (x * 1e-4, w, 1e-5, "llama")]
     if name == "add_rms_norm":
         return [(x, torch.randn(5, 32, generator=g), w, 1e-6, "llama"), (x, x, w, 1e-6, "jiutian")]
+    if name == "rotary_embedding":
+        qkv = torch.randn(7, 6 * 16 + 2 * 2 * 16, generator=g)  # q and k as views into a fused QKV output
+        q, k, _ = qkv.split([96, 32, 32], dim=-1)
+        pos = torch.tensor([0, 1, 2, 3, 900, 5, 6])
+        angles = pos[:, None] * (10000.0 ** (-torch.arange(8) / 8))[None, :]
+        cos, sin = torch.cat((angles.cos(), angles.cos()), -1), torch.cat((angles.sin(), angles.sin()), -1)
+        return [(q.view(7, 6, 16), k.view(7, 2, 16), cos, sin), (torch.randn(1, 9, 64), torch.randn(1, 3, 64),
+                torch.randn(1, 64), torch.randn(1, 64))]
+    if name == "store_kv":
+        kv = torch.randn(5, 2 * 3 * 8, generator=g)
+        k, v = kv.split([24, 24], dim=-1)
+        slots = torch.tensor([9, 2, 30, 31, 0])
+        return [
+            (torch.zeros(32, 3, 8, dtype=dt), torch.zeros(32, 3, 8, dtype=dt), slots, k.view(5, 3, 8), v.view(5, 3, 8))
+            for dt in (torch.float32, torch.bfloat16)
+        ]
+    if name == "silu_and_mul":
+        return [(torch.randn(3, 2 * 40, generator=g) * 4,), (torch.randn(300, 2 * 256, generator=g),)]
     if name == "paged_attention":
         return [
             _attention_inputs([1, 1, 1], [1, 9, 17]),  # decode-only batch
@@ -65,6 +83,13 @@ KERNELS = [(name, k) for name, op in OPS.items() for k in op.kernels if k.device
 def test_kernel_matches_reference(name: str, kernel) -> None:
     op = OPS[name]
     for args in _inputs(name):
+        if name == "store_kv":  # writes into the caches: compare what each tier left there
+            ref_args = (args[0].clone(), args[1].clone(), *args[2:])
+            if kernel.fn(*args) is ops.DECLINE:
+                continue
+            op.reference(*ref_args)
+            assert torch.equal(args[0], ref_args[0]) and torch.equal(args[1], ref_args[1])
+            continue
         got = kernel.fn(*args)
         ref = op.reference(*args)
         if got is ops.DECLINE:
@@ -82,11 +107,14 @@ def test_c_decode_attention_is_built_and_used() -> None:
     assert native.library() is not None
     args = _attention_inputs([1, 1, 1], [1, 9, 17])
     assert paged_attention_cpu(*args) is not ops.DECLINE
+    for name in ("rms_norm", "add_rms_norm", "rotary_embedding", "store_kv", "silu_and_mul"):
+        c_kernel = next(k for k in OPS[name].kernels if k.name.endswith("_c"))
+        assert all(c_kernel.fn(*a) is not ops.DECLINE for a in _inputs(name)), name
 
 
 def test_every_cpu_kernel_is_exercised() -> None:
     """Guards the table above: a new CPU kernel must come with inputs here."""
-    covered_here = {"rms_norm", "add_rms_norm", "paged_attention"}
+    covered_here = {"rms_norm", "add_rms_norm", "paged_attention", "rotary_embedding", "store_kv", "silu_and_mul"}
     covered_in_test_quant = {"int4_prepack", "int4_linear", "linear_prepack", "packed_linear"}
     assert {name for name, _ in KERNELS} <= covered_here | covered_in_test_quant
 

@@ -41,14 +41,15 @@ def test_gguf_q4_1_style_weights_are_exact() -> None:
 def test_cpu_kernel_matches_reference() -> None:
     for batch in (1, 5, 33):
         w, q = _weight(seed=batch)
-        x = torch.randn(batch, 128)
-        bias = torch.randn(64)
+        g = torch.Generator().manual_seed(100 + batch)
+        x, bias = torch.randn(batch, 128, generator=g), torch.randn(64, generator=g)
         ref = int4_linear.reference(x, q, bias)
         packed = ops.int4_prepack(q)
         assert packed.packed is not None and packed.qweight is None  # the CPU kernel took it
         got = ops.int4_linear(x, packed, bias)
         torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)  # both bf16 inputs, fp32 sums
-        assert (got - x @ w.t() - bias).abs().max() < 0.2
+        # per-weight error ~U(+-0.0075) over 128 inputs: std ~0.05, so 0.3 is a 6-sigma bound
+        assert (got - x @ w.t() - bias).abs().max() < 0.3
 
 
 def test_prepack_declines_unaligned_rows_and_reference_serves() -> None:
