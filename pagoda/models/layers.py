@@ -19,6 +19,11 @@ class LinearFormat:
     kind: str
     group_size: int = 32  # int4: GGUF Q4 blocks are 32 wide, so 32 re-quantizes them near-losslessly
 
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """What these linears compute on: inputs arriving in it need no conversion."""
+        return torch.bfloat16
+
 
 def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
     # Uninitialised: weights come from a checkpoint or the dummy initialiser, layer by layer.
@@ -96,12 +101,19 @@ def make_linear(
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float, variant: str, dtype: torch.dtype, device: torch.device):
+    """RMSNorm whose output is in `out_dtype` (what the next linear consumes: bfloat16 for
+    quantized linears) while its weight and the residual stream keep the model dtype."""
+
+    def __init__(
+        self, size: int, eps: float, variant: str, dtype: torch.dtype, device: torch.device,
+        out_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.eps, self.variant = eps, variant
+        self.out_dtype = None if out_dtype == dtype else out_dtype
         self.weight = _param(size, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
-            return ops.rms_norm(x, self.weight, self.eps, self.variant)
-        return ops.add_rms_norm(x, residual, self.weight, self.eps, self.variant)
+            return ops.rms_norm(x, self.weight, self.eps, self.variant, self.out_dtype)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps, self.variant, self.out_dtype)

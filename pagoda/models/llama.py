@@ -28,6 +28,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
         self.scale = cfg.head_dim**-0.5
+        self.dtype = dtype  # queries and keys leave the rotary embedding in the model dtype
         self.qkv_proj = make_linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.qkv_bias, dtype, device, quant)
         self.o_proj = make_linear(cfg.q_size, cfg.hidden_size, False, dtype, device, quant)
 
@@ -39,7 +40,7 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = ops.rotary_embedding(q, k, *rope)
+        q, k = ops.rotary_embedding(q, k, *rope, self.dtype)
         k_cache, v_cache = kv.k[self.layer_id], kv.v[self.layer_id]
         ops.store_kv(k_cache, v_cache, meta.slot_mapping, k, v)
         out = ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
@@ -59,7 +60,8 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, device: torch.device, quant: LinearFormat | None):
         super().__init__()
-        norm = (cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_variant, dtype, device)
+        # The norms feed linears: with quantized linears they hand over bfloat16 directly.
+        norm = (cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_variant, dtype, device, quant and quant.activation_dtype)
         self.input_layernorm = RMSNorm(*norm)
         self.self_attn = Attention(cfg, layer_id, dtype, device, quant)
         self.post_attention_layernorm = RMSNorm(*norm)
@@ -86,10 +88,12 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, dtype, device, quantization) for i in range(cfg.num_hidden_layers)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_variant, dtype, device)
+        head_format = (LinearFormat("bf16") if quantization else None) if cfg.tie_word_embeddings else quantization
+        self.norm = RMSNorm(
+            cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_variant, dtype, device, head_format and head_format.activation_dtype
+        )
         # A tied head reuses the embedding, except with quantized linears: then it gets a bf16
         # copy (the vocabulary projection is too sensitive for int4, and float32 is slow).
-        head_format = (LinearFormat("bf16") if quantization else None) if cfg.tie_word_embeddings else quantization
         self.lm_head = (
             None if cfg.tie_word_embeddings and not quantization
             else make_linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device, head_format)

@@ -16,50 +16,61 @@ from pagoda.ops.registry import DECLINE, register_kernel
 from pagoda.ops.sdpa import attend_per_sequence
 
 
-def _f32_rows(*tensors: torch.Tensor) -> bool:
-    """float32 with contiguous last-dimension rows (the row stride may be anything)."""
-    return all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors)
+_BF16 = {torch.float32: 0, torch.bfloat16: 1}  # the C kernels' dtype flag per tensor
+
+
+def _rows(*tensors: torch.Tensor) -> bool:
+    """float32/bfloat16 with contiguous last-dimension rows (the row stride may be anything)."""
+    return all(t.dtype in _BF16 and t.stride(-1) == 1 for t in tensors)
 
 
 @register_kernel("rms_norm", "cpu", priority=20)
-def rms_norm_c(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "llama"):
+def rms_norm_c(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "llama", out_dtype=None):
     lib = native.library()
-    if lib is None or not (_f32_rows(x, weight) and x.is_contiguous()):
+    out_dtype = out_dtype or x.dtype
+    if lib is None or x.dtype != torch.float32 or weight.dtype != torch.float32 or out_dtype not in _BF16 \
+            or not x.is_contiguous():
         return DECLINE
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=out_dtype)
     cols = x.shape[-1]
-    lib.rms_norm_f32(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // cols, cols, eps,
-                     variant == "jiutian", torch.get_num_threads())
+    lib.rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), _BF16[out_dtype], x.numel() // cols, cols, eps,
+                 variant == "jiutian", torch.get_num_threads())
     return out
 
 
 @register_kernel("add_rms_norm", "cpu", priority=20)
-def add_rms_norm_c(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "llama"):
+def add_rms_norm_c(x, residual, weight, eps: float, variant: str = "llama", out_dtype=None):
+    """x (a layer's output, float32 or bfloat16) joins the float32 residual stream."""
     lib = native.library()
-    if lib is None or not (_f32_rows(x, residual, weight) and x.is_contiguous() and residual.is_contiguous()):
+    out_dtype = out_dtype or residual.dtype
+    if (
+        lib is None or not _rows(x) or residual.dtype != torch.float32 or weight.dtype != torch.float32
+        or out_dtype not in _BF16 or not (x.is_contiguous() and residual.is_contiguous())
+    ):
         return DECLINE
-    out, summed = torch.empty_like(x), torch.empty_like(x)
+    out, summed = torch.empty(x.shape, dtype=out_dtype), torch.empty_like(residual)
     cols = x.shape[-1]
-    lib.add_rms_norm_f32(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), out.data_ptr(), summed.data_ptr(),
-                         x.numel() // cols, cols, eps, variant == "jiutian", torch.get_num_threads())
+    lib.add_rms_norm(x.data_ptr(), _BF16[x.dtype], residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
+                     _BF16[out_dtype], summed.data_ptr(), x.numel() // cols, cols, eps, variant == "jiutian",
+                     torch.get_num_threads())
     return out, summed
 
 
 @register_kernel("rotary_embedding", "cpu", priority=20)
-def rotary_embedding_c(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def rotary_embedding_c(q, k, cos, sin, out_dtype=None):
     """Reads q/k straight out of the fused QKV output (strided rows), writes contiguous heads."""
     lib = native.library()
     d = q.shape[-1]
     if (
-        lib is None or not _f32_rows(q, k) or q.stride(1) != d or k.stride(1) != d
+        lib is None or not _rows(q, k) or q.stride(1) != d or k.stride(1) != d or (out_dtype or q.dtype) not in _BF16
         or not (cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous())
     ):
         return DECLINE
     outs = []
     for x in (q, k):
-        out = torch.empty(x.shape, dtype=x.dtype)
-        lib.rotary_f32(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
-                       x.shape[0], x.shape[1], d, torch.get_num_threads())
+        out = torch.empty(x.shape, dtype=out_dtype or x.dtype)
+        lib.rotary(x.data_ptr(), _BF16[x.dtype], x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
+                   _BF16[out.dtype], x.shape[0], x.shape[1], d, torch.get_num_threads())
         outs.append(out)
     return tuple(outs)
 
@@ -68,42 +79,40 @@ def rotary_embedding_c(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin:
 def store_kv_c(k_cache, v_cache, slot_mapping, k, v):
     lib = native.library()
     if (
-        lib is None or not _f32_rows(k, v) or k.stride(1) != k.shape[-1] or v.stride(1) != v.shape[-1]
-        or k_cache.dtype not in _KV_CACHE_DTYPES or v_cache.dtype != k_cache.dtype
+        lib is None or not _rows(k, v) or k.stride(1) != k.shape[-1] or v.stride(1) != v.shape[-1]
+        or k_cache.dtype not in _BF16 or v_cache.dtype != k_cache.dtype
         or not (k_cache.is_contiguous() and v_cache.is_contiguous() and slot_mapping.is_contiguous())
     ):
         return DECLINE
     width = k.shape[1] * k.shape[2]
     for x, cache in ((k, k_cache), (v, v_cache)):
-        lib.store_rows_f32(x.data_ptr(), x.stride(0), slot_mapping.data_ptr(), cache.data_ptr(),
-                           cache.dtype == torch.bfloat16, x.shape[0], width, torch.get_num_threads())
+        lib.store_rows(x.data_ptr(), _BF16[x.dtype], x.stride(0), slot_mapping.data_ptr(), cache.data_ptr(),
+                       _BF16[cache.dtype], x.shape[0], width, torch.get_num_threads())
 
 
 @register_kernel("silu_and_mul", "cpu", priority=20)
 def silu_and_mul_c(x: torch.Tensor):
     lib = native.library()
-    if lib is None or x.dtype != torch.float32 or not x.is_contiguous():
+    if lib is None or x.dtype not in _BF16 or not x.is_contiguous():
         return DECLINE
     n = x.shape[-1] // 2
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
-    lib.silu_and_mul_f32(x.data_ptr(), out.data_ptr(), x.numel() // (2 * n), n, torch.get_num_threads())
+    flag = _BF16[x.dtype]
+    lib.silu_and_mul(x.data_ptr(), flag, out.data_ptr(), flag, x.numel() // (2 * n), n, torch.get_num_threads())
     return out
 
 
-_KV_CACHE_DTYPES = (torch.float32, torch.bfloat16)
-
-
 @register_kernel("rms_norm", "cpu", priority=10)
-def rms_norm_native(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "llama"):
+def rms_norm_native(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "llama", out_dtype=None):
     """torch.rms_norm is the Llama form; Jiutian's eps-outside-the-root form is declined."""
-    if variant != "llama" or x.dtype != torch.float32:
+    if variant != "llama" or x.dtype != torch.float32 or out_dtype not in (None, x.dtype):
         return DECLINE
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 @register_kernel("add_rms_norm", "cpu", priority=10)
-def add_rms_norm_native(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "llama"):
-    if variant != "llama" or x.dtype != torch.float32:
+def add_rms_norm_native(x, residual, weight, eps: float, variant: str = "llama", out_dtype=None):
+    if variant != "llama" or x.dtype != torch.float32 or residual.dtype != x.dtype or out_dtype not in (None, x.dtype):
         return DECLINE
     summed = x + residual
     return F.rms_norm(summed, (x.shape[-1],), weight, eps), summed
@@ -163,7 +172,7 @@ def paged_attention_cpu(q, k_cache, v_cache, meta, scale):
     lib = native.library()
     rows = meta.decode_rows
     if (
-        lib is None or not len(rows) or q.dtype != torch.float32 or k_cache.dtype not in _KV_CACHE_DTYPES
+        lib is None or not len(rows) or q.dtype != torch.float32 or k_cache.dtype not in _BF16
         or not (q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous())
     ):
         return DECLINE

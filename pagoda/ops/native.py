@@ -79,11 +79,11 @@ _DECODE = [_P, _I64, _P, _P, _P, _I64, _P, _I64, _P, _I64, _I32, _I32, _I32, _I3
 SIGNATURES = {  # the C functions and their argument types (see the sources for their meaning)
     "paged_decode_attention_f32": _DECODE,
     "paged_decode_attention_bf16": _DECODE,
-    "rms_norm_f32": [_P, _P, _P, _I64, _I64, _F32, _I32, _I32],
-    "add_rms_norm_f32": [_P, _P, _P, _P, _P, _I64, _I64, _F32, _I32, _I32],
-    "rotary_f32": [_P, _I64, _P, _P, _P, _I64, _I32, _I32, _I32],
-    "store_rows_f32": [_P, _I64, _P, _P, _I32, _I64, _I64, _I32],
-    "silu_and_mul_f32": [_P, _P, _I64, _I64, _I32],
+    "rms_norm": [_P, _P, _P, _I32, _I64, _I64, _F32, _I32, _I32],
+    "add_rms_norm": [_P, _I32, _P, _P, _P, _I32, _P, _I64, _I64, _F32, _I32, _I32],
+    "rotary": [_P, _I32, _I64, _P, _P, _P, _I32, _I64, _I32, _I32, _I32],
+    "store_rows": [_P, _I32, _I64, _P, _P, _I32, _I64, _I64, _I32],
+    "silu_and_mul": [_P, _I32, _P, _I32, _I64, _I64, _I32],
 }
 
 

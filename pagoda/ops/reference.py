@@ -14,49 +14,59 @@ from pagoda.ops.registry import reference
 
 
 @reference("rms_norm")
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "llama") -> torch.Tensor:
-    """RMSNorm in float32. "llama": x*rsqrt(mean(x^2)+eps); "jiutian": x/(sqrt(mean(x^2))+eps)."""
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "llama", out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """RMSNorm in float32. "llama": x*rsqrt(mean(x^2)+eps); "jiutian": x/(sqrt(mean(x^2))+eps).
+
+    The result is in out_dtype (default x's): quantized linears take bfloat16 inputs, so
+    the norm before them rounds once instead of the linear converting."""
     xf = x.float()
     ms = xf.pow(2).mean(dim=-1, keepdim=True)
     if variant == "jiutian":
         y = xf / (ms.sqrt() + eps)
     else:
         y = xf * torch.rsqrt(ms + eps)
-    return (weight.float() * y).to(x.dtype)
+    return (weight.float() * y).to(out_dtype or x.dtype)
 
 
 @reference("add_rms_norm")
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "llama"
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "llama",
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused residual add then RMSNorm: returns (norm(x + residual), x + residual)."""
+    """Fused residual add then RMSNorm: returns (norm(x + residual), x + residual); the sum
+    takes the wider dtype of the two (the residual stream stays float32)."""
     summed = x + residual
-    return rms_norm.reference(summed, weight, eps, variant), summed
+    return rms_norm.reference(summed, weight, eps, variant, out_dtype), summed
 
 
 @reference("rotary_embedding")
 def rotary_embedding(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half rotary embedding: x * cos + rotate_half(x) * sin, per head.
 
     q: [T, Hq, D], k: [T, Hk, D]; cos, sin: [T, D] for each token's position (each half
-    repeated, already multiplied by any attention scaling factor), float32.
+    repeated, already multiplied by any attention scaling factor), float32. Computed in
+    float32; returned in out_dtype (default the inputs').
     """
     cos, sin = cos[:, None, :], sin[:, None, :]
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    return _rotate(q, cos, sin, out_dtype or q.dtype), _rotate(k, cos, sin, out_dtype or k.dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    x = x.float()
     x1, x2 = x.chunk(2, dim=-1)
-    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(dtype)
 
 
 @reference("silu_and_mul")
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """SwiGLU activation on a fused [gate | up] projection: silu(gate) * up."""
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    """SwiGLU activation on a fused [gate | up] projection: silu(gate) * up, computed in
+    float32 and returned in x's dtype."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(x.dtype)
 
 
 @reference("store_kv")

@@ -1,9 +1,12 @@
-/* Row-wise kernels of a decoder layer (CPU, float32 activations): RMSNorm with and
- * without the residual add, rotate-half rotary embedding, KV-cache stores and SwiGLU.
+/* Row-wise kernels of a decoder layer (CPU): RMSNorm with and without the residual
+ * add, rotate-half rotary embedding, KV-cache stores and SwiGLU.
  *
  * Each replaces a chain of small torch ops (5-20 per call) whose per-op overhead
- * dominates a decode step at small batch sizes. Rows run in parallel only when a call
- * has enough work to pay for waking the threads.
+ * dominates a decode step at small batch sizes. Inputs and outputs are float32 or
+ * bfloat16 (a flag per tensor), so quantized models pass bfloat16 activations between
+ * their linears without conversion ops; the math is float32 and each output is
+ * rounded once. Rows run in parallel only when a call has enough work to pay for
+ * waking the threads.
  *
  * Built by pagoda/ops/native.py with -O3 -march=native -fopenmp; called through ctypes.
  */
@@ -12,6 +15,13 @@
 #include <string.h>
 
 #define PARALLEL_MIN_ELEMENTS 65536
+#define CHUNK 512 /* elements converted to float32 at a time */
+
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } x;
+    x.u = (uint32_t)h << 16;
+    return x.f;
+}
 
 static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
     union { float f; uint32_t u; } x = {f};
@@ -19,78 +29,121 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     return (uint16_t)((x.u + 0x7fffu + ((x.u >> 16) & 1u)) >> 16);
 }
 
-static inline void norm_row(const float *x, const float *w, float *out, int64_t cols, float eps, int jiutian) {
-    float ss = 0.f;
+/* dst[0:n] = float32 of src[off:off+n] (src float32 or bfloat16) */
+static inline void load(const void *src, int bf16, int64_t off, int64_t n, float *dst) {
+    if (bf16) {
+        const uint16_t *s = (const uint16_t *)src + off;
+        _Pragma("omp simd")
+        for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(s[i]);
+    } else {
+        memcpy(dst, (const float *)src + off, sizeof(float) * (size_t)n);
+    }
+}
+
+/* dst[off:off+n] = src[0:n], rounded to bfloat16 when dst is */
+static inline void store(const float *src, void *dst, int bf16, int64_t off, int64_t n) {
+    if (bf16) {
+        uint16_t *d = (uint16_t *)dst + off;
+        _Pragma("omp simd")
+        for (int64_t i = 0; i < n; i++) d[i] = f32_to_bf16(src[i]);
+    } else {
+        memcpy((float *)dst + off, src, sizeof(float) * (size_t)n);
+    }
+}
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* out = w * norm(x) for one row of float32 x */
+static void norm_row(const float *x, const float *w, void *out, int out_bf16, int64_t out_off, int64_t cols,
+                     float eps, int jiutian) {
+    float ss = 0.f, buf[CHUNK];
     _Pragma("omp simd reduction(+:ss)")
     for (int64_t c = 0; c < cols; c++) ss += x[c] * x[c];
     const float ms = ss / (float)cols;
     const float inv = jiutian ? 1.f / (sqrtf(ms) + eps) : 1.f / sqrtf(ms + eps);
-    _Pragma("omp simd")
-    for (int64_t c = 0; c < cols; c++) out[c] = w[c] * (x[c] * inv);
+    for (int64_t c0 = 0; c0 < cols; c0 += CHUNK) {
+        const int64_t n = min64(CHUNK, cols - c0);
+        _Pragma("omp simd")
+        for (int64_t i = 0; i < n; i++) buf[i] = w[c0 + i] * (x[c0 + i] * inv);
+        store(buf, out, out_bf16, out_off + c0, n);
+    }
 }
 
-/* out = norm(x) */
-void rms_norm_f32(const float *x, const float *w, float *out, int64_t rows, int64_t cols, float eps,
-                  int jiutian, int num_threads) {
+/* out = norm(x); x float32 */
+void rms_norm(const float *x, const float *w, void *out, int out_bf16, int64_t rows, int64_t cols, float eps,
+              int jiutian, int num_threads) {
     _Pragma("omp parallel for num_threads(num_threads) if(rows * cols >= PARALLEL_MIN_ELEMENTS)")
-    for (int64_t r = 0; r < rows; r++) norm_row(x + r * cols, w, out + r * cols, cols, eps, jiutian);
+    for (int64_t r = 0; r < rows; r++) norm_row(x + r * cols, w, out, out_bf16, r * cols, cols, eps, jiutian);
 }
 
-/* summed = x + residual; out = norm(summed) */
-void add_rms_norm_f32(const float *x, const float *residual, const float *w, float *out, float *summed,
-                      int64_t rows, int64_t cols, float eps, int jiutian, int num_threads) {
+/* summed = x + residual (float32); out = norm(summed) */
+void add_rms_norm(const void *x, int x_bf16, const float *residual, const float *w, void *out, int out_bf16,
+                  float *summed, int64_t rows, int64_t cols, float eps, int jiutian, int num_threads) {
     _Pragma("omp parallel for num_threads(num_threads) if(rows * cols >= PARALLEL_MIN_ELEMENTS)")
     for (int64_t r = 0; r < rows; r++) {
         float *s = summed + r * cols;
-        const float *a = x + r * cols, *b = residual + r * cols;
-        _Pragma("omp simd")
-        for (int64_t c = 0; c < cols; c++) s[c] = a[c] + b[c];
-        norm_row(s, w, out + r * cols, cols, eps, jiutian);
+        const float *b = residual + r * cols;
+        for (int64_t c0 = 0; c0 < cols; c0 += CHUNK) {
+            const int64_t n = min64(CHUNK, cols - c0);
+            load(x, x_bf16, r * cols + c0, n, s + c0);
+            _Pragma("omp simd")
+            for (int64_t i = 0; i < n; i++) s[c0 + i] += b[c0 + i];
+        }
+        norm_row(s, w, out, out_bf16, r * cols, cols, eps, jiutian);
     }
 }
 
 /* out[t, h] = x[t, h] * cos[t] + rotate_half(x[t, h]) * sin[t]; x rows may be strided
  * (views into the fused QKV output), out is contiguous [T, H, D]. */
-void rotary_f32(const float *x, int64_t x_row_stride, const float *cos, const float *sin, float *out,
-                int64_t tokens, int heads, int d, int num_threads) {
+void rotary(const void *x, int x_bf16, int64_t x_row_stride, const float *cos, const float *sin, void *out,
+            int out_bf16, int64_t tokens, int heads, int d, int num_threads) {
     const int half = d / 2;
     _Pragma("omp parallel for num_threads(num_threads) if(tokens * heads * d >= PARALLEL_MIN_ELEMENTS)")
     for (int64_t t = 0; t < tokens; t++) {
         const float *ct = cos + t * d, *st = sin + t * d;
+        float xh[d], oh[d];
         for (int h = 0; h < heads; h++) {
-            const float *xh = x + t * x_row_stride + (int64_t)h * d;
-            float *oh = out + (t * heads + h) * (int64_t)d;
+            load(x, x_bf16, t * x_row_stride + (int64_t)h * d, d, xh);
             _Pragma("omp simd")
             for (int e = 0; e < half; e++) oh[e] = xh[e] * ct[e] - xh[e + half] * st[e];
             _Pragma("omp simd")
             for (int e = half; e < d; e++) oh[e] = xh[e] * ct[e] + xh[e - half] * st[e];
+            store(oh, out, out_bf16, (t * heads + h) * (int64_t)d, d);
         }
     }
 }
 
-/* cache[slots[t]] = x[t] for rows of `width` floats (x rows strided), into a float32 or
- * bfloat16 cache. */
-void store_rows_f32(const float *x, int64_t x_row_stride, const int64_t *slots, void *cache, int cache_bf16,
-                    int64_t tokens, int64_t width, int num_threads) {
+/* cache[slots[t]] = x[t] for rows of `width` elements (x rows strided) */
+void store_rows(const void *x, int x_bf16, int64_t x_row_stride, const int64_t *slots, void *cache,
+                int cache_bf16, int64_t tokens, int64_t width, int num_threads) {
     _Pragma("omp parallel for num_threads(num_threads) if(tokens * width >= PARALLEL_MIN_ELEMENTS)")
     for (int64_t t = 0; t < tokens; t++) {
-        const float *src = x + t * x_row_stride;
-        if (cache_bf16) {
-            uint16_t *dst = (uint16_t *)cache + slots[t] * width;
-            for (int64_t c = 0; c < width; c++) dst[c] = f32_to_bf16(src[c]);
-        } else {
-            memcpy((float *)cache + slots[t] * width, src, sizeof(float) * (size_t)width);
+        if (x_bf16 == cache_bf16) {
+            const size_t size = x_bf16 ? 2 : 4;
+            memcpy((char *)cache + slots[t] * width * size, (const char *)x + t * x_row_stride * size, size * width);
+            continue;
+        }
+        float buf[CHUNK];
+        for (int64_t c0 = 0; c0 < width; c0 += CHUNK) {
+            const int64_t n = min64(CHUNK, width - c0);
+            load(x, x_bf16, t * x_row_stride + c0, n, buf);
+            store(buf, cache, cache_bf16, slots[t] * width + c0, n);
         }
     }
 }
 
-/* out[t] = silu(x[t, :n]) * x[t, n:] */
-void silu_and_mul_f32(const float *x, float *out, int64_t rows, int64_t n, int num_threads) {
+/* out[r] = silu(x[r, :n]) * x[r, n:] */
+void silu_and_mul(const void *x, int x_bf16, void *out, int out_bf16, int64_t rows, int64_t n, int num_threads) {
     _Pragma("omp parallel for num_threads(num_threads) if(rows * n >= PARALLEL_MIN_ELEMENTS)")
     for (int64_t r = 0; r < rows; r++) {
-        const float *gate = x + r * 2 * n, *up = gate + n;
-        float *o = out + r * n;
-        _Pragma("omp simd")
-        for (int64_t c = 0; c < n; c++) o[c] = gate[c] / (1.f + expf(-gate[c])) * up[c];
+        float gate[CHUNK], up[CHUNK];
+        for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
+            const int64_t m = min64(CHUNK, n - c0);
+            load(x, x_bf16, r * 2 * n + c0, m, gate);
+            load(x, x_bf16, r * 2 * n + n + c0, m, up);
+            _Pragma("omp simd")
+            for (int64_t i = 0; i < m; i++) gate[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+            store(gate, out, out_bf16, r * n + c0, m);
+        }
     }
 }
