@@ -180,9 +180,8 @@ def paged_attention_cpu(q, k_cache, v_cache, meta, scale):
     hk = k_cache.shape[1]
     block_table = meta.block_table
     out = torch.empty_like(q)
-    decode = lib.paged_decode_attention_bf16 if k_cache.dtype == torch.bfloat16 else lib.paged_decode_attention_f32
-    decode(
-        q.data_ptr(), hq * d, k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(),
+    lib.paged_decode_attention(
+        q.data_ptr(), hq * d, k_cache.data_ptr(), v_cache.data_ptr(), _BF16[k_cache.dtype], block_table.data_ptr(),
         block_table.stride(0), rows.data_ptr(), len(rows), out.data_ptr(), hq * d, hq, hk, d,
         meta.page_size, scale, meta.decode_max_len, torch.get_num_threads(),
     )

@@ -75,10 +75,9 @@ def _compile(compiler: str, target: Path) -> None:
 
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-_DECODE = [_P, _I64, _P, _P, _P, _I64, _P, _I64, _P, _I64, _I32, _I32, _I32, _I32, _F32, _I32, _I32]
 SIGNATURES = {  # the C functions and their argument types (see the sources for their meaning)
-    "paged_decode_attention_f32": _DECODE,
-    "paged_decode_attention_bf16": _DECODE,
+    "paged_decode_attention": [_P, _I64, _P, _P, _I32, _P, _I64, _P, _I64, _P, _I64, _I32, _I32, _I32, _I32, _F32,
+                               _I32, _I32],
     "rms_norm": [_P, _P, _P, _I32, _I64, _I64, _F32, _I32, _I32],
     "add_rms_norm": [_P, _I32, _P, _P, _P, _I32, _P, _I64, _I64, _F32, _I32, _I32],
     "rotary": [_P, _I32, _I64, _P, _P, _P, _I32, _I64, _I32, _I32, _I32],
