@@ -28,7 +28,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
         self.scale = cfg.head_dim**-0.5
-        self.dtype = dtype  # queries and keys leave the rotary embedding in the model dtype
+        self.dtype = dtype  # queries leave the rotary embedding in the model dtype
         self.qkv_proj = make_linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.qkv_bias, dtype, device, quant)
         self.o_proj = make_linear(cfg.q_size, cfg.hidden_size, False, dtype, device, quant)
 
@@ -40,9 +40,8 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = ops.rotary_embedding(q, k, *rope, self.dtype)
         k_cache, v_cache = kv.k[self.layer_id], kv.v[self.layer_id]
-        ops.store_kv(k_cache, v_cache, meta.slot_mapping, k, v)
+        q = ops.rotary_store_kv(q, k, v, *rope, k_cache, v_cache, meta.slot_mapping, self.dtype)
         out = ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(t, self.q_size))
 

@@ -11,9 +11,8 @@ from pagoda.ops.reference import (
     packed_linear,
     paged_attention,
     rms_norm,
-    rotary_embedding,
+    rotary_store_kv,
     silu_and_mul,
-    store_kv,
 )
 from pagoda.ops.quant import Int4Weight, int4_linear, int4_prepack
 from pagoda.ops.registry import DECLINE, OPS, kernels_of, register_kernel
@@ -36,9 +35,8 @@ __all__ = [
     "paged_attention",
     "register_kernel",
     "rms_norm",
-    "rotary_embedding",
+    "rotary_store_kv",
     "sample_from_probs",
     "silu_and_mul",
-    "store_kv",
     "token_bin_counts",
 ]

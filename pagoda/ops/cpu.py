@@ -56,38 +56,27 @@ def add_rms_norm_c(x, residual, weight, eps: float, variant: str = "llama", out_
     return out, summed
 
 
-@register_kernel("rotary_embedding", "cpu", priority=20)
-def rotary_embedding_c(q, k, cos, sin, out_dtype=None):
-    """Reads q/k straight out of the fused QKV output (strided rows), writes contiguous heads."""
+@register_kernel("rotary_store_kv", "cpu", priority=20)
+def rotary_store_kv_c(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, out_dtype=None):
+    """One call per layer: reads q/k/v straight out of the fused QKV output (strided rows)."""
     lib = native.library()
-    d = q.shape[-1]
+    t, hq, d = q.shape
+    out_dtype = out_dtype or q.dtype
     if (
-        lib is None or not _rows(q, k) or q.stride(1) != d or k.stride(1) != d or (out_dtype or q.dtype) not in _BF16
+        lib is None or not _rows(q) or k.dtype != q.dtype or v.dtype != q.dtype or out_dtype not in _BF16
+        or not q.stride(0) == k.stride(0) == v.stride(0) or q.stride(1) != d or k.stride(1) != d or v.stride(1) != d
+        or k_cache.dtype not in _BF16 or v_cache.dtype != k_cache.dtype
+        or not (k_cache.is_contiguous() and v_cache.is_contiguous() and slot_mapping.is_contiguous())
         or not (cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous())
     ):
         return DECLINE
-    outs = []
-    for x in (q, k):
-        out = torch.empty(x.shape, dtype=out_dtype or x.dtype)
-        lib.rotary(x.data_ptr(), _BF16[x.dtype], x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
-                   _BF16[out.dtype], x.shape[0], x.shape[1], d, torch.get_num_threads())
-        outs.append(out)
-    return tuple(outs)
-
-
-@register_kernel("store_kv", "cpu", priority=20)
-def store_kv_c(k_cache, v_cache, slot_mapping, k, v):
-    lib = native.library()
-    if (
-        lib is None or not _rows(k, v) or k.stride(1) != k.shape[-1] or v.stride(1) != v.shape[-1]
-        or k_cache.dtype not in _BF16 or v_cache.dtype != k_cache.dtype
-        or not (k_cache.is_contiguous() and v_cache.is_contiguous() and slot_mapping.is_contiguous())
-    ):
-        return DECLINE
-    width = k.shape[1] * k.shape[2]
-    for x, cache in ((k, k_cache), (v, v_cache)):
-        lib.store_rows(x.data_ptr(), _BF16[x.dtype], x.stride(0), slot_mapping.data_ptr(), cache.data_ptr(),
-                       _BF16[cache.dtype], x.shape[0], width, torch.get_num_threads())
+    out = torch.empty(q.shape, dtype=out_dtype)
+    lib.rotary_store_kv(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), _BF16[q.dtype], q.stride(0), cos.data_ptr(), sin.data_ptr(),
+        out.data_ptr(), _BF16[out_dtype], k_cache.data_ptr(), v_cache.data_ptr(), _BF16[k_cache.dtype],
+        slot_mapping.data_ptr(), t, hq, k.shape[1], d, torch.get_num_threads(),
+    )
+    return out
 
 
 @register_kernel("silu_and_mul", "cpu", priority=20)

@@ -80,8 +80,7 @@ SIGNATURES = {  # the C functions and their argument types (see the sources for 
                                _I32, _I32],
     "rms_norm": [_P, _P, _P, _I32, _I64, _I64, _F32, _I32, _I32],
     "add_rms_norm": [_P, _I32, _P, _P, _P, _I32, _P, _I64, _I64, _F32, _I32, _I32],
-    "rotary": [_P, _I32, _I64, _P, _P, _P, _I32, _I64, _I32, _I32, _I32],
-    "store_rows": [_P, _I32, _I64, _P, _P, _I32, _I64, _I64, _I32],
+    "rotary_store_kv": [_P, _P, _P, _I32, _I64, _P, _P, _P, _I32, _P, _P, _I32, _P, _I64, _I32, _I32, _I32, _I32],
     "silu_and_mul": [_P, _I32, _P, _I32, _I64, _I64, _I32],
 }
 

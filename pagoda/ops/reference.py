@@ -41,18 +41,22 @@ def add_rms_norm(
     return rms_norm.reference(summed, weight, eps, variant, out_dtype), summed
 
 
-@reference("rotary_embedding")
-def rotary_embedding(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate-half rotary embedding: x * cos + rotate_half(x) * sin, per head.
+@reference("rotary_store_kv")
+def rotary_store_kv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Rotate-half rotary embedding of q and k, then k and v into their pool slots; returns q.
 
-    q: [T, Hq, D], k: [T, Hk, D]; cos, sin: [T, D] for each token's position (each half
-    repeated, already multiplied by any attention scaling factor), float32. Computed in
-    float32; returned in out_dtype (default the inputs').
+    q: [T, Hq, D], k, v: [T, Hk, D]; cos, sin: [T, D] for each token's position (each half
+    repeated, already multiplied by any attention scaling factor), float32; caches
+    [num_slots, Hk, D]. Rotation is computed in float32; q is returned in out_dtype
+    (default q's), k and v are rounded once, to the cache dtype.
     """
     cos, sin = cos[:, None, :], sin[:, None, :]
-    return _rotate(q, cos, sin, out_dtype or q.dtype), _rotate(k, cos, sin, out_dtype or k.dtype)
+    k_cache.index_copy_(0, slot_mapping, _rotate(k, cos, sin, k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    return _rotate(q, cos, sin, out_dtype or q.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -67,15 +71,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     float32 and returned in x's dtype."""
     gate, up = x.float().chunk(2, dim=-1)
     return (F.silu(gate) * up).to(x.dtype)
-
-
-@reference("store_kv")
-def store_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-) -> None:
-    """Write this step's keys/values ([T, Hk, D]) into pool slots ([num_slots, Hk, D])."""
-    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 @reference("paged_attention")

@@ -1,5 +1,5 @@
 /* Row-wise kernels of a decoder layer (CPU): RMSNorm with and without the residual
- * add, rotate-half rotary embedding, KV-cache stores and SwiGLU.
+ * add, rotary embedding fused with the KV-cache store, and SwiGLU.
  *
  * Each replaces a chain of small torch ops (5-20 per call) whose per-op overhead
  * dominates a decode step at small batch sizes. Inputs and outputs are float32 or
@@ -93,41 +93,44 @@ void add_rms_norm(const void *x, int x_bf16, const float *residual, const float 
     }
 }
 
-/* out[t, h] = x[t, h] * cos[t] + rotate_half(x[t, h]) * sin[t]; x rows may be strided
- * (views into the fused QKV output), out is contiguous [T, H, D]. */
-void rotary(const void *x, int x_bf16, int64_t x_row_stride, const float *cos, const float *sin, void *out,
-            int out_bf16, int64_t tokens, int heads, int d, int num_threads) {
+/* One head: out = x * cos + rotate_half(x) * sin (x, out float32 or bfloat16). */
+static inline void rotate_head(const void *x, int x_bf16, int64_t x_off, const float *ct, const float *st, void *out,
+                               int out_bf16, int64_t out_off, int d) {
     const int half = d / 2;
-    _Pragma("omp parallel for num_threads(num_threads) if(tokens * heads * d >= PARALLEL_MIN_ELEMENTS)")
-    for (int64_t t = 0; t < tokens; t++) {
-        const float *ct = cos + t * d, *st = sin + t * d;
-        float xh[d], oh[d];
-        for (int h = 0; h < heads; h++) {
-            load(x, x_bf16, t * x_row_stride + (int64_t)h * d, d, xh);
-            _Pragma("omp simd")
-            for (int e = 0; e < half; e++) oh[e] = xh[e] * ct[e] - xh[e + half] * st[e];
-            _Pragma("omp simd")
-            for (int e = half; e < d; e++) oh[e] = xh[e] * ct[e] + xh[e - half] * st[e];
-            store(oh, out, out_bf16, (t * heads + h) * (int64_t)d, d);
-        }
-    }
+    float xh[d], oh[d];
+    load(x, x_bf16, x_off, d, xh);
+    _Pragma("omp simd")
+    for (int e = 0; e < half; e++) oh[e] = xh[e] * ct[e] - xh[e + half] * st[e];
+    _Pragma("omp simd")
+    for (int e = half; e < d; e++) oh[e] = xh[e] * ct[e] + xh[e - half] * st[e];
+    store(oh, out, out_bf16, out_off, d);
 }
 
-/* cache[slots[t]] = x[t] for rows of `width` elements (x rows strided) */
-void store_rows(const void *x, int x_bf16, int64_t x_row_stride, const int64_t *slots, void *cache,
-                int cache_bf16, int64_t tokens, int64_t width, int num_threads) {
-    _Pragma("omp parallel for num_threads(num_threads) if(tokens * width >= PARALLEL_MIN_ELEMENTS)")
+/* The step after the QKV projection, per token: rotate the query heads into q_out
+ * [T, Hq, D]; rotate the key heads straight into their cache slot; copy the values into
+ * theirs. q/k/v are views into the fused QKV output (rows of `row_stride` elements). */
+void rotary_store_kv(const void *q, const void *k, const void *v, int x_bf16, int64_t row_stride, const float *cos,
+                     const float *sin, void *q_out, int q_out_bf16, void *k_cache, void *v_cache, int cache_bf16,
+                     const int64_t *slots, int64_t tokens, int hq, int hk, int d, int num_threads) {
+    const int64_t width = (int64_t)hk * d; /* elements per token in the cache */
+    _Pragma("omp parallel for num_threads(num_threads) if(tokens * (hq + 2 * hk) * d >= PARALLEL_MIN_ELEMENTS)")
     for (int64_t t = 0; t < tokens; t++) {
+        const float *ct = cos + t * d, *st = sin + t * d;
+        for (int h = 0; h < hq; h++)
+            rotate_head(q, x_bf16, t * row_stride + (int64_t)h * d, ct, st, q_out, q_out_bf16, (t * hq + h) * (int64_t)d, d);
+        for (int h = 0; h < hk; h++)
+            rotate_head(k, x_bf16, t * row_stride + (int64_t)h * d, ct, st, k_cache, cache_bf16,
+                        slots[t] * width + (int64_t)h * d, d);
         if (x_bf16 == cache_bf16) {
             const size_t size = x_bf16 ? 2 : 4;
-            memcpy((char *)cache + slots[t] * width * size, (const char *)x + t * x_row_stride * size, size * width);
-            continue;
-        }
-        float buf[CHUNK];
-        for (int64_t c0 = 0; c0 < width; c0 += CHUNK) {
-            const int64_t n = min64(CHUNK, width - c0);
-            load(x, x_bf16, t * x_row_stride + c0, n, buf);
-            store(buf, cache, cache_bf16, slots[t] * width + c0, n);
+            memcpy((char *)v_cache + slots[t] * width * size, (const char *)v + t * row_stride * size, size * width);
+        } else {
+            float buf[CHUNK];
+            for (int64_t c0 = 0; c0 < width; c0 += CHUNK) {
+                const int64_t n = min64(CHUNK, width - c0);
+                load(v, x_bf16, t * row_stride + c0, n, buf);
+                store(buf, v_cache, cache_bf16, slots[t] * width + c0, n);
+            }
         }
     }
 }
