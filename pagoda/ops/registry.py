@@ -92,7 +92,7 @@ def _device_type(args: tuple[Any, ...]) -> str:
     """Device type of the first tensor argument (or of an argument with a `device`, e.g. packed weights)."""
     for a in args:
         if isinstance(a, torch.Tensor):
-            return a.device.type
+            return "cpu" if a.is_cpu else a.device.type  # is_cpu: no device object per call
         device = getattr(a, "device", None)
         if isinstance(device, torch.device):
             return device.type
