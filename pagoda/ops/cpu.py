@@ -129,11 +129,10 @@ def int4_linear_cpu(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = 
     if w.packed is None:
         return DECLINE
     packed, scales_zeros = w.packed
-    x2 = x.reshape(-1, w.in_features).to(torch.bfloat16)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, w.group_size, scales_zeros)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(_bf16_rows(x), packed, w.group_size, scales_zeros)
     if bias is not None:
         y = y + bias.to(y.dtype)
-    return y.reshape(*x.shape[:-1], w.out_features).to(x.dtype)
+    return _like_input(y, x)
 
 
 @register_kernel("linear_prepack", "cpu", priority=10)
@@ -148,10 +147,24 @@ def linear_prepack_onednn(weight: torch.Tensor):
 def packed_linear_onednn(x: torch.Tensor, weight: torch.Tensor, packed, bias: torch.Tensor | None = None):
     if packed is None:
         return DECLINE
-    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
     b = None if bias is None else bias.to(torch.bfloat16)
-    y = torch.ops.mkldnn._linear_pointwise(x2, packed, b, "none", [], "")
-    return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+    y = torch.ops.mkldnn._linear_pointwise(_bf16_rows(x), packed, b, "none", [], "")
+    return _like_input(y, x)
+
+
+def _bf16_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as 2-D bfloat16 rows; models with quantized linears already pass exactly that, and
+    then this costs no op at all (this runs ~120 times per decode step)."""
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
+    return x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
+
+
+def _like_input(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A linear's 2-D bfloat16 output in the input's leading shape and dtype."""
+    if x.dim() != 2:
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 @register_kernel("paged_attention", "cpu", priority=20)
