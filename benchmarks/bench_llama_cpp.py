@@ -1,11 +1,16 @@
-"""Prompt-processing and single-stream generation throughput of llama.cpp (via llama-cpp-python),
+r"""Prompt-processing and single-stream generation throughput of llama.cpp (via llama-cpp-python),
 on the same GGUF file pagoda serves by default, for a side-by-side comparison.
 
     /work/llamacpp-venv/bin/python benchmarks/bench_llama_cpp.py --threads 2 --repeats 3
 
-Run it with an interpreter that has llama-cpp-python installed (it does not import pagoda):
+Run it with an interpreter that has llama-cpp-python installed (it does not import pagoda). It
+builds llama.cpp natively (-march=native); on CPUs with AMX the AMX matmul path segfaults on this
+model (ggml-org/llama.cpp#20824), so build without AMX but otherwise native:
 
-    python3 -m venv /work/llamacpp-venv && /work/llamacpp-venv/bin/pip install llama-cpp-python
+    python3 -m venv /work/llamacpp-venv
+    F="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    CMAKE_ARGS="-DCMAKE_C_FLAGS='$F' -DCMAKE_CXX_FLAGS='$F'" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+        /work/llamacpp-venv/bin/pip install 'llama-cpp-python[server]'
 
 pp512: llm.eval() of a 512-token prompt of random ids (one n_batch=512 decode) after llm.reset();
 tg128: after a 16-token prompt, 128 greedy decode steps, one token at a time (llm.eval([tok]) and
