@@ -34,7 +34,9 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _cpu_signature() -> str:
+@cache
+def cpu_flags() -> str:
+    """The CPU's feature flags (Linux), or the processor name elsewhere."""
     try:
         with open("/proc/cpuinfo") as f:
             return next((line for line in f if line.startswith("flags")), "")
@@ -50,7 +52,7 @@ def library() -> ctypes.CDLL | None:
         log.warning("no C compiler found: CPU C kernels are off (slower attention)")
         return None
     digest = hashlib.sha256()
-    for part in (platform.machine(), _cpu_signature(), " ".join(FLAGS), compiler):
+    for part in (platform.machine(), cpu_flags(), " ".join(FLAGS), compiler):
         digest.update(part.encode())
     for src in SOURCES:
         digest.update(src.read_bytes())

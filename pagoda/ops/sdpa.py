@@ -45,22 +45,24 @@ def paged_attention_sdpa(
 
 def attend_per_sequence(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-    out: torch.Tensor, seqs: Iterable[int],
+    out: torch.Tensor, seqs: Iterable[int], compute_dtype: torch.dtype | None = None,
 ) -> None:
-    """Write the attention of sequences `seqs` into out, one causal SDPA call each."""
+    """Write the attention of sequences `seqs` into out, one causal SDPA call each, computed
+    in compute_dtype (default q's)."""
+    dtype = compute_dtype or q.dtype
     for b in seqs:
         qlen, klen, start = meta.query_lens[b], meta.seq_lens[b], meta.query_starts[b]
         slots = meta.context_slots[b]
-        qb = q[start : start + qlen].transpose(0, 1)[None]
-        kb = _gather(k_cache, slots, q.dtype).transpose(0, 1)[None]
-        vb = _gather(v_cache, slots, q.dtype).transpose(0, 1)[None]
+        qb = q[start : start + qlen].transpose(0, 1)[None].to(dtype)
+        kb = _gather(k_cache, slots, dtype).transpose(0, 1)[None]
+        vb = _gather(v_cache, slots, dtype).transpose(0, 1)[None]
         if qlen == klen:
             ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
         else:
             qpos = torch.arange(klen - qlen, klen, device=q.device)[:, None]
             mask = torch.arange(klen, device=q.device)[None, :] <= qpos
             ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[start : start + qlen] = ob[0].transpose(0, 1)
+        out[start : start + qlen] = ob[0].transpose(0, 1)  # (back) in q's dtype
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
