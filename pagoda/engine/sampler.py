@@ -198,7 +198,7 @@ def _pick_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Ten
     """Argmax for greedy rows; temperature, top-k/top-p/min-p and a draw for the rest."""
     greedy = [row.params.greedy for row in rows]
     if all(greedy):
-        return logits.argmax(dim=-1)
+        return sops.argmax_rows(logits)
     dev = logits.device
     sample_idx = [i for i, g in enumerate(greedy) if not g]
     srows = [rows[i] for i in sample_idx]
@@ -219,7 +219,7 @@ def _pick_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Ten
     sampled = sops.sample_from_probs(probs, _exponential_noise(probs, srows))
     if sample_t is None:
         return sampled
-    tokens = logits.argmax(dim=-1)  # cheap next to the sampling path; then overwrite sampled rows
+    tokens = sops.argmax_rows(logits)  # cheap next to the sampling path; then overwrite sampled rows
     return tokens.index_copy(0, sample_t, sampled)
 
 
