@@ -315,7 +315,8 @@ class Engine:
             )
             for c in (out.chunks[i] for i in rows_idx)
         ]
-        sampled = self.sampler(logits[rows_idx], rows)
+        # all rows complete in a decode step: no copy of the [batch, vocab] logits
+        sampled = self.sampler(logits if len(rows_idx) == len(logits) else logits[rows_idx], rows)
         for j, i in enumerate(rows_idx):
             lp = None
             if rows[j].params.logprobs is not None:
