@@ -24,7 +24,7 @@ from pathlib import Path
 log = logging.getLogger("pagoda.ops")
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 
 
 def cache_dir() -> Path:
