@@ -56,6 +56,11 @@ def add_rms_norm_c(x, residual, weight, eps: float, variant: str = "llama", out_
     return out, summed
 
 
+def _heads_packed(x: torch.Tensor) -> bool:
+    """[T, H, D] with each token's heads side by side (a single head's stride is moot)."""
+    return x.shape[1] == 1 or x.stride(1) == x.shape[2]
+
+
 @register_kernel("rotary_store_kv", "cpu", priority=20)
 def rotary_store_kv_c(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, out_dtype=None):
     """One call per layer: reads q/k/v straight out of the fused QKV output (strided rows)."""
@@ -64,7 +69,7 @@ def rotary_store_kv_c(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, out_dty
     out_dtype = out_dtype or q.dtype
     if (
         lib is None or not _rows(q) or k.dtype != q.dtype or v.dtype != q.dtype or out_dtype not in _BF16
-        or not q.stride(0) == k.stride(0) == v.stride(0) or q.stride(1) != d or k.stride(1) != d or v.stride(1) != d
+        or (t > 1 and not q.stride(0) == k.stride(0) == v.stride(0)) or not all(_heads_packed(x) for x in (q, k, v))
         or k_cache.dtype not in _BF16 or v_cache.dtype != k_cache.dtype
         or not (k_cache.is_contiguous() and v_cache.is_contiguous() and slot_mapping.is_contiguous())
         or not (cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous())

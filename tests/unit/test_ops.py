@@ -60,6 +60,12 @@ def _inputs(name: str):
             q, k, v = qkv.to(src).split([96, 32, 32], dim=-1)
             caches = [torch.zeros(32, 2, 16, dtype=cache) for _ in range(2)]
             cases.append((q.view(7, 6, 16), k.view(7, 2, 16), v.view(7, 2, 16), cos, sin, *caches, slots, out))
+        q, k, v = qkv[:1].split([96, 32, 32], dim=-1)  # one token: views' row strides differ (moot)
+        caches = [torch.zeros(32, 2, 16) for _ in range(2)]
+        cases.append((q.view(1, 6, 16), k.view(1, 2, 16), v.view(1, 2, 16), cos[:1], sin[:1], *caches, slots[:1]))
+        q, k, v = qkv[:, :64].split([32, 16, 16], dim=-1)  # one kv head (MQA)
+        caches = [torch.zeros(32, 1, 16) for _ in range(2)]
+        cases.append((q.view(7, 2, 16), k.view(7, 1, 16), v.view(7, 1, 16), cos, sin, *caches, slots))
         return cases
     if name == "silu_and_mul":
         return [(torch.randn(3, 2 * 40, generator=g) * 4,), (torch.randn(300, 2 * 256, generator=g),),

@@ -1,0 +1,39 @@
+"""The CPU C kernels really serve a model's decode steps: a kernel that silently declines
+(a stride check too strict for one token, say) would pass every parity test and only
+show up as lost speed."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from pagoda import LLM, SamplingParams
+from pagoda.ops import native
+from pagoda.ops.registry import OPS
+
+C_KERNEL_OPS = ("rms_norm", "add_rms_norm", "rotary_store_kv", "paged_attention", "silu_and_mul")
+
+
+@pytest.mark.parametrize("quantization", [None, "bf16", "int4"])
+def test_no_c_kernel_declines_during_decode(tiny_config_path, monkeypatch, quantization) -> None:
+    assert native.library() is not None
+    llm = LLM(model_config=str(tiny_config_path), load_format="dummy", kv_cache_memory=0.01, quantization=quantization)
+    served, declined = collections.Counter(), collections.Counter()
+    for name in C_KERNEL_OPS:
+        op = OPS[name]
+        top = op.chain("cpu")[0]
+
+        def counting(*args, _fn=top, _name=name, **kwargs):
+            out = _fn(*args, **kwargs)
+            (declined if out is NotImplemented else served)[_name] += 1
+            return out
+
+        monkeypatch.setitem(op._chains, "cpu", (counting, *op.chain("cpu")[1:]))
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    llm.generate([[5, 6, 7]], params, use_tqdm=False)  # one sequence: steps of a single token
+    llm.generate([[5, 6, 7], [8, 9], [10, 11, 12, 13]], params, use_tqdm=False)
+    # float32 prefill chunks are left to the portable SDPA kernel on purpose
+    expected_declines = {"paged_attention"} if quantization is None else set()
+    assert set(declined) <= expected_declines, dict(declined)
+    assert set(served) == set(C_KERNEL_OPS)
