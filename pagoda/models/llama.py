@@ -29,6 +29,7 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
         self.scale = cfg.head_dim**-0.5
         self.dtype = dtype  # queries leave the rotary embedding in the model dtype
+        self.out_dtype = quant and quant.activation_dtype  # what o_proj computes on (None: the model dtype)
         self.qkv_proj = make_linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.qkv_bias, dtype, device, quant)
         self.o_proj = make_linear(cfg.q_size, cfg.hidden_size, False, dtype, device, quant)
 
@@ -42,7 +43,7 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv.k[self.layer_id], kv.v[self.layer_id]
         q = ops.rotary_store_kv(q, k, v, *rope, k_cache, v_cache, meta.slot_mapping, self.dtype)
-        out = ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
+        out = ops.paged_attention(q, k_cache, v_cache, meta, self.scale, self.out_dtype)
         return self.o_proj(out.reshape(t, self.q_size))
 
 

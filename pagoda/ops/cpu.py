@@ -173,28 +173,30 @@ def _like_input(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 @register_kernel("paged_attention", "cpu", priority=20)
-def paged_attention_cpu(q, k_cache, v_cache, meta, scale):
+def paged_attention_cpu(q, k_cache, v_cache, meta, scale, out_dtype=None):
     """Decode tokens read their context from the pages in place (C kernel); prefill chunks,
     which are compute-bound, go to torch's flash SDPA one sequence at a time, in bfloat16
     when the cache is bfloat16 and the CPU has AMX (2.7x float32's speed there)."""
     lib = native.library()
     rows = meta.decode_rows
+    out_dtype = out_dtype or q.dtype
     decode_in_c = (
         lib is not None and len(rows) > 0 and q.dtype == torch.float32 and k_cache.dtype in _BF16
-        and q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
+        and out_dtype in _BF16 and q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
     )
     compute = torch.bfloat16 if k_cache.dtype == torch.bfloat16 and _HAS_AMX else q.dtype
     if not decode_in_c and compute == q.dtype:
         return DECLINE  # exactly what the portable SDPA kernel does
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=out_dtype)
     seqs = meta.multi_token_seqs if decode_in_c else range(meta.batch_size)
     if decode_in_c:
         t, hq, d = q.shape
         block_table = meta.block_table
         lib.paged_decode_attention(
             q.data_ptr(), hq * d, k_cache.data_ptr(), v_cache.data_ptr(), _BF16[k_cache.dtype],
-            block_table.data_ptr(), block_table.stride(0), rows.data_ptr(), len(rows), out.data_ptr(), hq * d, hq,
-            k_cache.shape[1], d, meta.page_size, scale, meta.decode_max_len, torch.get_num_threads(),
+            block_table.data_ptr(), block_table.stride(0), rows.data_ptr(), len(rows), out.data_ptr(),
+            _BF16[out_dtype], hq * d, hq, k_cache.shape[1], d, meta.page_size, scale, meta.decode_max_len,
+            torch.get_num_threads(),
         )
     if seqs:
         attend_per_sequence(q, k_cache, v_cache, meta, scale, out, seqs, compute)

@@ -78,8 +78,8 @@ def _compile(compiler: str, target: Path) -> None:
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {  # the C functions and their argument types (see the sources for their meaning)
-    "paged_decode_attention": [_P, _I64, _P, _P, _I32, _P, _I64, _P, _I64, _P, _I64, _I32, _I32, _I32, _I32, _F32,
-                               _I32, _I32],
+    "paged_decode_attention": [_P, _I64, _P, _P, _I32, _P, _I64, _P, _I64, _P, _I32, _I64, _I32, _I32, _I32, _I32,
+                               _F32, _I32, _I32],
     "rms_norm": [_P, _P, _P, _I32, _I64, _I64, _F32, _I32, _I32],
     "add_rms_norm": [_P, _I32, _P, _P, _P, _I32, _P, _I64, _I64, _F32, _I32, _I32],
     "rotary_store_kv": [_P, _P, _P, _I32, _I64, _P, _P, _P, _I32, _P, _P, _I32, _P, _I64, _I32, _I32, _I32, _I32],

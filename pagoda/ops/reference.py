@@ -75,15 +75,16 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 @reference("paged_attention")
 def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Causal grouped-query attention of a ragged batch over its paged context.
 
     q: [T, Hq, D] for the batch's new tokens (already stored in the cache). Query i of
     sequence b sits at position seq_len - query_len + i and sees keys 0..that position.
-    Returns [T, Hq, D].
+    Returns [T, Hq, D] in out_dtype (default q's: the output projection's input dtype).
     """
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[1]
     group = num_heads // num_kv_heads
     for b, (qlen, klen) in enumerate(zip(meta.query_lens, meta.seq_lens)):
@@ -97,7 +98,7 @@ def paged_attention(
         kpos = torch.arange(klen, device=q.device)[None, :]
         scores = scores.masked_fill(kpos > qpos, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        out[start : start + qlen] = torch.matmul(probs, vb).transpose(0, 1).to(q.dtype)
+        out[start : start + qlen] = torch.matmul(probs, vb).transpose(0, 1).to(out.dtype)
     return out
 
 

@@ -24,7 +24,8 @@ def register(device_type: str) -> None:
 
 
 def paged_attention_sdpa(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Decode-only batches: one padded, masked SDPA call over all sequences.
 
@@ -37,8 +38,8 @@ def paged_attention_sdpa(
         v = _gather(v_cache, slots, q.dtype).transpose(1, 2)
         mask = valid[:, None, None, :]  # [B, 1, 1, L]
         out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        return out[:, :, 0, :]
-    out = torch.empty_like(q)
+        return out[:, :, 0, :].to(out_dtype or q.dtype)
+    out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
     attend_per_sequence(q, k_cache, v_cache, meta, scale, out, range(meta.batch_size))
     return out
 
@@ -62,7 +63,7 @@ def attend_per_sequence(
             qpos = torch.arange(klen - qlen, klen, device=q.device)[:, None]
             mask = torch.arange(klen, device=q.device)[None, :] <= qpos
             ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[start : start + qlen] = ob[0].transpose(0, 1)  # (back) in q's dtype
+        out[start : start + qlen] = ob[0].transpose(0, 1)  # in out's dtype
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

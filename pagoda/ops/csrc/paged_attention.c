@@ -162,11 +162,18 @@ static void pick_kernels(int kv_bf16, int g, int d, scores_fn *scores, values_fn
 #endif
 }
 
-/* rows[i] = {token index in q/out, block-table row, context length}; q/out float32. */
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
+    union { float f; uint32_t u; } x = {f};
+    if ((x.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x.u >> 16) | 0x40u); /* quiet NaN */
+    return (uint16_t)((x.u + 0x7fffu + ((x.u >> 16) & 1u)) >> 16);
+}
+
+/* rows[i] = {token index in q/out, block-table row, context length}; q float32, out float32
+ * or (out_bf16) bfloat16, ready for a bf16 output projection. */
 void paged_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
                             int kv_bf16, const int64_t *block_table, int64_t bt_stride, const int64_t *rows,
-                            int64_t n, float *out, int64_t out_stride, int hq, int hk, int d, int page_size,
-                            float scale, int max_len, int num_threads) {
+                            int64_t n, void *out, int out_bf16, int64_t out_stride, int hq, int hk, int d,
+                            int page_size, float scale, int max_len, int num_threads) {
     const int g = hq / hk;
     /* few sequences: one item per kv head, so every thread has work */
     const int heads_per_item = n >= 2 * num_threads ? hk : 1;
@@ -179,6 +186,7 @@ void paged_decode_attention(const float *q, int64_t q_stride, const void *k_cach
     {
         float *probs = malloc(sizeof(float) * (size_t)g * (size_t)max_len);
         int64_t *off = malloc(sizeof(int64_t) * (size_t)max_len);
+        float *acc = malloc(sizeof(float) * (size_t)g * (size_t)d); /* bf16 output: rounded from here */
         _Pragma("omp for schedule(dynamic, 1)")
         for (int64_t item = 0; item < n * items_per_row; item++) {
             const int64_t i = item / items_per_row;
@@ -189,7 +197,8 @@ void paged_decode_attention(const float *q, int64_t q_stride, const void *k_cach
                 for (int u = 0; u < page_size && t < len; u++, t++) off[t] = (pages[p] * page_size + u) * row_stride;
             for (int kh = h0; kh < h0 + heads_per_item; kh++) {
                 const float *qh = q + tok * q_stride + (int64_t)kh * g * d;
-                float *oh = out + tok * out_stride + (int64_t)kh * g * d;
+                const int64_t o = tok * out_stride + (int64_t)kh * g * d;
+                float *oh = out_bf16 ? acc : (float *)out + o;
                 scores_of(qh, k_cache, (int64_t)kh * d, off, len, g, d, scale, probs, max_len);
                 for (int j = 0; j < g; j++) {
                     float *pj = probs + j * max_len, m = -FLT_MAX, sum = 0.f;
@@ -201,9 +210,12 @@ void paged_decode_attention(const float *q, int64_t q_stride, const void *k_cach
                     for (int64_t t = 0; t < len; t++) pj[t] *= inv;
                 }
                 values_of(v_cache, (int64_t)kh * d, off, len, g, d, probs, max_len, oh);
+                if (out_bf16)
+                    for (int e = 0; e < g * d; e++) ((uint16_t *)out)[o + e] = f32_to_bf16(acc[e]);
             }
         }
         free(probs);
         free(off);
+        free(acc);
     }
 }
