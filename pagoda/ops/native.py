@@ -64,7 +64,11 @@ def library() -> ctypes.CDLL | None:
             detail = getattr(exc, "stderr", "") or str(exc)
             log.warning("building the CPU C kernels failed, they are off: %s", detail.strip()[:500])
             return None
-    return _bind(ctypes.CDLL(str(target)))
+    try:
+        return _bind(ctypes.CDLL(str(target)))
+    except (OSError, AttributeError) as exc:  # an unloadable or incomplete cached build
+        log.warning("loading the CPU C kernels from %s failed, they are off: %s", target, exc)
+        return None
 
 
 def _compile(compiler: str, target: Path) -> None:

@@ -174,3 +174,16 @@ def test_jiutian_norm_declined_by_native_kernel() -> None:
 
     x = torch.randn(2, 8)
     assert rms_norm_native(x, torch.ones(8), 1e-6, "jiutian") is ops.DECLINE
+
+
+def test_c_kernels_build_into_a_fresh_cache_and_fail_soft(tmp_path, monkeypatch, caplog) -> None:
+    """A fresh machine compiles them on first use; without a compiler they are off, with a warning."""
+    from pagoda.ops import native
+
+    monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path))
+    lib = native.library.__wrapped__()
+    assert lib is not None and list((tmp_path / "kernels").glob("pagoda_kernels_*.so"))
+    monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path / "other"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert native.library.__wrapped__() is None
+    assert "C kernels failed" in caplog.text
