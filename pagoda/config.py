@@ -14,7 +14,7 @@ from pagoda.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
-QUANTIZATIONS = ("bf16", "int4")
+QUANTIZATIONS = ("auto", "none", "bf16", "int4")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -31,9 +31,11 @@ class EngineConfig:
     device: str = _opt("auto", "auto (MUSA, then CUDA, then CPU), cpu, cuda[:N], musa[:N]")
     load_format: str = _opt("auto", "auto reads the checkpoint; dummy makes random weights", choices=LOAD_FORMATS)
     quantization: str | None = _opt(
-        None,
-        "linear-layer weights: bf16 (bfloat16 matmuls, oneDNN-prepacked on CPU) or int4 (weight-only, "
-        "bfloat16 activations, quantized as weights load); norms, attention and the residual stay in --dtype",
+        "auto",
+        "linear-layer weights: bf16 (bfloat16 matmuls, oneDNN-prepacked on CPU), int4 (weight-only, bfloat16 "
+        "activations, quantized as weights load) or none; auto picks bf16 for a quantized GGUF on CPU with "
+        "--dtype auto (int4 if bf16 would not fit in memory), none otherwise; norms, attention and the residual "
+        "stay in --dtype",
         choices=QUANTIZATIONS,
     )
     int4_group_size: int = _opt(32, "weights per int4 scale: 32 keeps GGUF Q4 blocks exact; 128 saves memory", choices=(32, 64, 128))

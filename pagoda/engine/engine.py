@@ -68,7 +68,7 @@ class Engine:
         self.loaded: LoadedModel = load_model(config, self.platform, show_progress)
         log.info(
             "model: %s, %.2f GiB of weights (%s), loaded in %.1f s",
-            self.loaded.config.architecture, self.loaded.weight_bytes / GiB, config.quantization or self.loaded.dtype,
+            self.loaded.config.architecture, self.loaded.weight_bytes / GiB, self.loaded.quantization or self.loaded.dtype,
             self.loaded.load_seconds,
         )
         self.model_config = self.loaded.config
@@ -157,7 +157,7 @@ class Engine:
     def kv_cache_dtype(self) -> torch.dtype:
         name = self.config.kv_cache_dtype
         if name == "auto":
-            return torch.bfloat16 if self.config.quantization else self.loaded.dtype
+            return torch.bfloat16 if self.loaded.quantization else self.loaded.dtype
         return getattr(torch, name)
 
     # ---- requests --------------------------------------------------------------------

@@ -53,6 +53,14 @@ def test_answers_sensibly(llm: LLM) -> None:
     assert "Paris" in out.text and out.finish_reason == "stop"
 
 
+def test_default_serves_the_q4_gguf_with_bf16_linears_and_answers_sensibly() -> None:
+    default = LLM()  # --quantization auto: bf16 linears, bf16 KV cache; float32 parity is --dtype float32
+    assert default.engine.loaded.quantization == "bf16"
+    assert default.engine.kv_pool.k[0].dtype == torch.bfloat16
+    out = default.chat(CHATS[0], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0].outputs[0]
+    assert "Paris" in out.text and out.finish_reason == "stop"
+
+
 def test_prefill_logits_match_transformers(llm: LLM, hf_model) -> None:
     from tests.model_utils import prefill_logits
 
