@@ -78,6 +78,9 @@ def _compile(compiler: str, target: Path) -> None:
         subprocess.run([compiler, *FLAGS, "-o", str(out), *map(str, SOURCES), "-lm"],
                        check=True, capture_output=True, text=True)
         os.replace(out, target)  # atomic: concurrent processes never load a half-written file
+    for stale in target.parent.glob("pagoda_kernels_*.so"):  # builds of older sources or flags
+        if stale != target:
+            stale.unlink(missing_ok=True)
 
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float

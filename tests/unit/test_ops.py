@@ -177,12 +177,18 @@ def test_jiutian_norm_declined_by_native_kernel() -> None:
 
 
 def test_c_kernels_build_into_a_fresh_cache_and_fail_soft(tmp_path, monkeypatch, caplog) -> None:
-    """A fresh machine compiles them on first use; without a compiler they are off, with a warning."""
+    """A fresh machine compiles them on first use (dropping builds of older sources); without a
+    compiler they are off, with a warning."""
     from pagoda.ops import native
 
     monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path))
+    stale = tmp_path / "kernels" / "pagoda_kernels_0000000000000000.so"
+    stale.parent.mkdir()
+    stale.write_bytes(b"an older build")
     lib = native.library.__wrapped__()
-    assert lib is not None and list((tmp_path / "kernels").glob("pagoda_kernels_*.so"))
+    assert lib is not None
+    assert len(list((tmp_path / "kernels").glob("pagoda_kernels_*.so"))) == 1
+    assert not stale.exists()  # replaced, not left to pile up
     monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path / "other"))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     assert native.library.__wrapped__() is None
