@@ -23,7 +23,9 @@ from pathlib import Path
 
 log = logging.getLogger("pagoda.ops")
 
-SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = sorted(CSRC.glob("*.c"))
+HEADERS = sorted(CSRC.glob("*.h"))  # not compiled on their own, but part of what a build is made of
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 
 
@@ -54,7 +56,7 @@ def library() -> ctypes.CDLL | None:
     digest = hashlib.sha256()
     for part in (platform.machine(), cpu_flags(), " ".join(FLAGS), compiler):
         digest.update(part.encode())
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         digest.update(src.read_bytes())
     target = cache_dir() / f"pagoda_kernels_{digest.hexdigest()[:16]}.so"
     if not target.exists():

@@ -14,20 +14,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define PARALLEL_MIN_ELEMENTS 65536
 #define CHUNK 512 /* elements converted to float32 at a time */
-
-static inline float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } x;
-    x.u = (uint32_t)h << 16;
-    return x.f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
-    union { float f; uint32_t u; } x = {f};
-    if ((x.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x.u >> 16) | 0x40u); /* quiet NaN */
-    return (uint16_t)((x.u + 0x7fffu + ((x.u >> 16) & 1u)) >> 16);
-}
 
 /* dst[0:n] = float32 of src[off:off+n] (src float32 or bfloat16) */
 static inline void load(const void *src, int bf16, int64_t off, int64_t n, float *dst) {

@@ -19,18 +19,14 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "bf16.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
 #define MAX_GROUP 8 /* query heads per kv head kept in registers (wider groups: plain loops) */
 #define PREFETCH 16  /* tokens ahead: a context's rows are scattered over pages */
-
-static inline float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } x;
-    x.u = (uint32_t)h << 16;
-    return x.f;
-}
 
 /* ---- portable float32 loops (any head_dim, any CPU) ------------------------------- */
 
@@ -160,12 +156,6 @@ static void pick_kernels(int kv_bf16, int g, int d, scores_fn *scores, values_fn
 #ifdef __AVX512BF16__
     if (kv_bf16 && g <= MAX_GROUP && d % 32 == 0 && d <= 128) *scores = scores_dot_bf16;
 #endif
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
-    union { float f; uint32_t u; } x = {f};
-    if ((x.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x.u >> 16) | 0x40u); /* quiet NaN */
-    return (uint16_t)((x.u + 0x7fffu + ((x.u >> 16) & 1u)) >> 16);
 }
 
 /* rows[i] = {token index in q/out, block-table row, context length}; q float32, out float32
