@@ -15,6 +15,7 @@ from pagoda.errors import ConfigError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
 QUANTIZATIONS = ("auto", "none", "bf16", "int4")
+INT4_GROUP_SIZES = (32, 64, 128)
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -38,13 +39,13 @@ class EngineConfig:
         "stay in --dtype",
         choices=QUANTIZATIONS,
     )
-    int4_group_size: int = _opt(32, "weights per int4 scale: 32 keeps GGUF Q4 blocks exact; 128 saves memory", choices=(32, 64, 128))
+    int4_group_size: int = _opt(32, "weights per int4 scale: 32 keeps GGUF Q4 blocks exact; 128 saves memory", choices=INT4_GROUP_SIZES)
     seed: int = _opt(0, "seed for dummy weights and requests without their own seed")
     context_length: int | None = _opt(None, "maximum tokens per sequence (default: the model's)")
     rope_scaling: str | None = _opt(None, 'JSON rope scaling override, e.g. {"rope_type":"yarn","factor":4}')
     kv_cache_memory: float | None = _opt(None, "GiB of KV cache (default: sized from free memory)")
     kv_cache_dtype: str = _opt(
-        "auto", "KV-cache storage dtype; auto is bfloat16 with --quantization (half the bytes attention "
+        "auto", "KV-cache storage dtype; auto is bfloat16 with bf16 or int4 linears (half the bytes attention "
         "reads), else the compute dtype; attention math stays float32", choices=DTYPES,
     )
     page_size: int = _opt(16, "tokens per KV-cache page")
@@ -69,7 +70,7 @@ class EngineConfig:
             raise ConfigError(f"load_format must be one of {', '.join(LOAD_FORMATS)} (got {self.load_format!r})")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (got {self.quantization!r})")
-        if self.int4_group_size not in (32, 64, 128):
+        if self.int4_group_size not in INT4_GROUP_SIZES:
             raise ConfigError(f"int4_group_size must be 32, 64 or 128 (got {self.int4_group_size})")
         if self.chunked_prefill_size < 0:
             raise ConfigError(f"chunked_prefill_size must be >= 0 (got {self.chunked_prefill_size})")

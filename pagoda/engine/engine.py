@@ -27,7 +27,7 @@ from pagoda.engine.sampler import Sampler, SamplingRow, compute_logprobs, make_g
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from pagoda.errors import ConfigError, InvalidRequestError
-from pagoda.models.loader import LoadedModel, load_model
+from pagoda.models.loader import LoadedModel, load_model, resolve_dtype
 from pagoda.platforms import get_platform
 from pagoda.tokenizer import IncrementalDetokenizer, load_tokenizer
 
@@ -158,7 +158,7 @@ class Engine:
         name = self.config.kv_cache_dtype
         if name == "auto":
             return torch.bfloat16 if self.loaded.quantization else self.loaded.dtype
-        return getattr(torch, name)
+        return resolve_dtype(name, self.platform)
 
     # ---- requests --------------------------------------------------------------------
 

@@ -190,7 +190,7 @@ def paged_attention_cpu(q, k_cache, v_cache, meta, scale, out_dtype=None):
     out = torch.empty(q.shape, dtype=out_dtype)
     seqs = meta.multi_token_seqs if decode_in_c else range(meta.batch_size)
     if decode_in_c:
-        t, hq, d = q.shape
+        _, hq, d = q.shape
         block_table = meta.block_table
         lib.paged_decode_attention(
             q.data_ptr(), hq * d, k_cache.data_ptr(), v_cache.data_ptr(), _BF16[k_cache.dtype],
