@@ -63,6 +63,12 @@ def _inputs(name: str):
         q, k, v = qkv[:1].split([96, 32, 32], dim=-1)  # one token: views' row strides differ (moot)
         caches = [torch.zeros(32, 2, 16) for _ in range(2)]
         cases.append((q.view(1, 6, 16), k.view(1, 2, 16), v.view(1, 2, 16), cos[:1], sin[:1], *caches, slots[:1]))
+        qkv64 = torch.randn(7, (6 + 2 + 2) * 64, generator=g).to(bf16)  # head_dim 64: whole 16-wide vectors
+        q, k, v = qkv64.split([384, 128, 128], dim=-1)
+        angles64 = pos[:, None] * (10000.0 ** (-torch.arange(32) / 32))[None, :]
+        cos64, sin64 = torch.cat((angles64.cos(), angles64.cos()), -1), torch.cat((angles64.sin(), angles64.sin()), -1)
+        caches = [torch.zeros(32, 2, 64, dtype=bf16) for _ in range(2)]
+        cases.append((q.view(7, 6, 64), k.view(7, 2, 64), v.view(7, 2, 64), cos64, sin64, *caches, slots, torch.float32))
         q, k, v = qkv[:, :64].split([32, 16, 16], dim=-1)  # one kv head (MQA)
         caches = [torch.zeros(32, 1, 16) for _ in range(2)]
         cases.append((q.view(7, 2, 16), k.view(7, 1, 16), v.view(7, 1, 16), cos, sin, *caches, slots))

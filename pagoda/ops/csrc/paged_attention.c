@@ -25,14 +25,15 @@
 #include <immintrin.h>
 #endif
 
-#define MAX_GROUP 8 /* query heads per kv head kept in registers (wider groups: plain loops) */
+#define MAX_GROUP 8 /* query heads per kv head whose value sums stay in registers (wider groups: plain loops) */
 #define PREFETCH 16  /* tokens ahead: a context's rows are scattered over pages */
 
 /* ---- portable float32 loops (any head_dim, any CPU) ------------------------------- */
 
 #define DEFINE_PLAIN(SUFFIX, KV_T, LOAD)                                                       \
 static void scores_plain_##SUFFIX(const float *q, const void *k_, int64_t h, const int64_t *off, \
-                                  int64_t len, int g, int d, float scale, float *scores, int64_t stride) { \
+                                  int64_t len, int g, int d, float scale, float *scores, int64_t stride, int pf) { \
+    (void)pf;                                                                                  \
     const KV_T *k = (const KV_T *)k_ + h;                                                      \
     for (int j = 0; j < g; j++)                                                                \
         for (int64_t t = 0; t < len; t++) {                                                    \
@@ -44,7 +45,8 @@ static void scores_plain_##SUFFIX(const float *q, const void *k_, int64_t h, con
         }                                                                                      \
 }                                                                                              \
 static void values_plain_##SUFFIX(const void *v_, int64_t h, const int64_t *off, int64_t len, \
-                                  int g, int d, const float *probs, int64_t stride, float *out) { \
+                                  int g, int d, const float *probs, int64_t stride, float *out, int pf) { \
+    (void)pf;                                                                                  \
     const KV_T *v = (const KV_T *)v_ + h;                                                      \
     memset(out, 0, sizeof(float) * (size_t)g * (size_t)d);                                     \
     for (int64_t t = 0; t < len; t++) {                                                        \
@@ -73,35 +75,72 @@ static inline void prefetch_row(const void *p, size_t bytes) {
     for (size_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)p + b, _MM_HINT_T0);
 }
 
-/* Each key row is loaded once and dotted with every query head of the group. */
-#define DEFINE_SCORES_VEC(SUFFIX, KV_T)                                                        \
-static void scores_vec_##SUFFIX(const float *q, const void *k_, int64_t h, const int64_t *off, \
-                                int64_t len, int g, int d, float scale, float *scores, int64_t stride) { \
-    const KV_T *k = (const KV_T *)k_ + h;                                                        \
-    for (int64_t t = 0; t < len; t++) {                                                        \
-        const KV_T *kr = k + off[t];                                                           \
-        if (t + PREFETCH < len) prefetch_row(k + off[t + PREFETCH], d * sizeof(KV_T));                      \
-        __m512 acc[MAX_GROUP];                                                                 \
-        for (int j = 0; j < MAX_GROUP; j++) acc[j] = _mm512_setzero_ps();                      \
-        for (int c = 0; c < d; c += 16) {                                                      \
-            const __m512 kv = load16_##SUFFIX(kr + c);                                         \
-            for (int j = 0; j < MAX_GROUP; j++)                                                \
-                if (j < g) acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + j * d + c), kv, acc[j]); \
-        }                                                                                      \
-        for (int j = 0; j < g; j++) scores[j * stride + t] = _mm512_reduce_add_ps(acc[j]) * scale; \
-    }                                                                                          \
+/* Lane i of the result is the sum of a[i]'s lanes: 16 horizontal sums in 30 shuffles and
+ * adds instead of 16 separate reductions (which dominated the score loop). */
+static inline __m512 reduce16(const __m512 a[16]) {
+    __m512 b[8], c[4], e[2];
+    for (int i = 0; i < 8; i++) /* halves of 2 rows side by side: [a0 lo+hi | a1 lo+hi] */
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++) /* one 128-bit quarter per row */
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++) /* two lanes per row */
+        e[i] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0xEE));
+    const __m512 f = _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88), _mm512_shuffle_ps(e[0], e[1], 0xDD));
+    /* lane 4k + m of f holds row 4m + k */
+    const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    return _mm512_permutexvar_ps(order, f);
 }
+
+/* Scores of one query head against 16 keys at a time (fewer at the end): a partial dot
+ * product per key row, then one reduce16. DOT(acc, query part c, key row, c) adds one
+ * 16- or 32-wide slice. The first head of a group prefetches the rows ahead. */
+#define DEFINE_SCORES(NAME, KV_T, Q_T, QPREP, DOT, STEP)                                       \
+static inline __attribute__((always_inline)) void NAME##_d(const float *q, const void *k_, int64_t h,      \
+        const int64_t *off, int64_t len, int g, const int d, float scale, float *scores, int64_t stride, int pf) { \
+    const KV_T *k = (const KV_T *)k_ + h;                                                      \
+    const __m512 sc = _mm512_set1_ps(scale);                                                   \
+    for (int j = 0; j < g; j++) {                                                              \
+        Q_T qv[128 / STEP]; /* head_dim <= 128 */                                              \
+        for (int c = 0; c < d; c += STEP) qv[c / STEP] = QPREP(q + j * d + c);                  \
+        float *sj = scores + j * stride;                                                       \
+        for (int64_t t = 0; t < len; t += 16) {                                                \
+            const int n = len - t < 16 ? (int)(len - t) : 16;                                 \
+            __m512 acc[16];                                                                    \
+            for (int u = 0; u < 16; u++) {                                                     \
+                acc[u] = _mm512_setzero_ps();                                                  \
+                if (u >= n) continue;                                                          \
+                const KV_T *kr = k + off[t + u];                                               \
+                if (j == 0 && pf && t + 16 + u < len) prefetch_row(k + off[t + 16 + u], pf * sizeof(KV_T)); \
+                for (int c = 0; c < d; c += STEP) acc[u] = DOT(acc[u], qv[c / STEP], kr, c);   \
+            }                                                                                  \
+            _mm512_mask_storeu_ps(sj + t, (__mmask16)((1u << n) - 1), _mm512_mul_ps(reduce16(acc), sc)); \
+        }                                                                                      \
+    }                                                                                          \
+}                                                                                              \
+static void NAME(const float *q, const void *k_, int64_t h, const int64_t *off, int64_t len, int g, int d, \
+                 float scale, float *scores, int64_t stride, int pf) { /* head_dim 64 unrolled */ \
+    if (d == 64) NAME##_d(q, k_, h, off, len, g, 64, scale, scores, stride, pf);               \
+    else NAME##_d(q, k_, h, off, len, g, d, scale, scores, stride, pf);                        \
+}
+#define QPREP_F32(p) _mm512_loadu_ps(p)
+#define DOT_F32(a, qc, kr, c) _mm512_fmadd_ps(qc, load16_f32((kr) + (c)), a)
+#define DOT_BF16_FMA(a, qc, kr, c) _mm512_fmadd_ps(qc, load16_bf16((kr) + (c)), a)
+DEFINE_SCORES(scores_vec_f32, float, __m512, QPREP_F32, DOT_F32, 16)
+DEFINE_SCORES(scores_vec_bf16, uint16_t, __m512, QPREP_F32, DOT_BF16_FMA, 16)
 
 /* out[j] = sum_t p_j[t] v[t], 16 columns at a time with the group's sums in registers. */
 #define DEFINE_VALUES_VEC(SUFFIX, KV_T)                                                        \
 static void values_vec_##SUFFIX(const void *v_, int64_t h, const int64_t *off, int64_t len, \
-                                int g, int d, const float *probs, int64_t stride, float *out) { \
+                                int g, int d, const float *probs, int64_t stride, float *out, int pf) { \
     const KV_T *v = (const KV_T *)v_ + h;                                                        \
     for (int c = 0; c < d; c += 16) {                                                          \
         __m512 acc[MAX_GROUP];                                                                 \
         for (int j = 0; j < MAX_GROUP; j++) acc[j] = _mm512_setzero_ps();                      \
         for (int64_t t = 0; t < len; t++) {                                                    \
-            if (c == 0 && t + PREFETCH < len) prefetch_row(v + off[t + PREFETCH], d * sizeof(KV_T));        \
+            if (c == 0 && pf && t + PREFETCH < len) prefetch_row(v + off[t + PREFETCH], pf * sizeof(KV_T));        \
             const __m512 vv = load16_##SUFFIX(v + off[t] + c);                                 \
             for (int j = 0; j < MAX_GROUP; j++)                                                \
                 if (j < g) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(probs[j * stride + t]), vv, acc[j]); \
@@ -109,52 +148,34 @@ static void values_vec_##SUFFIX(const void *v_, int64_t h, const int64_t *off, i
         for (int j = 0; j < g; j++) _mm512_storeu_ps(out + j * d + c, acc[j]);                 \
     }                                                                                          \
 }
-DEFINE_SCORES_VEC(f32, float)
-DEFINE_SCORES_VEC(bf16, uint16_t)
 DEFINE_VALUES_VEC(f32, float)
 DEFINE_VALUES_VEC(bf16, uint16_t)
 #endif
 
 #ifdef __AVX512BF16__
-/* bf16 keys: 32 products per instruction against the group's queries rounded to bf16. */
-static void scores_dot_bf16(const float *q, const void *k_, int64_t h, const int64_t *off, int64_t len,
-                            int g, int d, float scale, float *scores, int64_t stride) {
-    const uint16_t *k = (const uint16_t *)k_ + h;
-    __m512bh qb[MAX_GROUP * 4]; /* head_dim <= 128 */
-    for (int j = 0; j < g; j++)
-        for (int c = 0; c < d; c += 32)
-            qb[j * 4 + c / 32] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + j * d + c + 16), _mm512_loadu_ps(q + j * d + c));
-    for (int64_t t = 0; t < len; t++) {
-        const uint16_t *kr = k + off[t];
-        if (t + PREFETCH < len) prefetch_row(k + off[t + PREFETCH], d * sizeof(uint16_t));
-        __m512 acc[MAX_GROUP];
-        for (int j = 0; j < MAX_GROUP; j++) acc[j] = _mm512_setzero_ps();
-        for (int c = 0; c < d; c += 32) {
-            const __m512bh kv = (__m512bh)_mm512_loadu_si512((const void *)(kr + c));
-            for (int j = 0; j < MAX_GROUP; j++)
-                if (j < g) acc[j] = _mm512_dpbf16_ps(acc[j], qb[j * 4 + c / 32], kv);
-        }
-        for (int j = 0; j < g; j++) scores[j * stride + t] = _mm512_reduce_add_ps(acc[j]) * scale;
-    }
-}
+/* bf16 keys: 32 products per instruction against the query rounded to bf16 once. */
+#define QPREP_BF16(p) _mm512_cvtne2ps_pbh(_mm512_loadu_ps((p) + 16), _mm512_loadu_ps(p))
+#define DOT_BF16(a, qc, kr, c) _mm512_dpbf16_ps(a, qc, (__m512bh)_mm512_loadu_si512((const void *)((kr) + (c))))
+DEFINE_SCORES(scores_dot_bf16, uint16_t, __m512bh, QPREP_BF16, DOT_BF16, 32)
 #endif
 
 /* (q, cache, head offset, row offsets, len, group, head_dim, scale, out, stride) */
+/* ..., pf: elements of each context row to prefetch from this head on (0: none, the rows
+ * are in cache already because an earlier head of the same work item fetched them) */
 typedef void (*scores_fn)(const float *, const void *, int64_t, const int64_t *, int64_t, int, int, float, float *,
-                          int64_t);
-typedef void (*values_fn)(const void *, int64_t, const int64_t *, int64_t, int, int, const float *, int64_t, float *);
+                          int64_t, int);
+typedef void (*values_fn)(const void *, int64_t, const int64_t *, int64_t, int, int, const float *, int64_t, float *,
+                          int);
 
 static void pick_kernels(int kv_bf16, int g, int d, scores_fn *scores, values_fn *values) {
     *scores = kv_bf16 ? scores_plain_bf16 : scores_plain_f32;
     *values = kv_bf16 ? values_plain_bf16 : values_plain_f32;
 #ifdef __AVX512F__
-    if (g <= MAX_GROUP && d % 16 == 0) {
-        *scores = kv_bf16 ? scores_vec_bf16 : scores_vec_f32;
-        *values = kv_bf16 ? values_vec_bf16 : values_vec_f32;
-    }
+    if (d % 16 == 0 && d <= 128) *scores = kv_bf16 ? scores_vec_bf16 : scores_vec_f32;
+    if (g <= MAX_GROUP && d % 16 == 0) *values = kv_bf16 ? values_vec_bf16 : values_vec_f32;
 #endif
 #ifdef __AVX512BF16__
-    if (kv_bf16 && g <= MAX_GROUP && d % 32 == 0 && d <= 128) *scores = scores_dot_bf16;
+    if (kv_bf16 && d % 32 == 0 && d <= 128) *scores = scores_dot_bf16;
 #endif
 }
 
@@ -189,7 +210,8 @@ void paged_decode_attention(const float *q, int64_t q_stride, const void *k_cach
                 const float *qh = q + tok * q_stride + (int64_t)kh * g * d;
                 const int64_t o = tok * out_stride + (int64_t)kh * g * d;
                 float *oh = out_bf16 ? acc : (float *)out + o;
-                scores_of(qh, k_cache, (int64_t)kh * d, off, len, g, d, scale, probs, max_len);
+                const int pf = kh == h0 ? heads_per_item * d : 0; /* the item's whole rows, once */
+                scores_of(qh, k_cache, (int64_t)kh * d, off, len, g, d, scale, probs, max_len, pf);
                 for (int j = 0; j < g; j++) {
                     float *pj = probs + j * max_len, m = -FLT_MAX, sum = 0.f;
                     for (int64_t t = 0; t < len; t++) m = pj[t] > m ? pj[t] : m;
@@ -199,7 +221,7 @@ void paged_decode_attention(const float *q, int64_t q_stride, const void *k_cach
                     _Pragma("omp simd")
                     for (int64_t t = 0; t < len; t++) pj[t] *= inv;
                 }
-                values_of(v_cache, (int64_t)kh * d, off, len, g, d, probs, max_len, oh);
+                values_of(v_cache, (int64_t)kh * d, off, len, g, d, probs, max_len, oh, pf);
                 if (out_bf16)
                     for (int e = 0; e < g * d; e++) ((uint16_t *)out)[o + e] = f32_to_bf16(acc[e]);
             }
