@@ -33,8 +33,8 @@ class EngineConfig:
     load_format: str = _opt("auto", "auto reads the checkpoint; dummy makes random weights", choices=LOAD_FORMATS)
     quantization: str | None = _opt(
         "auto",
-        "linear-layer weights: bf16 (bfloat16 matmuls, oneDNN-prepacked on CPU), int4 (weight-only, bfloat16 "
-        "activations, quantized as weights load) or none; auto picks bf16 for a quantized GGUF on CPU with "
+        "linear-layer weights: bf16 (bfloat16 matmuls, oneDNN-prepacked on CPU), int4 (weight-only in GGUF "
+        "Q4_1's form, exact for Q4_1 files, quantized as weights load) or none; auto picks bf16 for a quantized GGUF on CPU with "
         "--dtype auto (int4 if bf16 would not fit in memory), none otherwise; norms, attention and the residual "
         "stay in --dtype",
         choices=QUANTIZATIONS,

@@ -20,9 +20,11 @@ class LinearFormat:
     group_size: int = 32  # int4: GGUF Q4 blocks are 32 wide, so 32 re-quantizes them near-losslessly
 
     @property
-    def activation_dtype(self) -> torch.dtype:
-        """What these linears compute on: inputs arriving in it need no conversion."""
-        return torch.bfloat16
+    def activation_dtype(self) -> torch.dtype | None:
+        """What these linears compute on (inputs arriving in it need no conversion); None:
+        the model's own dtype. bf16 matmuls take bfloat16; int4's CPU kernel takes float32
+        as it is, at no cost (it is bound by reading weights), and so stays closest to float32."""
+        return torch.bfloat16 if self.kind == "bf16" else None
 
 
 def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:

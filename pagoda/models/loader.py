@@ -155,7 +155,7 @@ def _bytes_per_weight(fmt: LinearFormat | None, dtype: torch.dtype) -> float:
         return dtype.itemsize
     if fmt.kind == "bf16":
         return 2.0
-    return 0.5 + 4 / fmt.group_size  # nibbles, plus a bf16 scale and zero per group
+    return 0.5 + 4 / fmt.group_size  # nibbles, plus a float16 scale and min per group
 
 
 def estimate_weight_bytes(cfg: ModelConfig, dtype: torch.dtype, fmt: LinearFormat | None) -> int:

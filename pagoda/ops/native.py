@@ -93,11 +93,14 @@ SIGNATURES = {  # the C functions and their argument types (see the sources for 
     "add_rms_norm": [_P, _I32, _P, _P, _P, _I32, _P, _I64, _I64, _F32, _I32, _I32],
     "rotary_store_kv": [_P, _P, _P, _I32, _I64, _P, _P, _P, _I32, _P, _P, _I32, _P, _I64, _I32, _I32, _I32, _I32],
     "silu_and_mul": [_P, _I32, _P, _I32, _I64, _I64, _I32],
+    "int4_matmul": [_P, _P, _P, _P, _I32, _P, _I32, _I64, _I64, _I64, _I32],
+    "int4_matmul_available": [],
 }
+RESTYPES = {"int4_matmul_available": ctypes.c_int}
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
+        fn.argtypes, fn.restype = argtypes, RESTYPES.get(name)
     return lib

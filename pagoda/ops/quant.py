@@ -2,10 +2,9 @@
 
 Canonical format (any device): per output row, groups of `group_size` input weights;
 ``q`` in 0..15 packed two per byte (low nibble = even column) into ``qweight``
-[N, K/2] uint8, and w = (q - 8) * scale + zero with ``scales`` / ``zeros`` [N, K/g]
-in bfloat16 (the precision the fast CPU kernel keeps). GGUF Q4_1 blocks (w = d*q + m)
-map onto it as scale = d, zero = m + 8d. Activations are rounded to bfloat16, as the
-fast kernels compute.
+[N, K/2] uint8, and w = q * scale + min with ``scales`` / ``mins`` [N, K/g] in
+float16: GGUF Q4_1's own form (w = d*q + m, d and m float16), so its blocks load
+exactly. Activations are used in their own dtype (float32 or bfloat16).
 
 ``int4_prepack`` turns canonical weights into a platform kernel's layout once, after
 loading; the reference tier keeps them canonical.
@@ -28,8 +27,8 @@ class Int4Weight:
     in_features: int
     group_size: int
     qweight: torch.Tensor | None  # [N, K/2] uint8, canonical (None once a kernel packed it)
-    scales: torch.Tensor | None  # [N, K/g] bfloat16 (None once packed)
-    zeros: torch.Tensor | None  # [N, K/g] bfloat16 (None once packed)
+    scales: torch.Tensor | None  # [N, K/g] float16 (None once packed)
+    mins: torch.Tensor | None  # [N, K/g] float16 (None once packed)
     packed: Any = None  # a platform kernel's own layout, set by int4_prepack
     device: torch.device = torch.device("cpu")
 
@@ -39,35 +38,35 @@ class Int4Weight:
         return cls(
             out_features, in_features, group_size,
             torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device),
-            torch.zeros(out_features, groups, dtype=torch.bfloat16, device=device),
-            torch.zeros(out_features, groups, dtype=torch.bfloat16, device=device),
+            torch.zeros(out_features, groups, dtype=torch.float16, device=device),
+            torch.zeros(out_features, groups, dtype=torch.float16, device=device),
             device=device,
         )
 
     def nbytes(self) -> int:
-        """Nibbles plus a bf16 scale and zero per group (the same in every layout)."""
+        """Nibbles plus two 16-bit numbers per group (scale and min, in every layout)."""
         return self.out_features * self.in_features // 2 + 4 * self.out_features * (self.in_features // self.group_size)
 
     def load_rows(self, row0: int, w: torch.Tensor) -> None:
         """Quantize float rows w [n, K] into rows row0.. (rows are independent, so fused
         projections load their parts one HF tensor at a time)."""
-        q, scales, zeros = quantize_int4(w, self.group_size)
+        q, scales, mins = quantize_int4(w, self.group_size)
         rows = slice(row0, row0 + w.shape[0])
         self.qweight[rows] = pack_nibbles(q)
         self.scales[rows] = scales
-        self.zeros[rows] = zeros
+        self.mins[rows] = mins
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric min/max quantization per group: returns q [N, K] uint8, scales, zeros [N, K/g] bf16."""
+    """Asymmetric min/max quantization per group, as GGUF's Q4_1 does (so its dequantized
+    blocks come back exactly): returns q [N, K] uint8, scales, mins [N, K/g] float16."""
     n, k = w.shape
     g = w.float().reshape(n, k // group_size, group_size)
     lo, hi = g.amin(-1), g.amax(-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-10).to(torch.bfloat16)
-    zero = (lo + 8 * scale.float()).to(torch.bfloat16)
-    base = zero.float() - 8 * scale.float()  # what q = 0 stands for, after bf16 rounding
-    q = ((g - base[..., None]) / scale.float()[..., None]).round().clamp(0, 15).to(torch.uint8).reshape(n, k)
-    return q, scale, zero
+    scale, low = ((hi - lo) / 15).half(), lo.half()
+    step = scale.float()[..., None]  # q against the rounded scale and min: what is stored is what counts
+    q = torch.where(step > 0, (g - low.float()[..., None]) / step.clamp(min=2.0**-24), 0)
+    return q.round().clamp(0, 15).to(torch.uint8).reshape(n, k), scale, low
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -84,16 +83,16 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 def dequantize_int4(w: Int4Weight) -> torch.Tensor:
     """The float32 weight [N, K] the canonical format stands for."""
     q = unpack_nibbles(w.qweight).float().reshape(w.out_features, -1, w.group_size)
-    deq = (q - 8) * w.scales.float()[..., None] + w.zeros.float()[..., None]
+    deq = q * w.scales.float()[..., None] + w.mins.float()[..., None]
     return deq.reshape(w.out_features, w.in_features)
 
 
 @reference("int4_linear")
 def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = bf16(x) @ dequant(w)^T (+ bias), accumulated in float32, returned in x's dtype."""
+    """y = x @ dequant(w)^T (+ bias), accumulated in float32, returned in x's dtype."""
     if w.qweight is None:
         raise RuntimeError("int4 weight was packed for a kernel that declined this input")
-    y = F.linear(x.to(torch.bfloat16).float(), dequantize_int4(w))
+    y = F.linear(x.float(), dequantize_int4(w))
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)

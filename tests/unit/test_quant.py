@@ -24,32 +24,51 @@ def test_quantization_error_is_within_half_a_step() -> None:
     deq = dequantize_int4(q)
     step = (w.reshape(64, -1, 32).amax(-1) - w.reshape(64, -1, 32).amin(-1)) / 15
     err = (deq - w).abs().reshape(64, -1, 32).amax(-1)
-    assert (err <= step * 0.5 + step * 0.02 + 1e-6).all()  # + bf16 rounding of scale and zero
+    assert (err <= step * 0.5 + step * 0.02 + 1e-6).all()  # + float16 rounding of scale and min
 
 
 def test_gguf_q4_1_style_weights_are_exact() -> None:
-    """Values d*q + m (q in 0..15, every level used) survive exactly when d, m are bf16-exact."""
+    """Values d*q + m (q in 0..15, every level used) survive exactly when d, m are float16-exact."""
     d = torch.tensor([[2.0**-6], [2.0**-5]])
     m = torch.tensor([[-0.125], [-0.25]])
     q = torch.arange(32).remainder(16).float().repeat(2, 1)
     w = d * q + m
-    qw, scales, zeros = quantize_int4(w, 32)
-    packed = Int4Weight(2, 32, 32, qweight=ops.quant.pack_nibbles(qw), scales=scales, zeros=zeros)
+    qw, scales, mins = quantize_int4(w, 32)
+    packed = Int4Weight(2, 32, 32, qweight=ops.quant.pack_nibbles(qw), scales=scales, mins=mins)
     assert torch.equal(dequantize_int4(packed), w)
 
 
-def test_cpu_kernel_matches_reference() -> None:
-    for batch in (1, 5, 33):
-        w, q = _weight(seed=batch)
-        g = torch.Generator().manual_seed(100 + batch)
-        x, bias = torch.randn(batch, 128, generator=g), torch.randn(64, generator=g)
-        ref = int4_linear.reference(x, q, bias)
-        packed = ops.int4_prepack(q)
-        assert packed.packed is not None and packed.qweight is None  # the CPU kernel took it
-        got = ops.int4_linear(x, packed, bias)
-        torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)  # both bf16 inputs, fp32 sums
-        # per-weight error ~U(+-0.0075) over 128 inputs: std ~0.05, so 0.3 is a 6-sigma bound
-        assert (got - x @ w.t() - bias).abs().max() < 0.3
+def test_cpu_kernels_match_reference() -> None:
+    from pagoda.ops.cpu import Int4Tiles, TorchInt4, int4_linear_c, int4_linear_cpu, int4_prepack_c, int4_prepack_cpu
+
+    for prepack, linear, layout, tol in ((int4_prepack_c, int4_linear_c, Int4Tiles, 1e-4),
+                                         (int4_prepack_cpu, int4_linear_cpu, TorchInt4, 2e-2)):  # bf16 scales
+        for batch in (1, 5, 33):
+            w, q = _weight(seed=batch)
+            g = torch.Generator().manual_seed(100 + batch)
+            x, bias = torch.randn(batch, 128, generator=g), torch.randn(64, generator=g)
+            ref = int4_linear.reference(x, q, bias)
+            packed = prepack(q)
+            assert isinstance(packed.packed, layout) and packed.qweight is None  # the CPU kernel took it
+            got = linear(x, packed, bias)
+            torch.testing.assert_close(got, ref, rtol=tol, atol=tol)  # both bf16 inputs, fp32 sums
+            # per-weight error ~U(+-0.0075) over 128 inputs: std ~0.05, so 0.3 is a 6-sigma bound
+            assert (got - x @ w.t() - bias).abs().max() < 0.3
+            got_bf16 = linear(x.bfloat16(), packed, bias)
+            assert got_bf16.dtype == torch.bfloat16
+            torch.testing.assert_close(got_bf16.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_c_kernel_serves_by_default_and_a_row_does_not_depend_on_its_batch() -> None:
+    from pagoda.ops.cpu import Int4Tiles
+
+    _, q = _weight(n=48, k=96)
+    packed = ops.int4_prepack(q)
+    assert isinstance(packed.packed, Int4Tiles)
+    x = torch.randn(19, 96)
+    batched = ops.int4_linear(x, packed)
+    for i in (0, 7, 18):  # eight-row passes, then a remainder: the same sums in the same order
+        assert torch.equal(ops.int4_linear(x[i : i + 1], packed), batched[i : i + 1])
 
 
 def test_prepack_declines_unaligned_rows_and_reference_serves() -> None:
@@ -95,8 +114,14 @@ def test_bf16_prepacked_linear_matches_reference() -> None:
 
 
 def test_prepack_in_row_blocks_equals_whole_matrix_conversion() -> None:
+    from pagoda.ops.cpu import int4_prepack_c, int4_prepack_cpu
     from pagoda.ops.quant import unpack_nibbles
 
     w, q = _weight(n=4096 + 32, k=64)
     whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(q.qweight).to(torch.int32), 1)
-    assert torch.equal(ops.int4_prepack(q).packed[0], whole)
+    assert torch.equal(int4_prepack_cpu(q).packed.packed, whole)
+    _, q = _weight(n=4096 + 32, k=64)
+    n, k = q.out_features, q.in_features
+    tiles = int4_prepack_c(q).packed.nibbles  # [N/16, K/32, 16 pairs, 16 outputs]: low nibble = even input
+    qs = unpack_nibbles(_weight(n=4096 + 32, k=64)[1].qweight).view(n // 16, 16, k // 32, 16, 2)
+    assert torch.equal(tiles & 0xF, qs[..., 0].permute(0, 2, 3, 1)) and torch.equal(tiles >> 4, qs[..., 1].permute(0, 2, 3, 1))
