@@ -78,8 +78,19 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> T
     token_lp = logprobs.gather(1, token_ids.to(logits.device).long()[:, None]).squeeze(1)
     k = min(k, logprobs.shape[-1])
     if k > 0:
-        top = logprobs.topk(k, dim=-1, sorted=True)
-        return TokenLogprobs(token_lp, top.indices, top.values)
+        # topk lists equal values in no set order; bfloat16 logits tie often. Equal logprobs
+        # go lowest token id first, as the greedy pick (the first maximum) does.
+        n = min(k + 8, logprobs.shape[-1])
+        top = logprobs.topk(n, dim=-1, sorted=True)
+        by_id = top.indices.argsort(dim=-1)
+        ids, vals = top.indices.gather(1, by_id), top.values.gather(1, by_id)
+        ranked = (-vals).argsort(dim=-1, stable=True)[:, :k]
+        ids, vals = ids.gather(1, ranked), vals.gather(1, ranked)
+        wide = (top.values[:, n - 1] == top.values[:, k - 1]).nonzero().flatten()  # a tie may go past n
+        if n < logprobs.shape[-1] and len(wide):
+            full = logprobs[wide].sort(dim=-1, descending=True, stable=True)
+            ids[wide], vals[wide] = full.indices[:, :k], full.values[:, :k]
+        return TokenLogprobs(token_lp, ids, vals)
     empty = logprobs.new_empty(logprobs.shape[0], 0)
     return TokenLogprobs(token_lp, empty.long(), empty)
 

@@ -306,6 +306,18 @@ def test_compute_logprobs_for_prompt() -> None:
     assert compute_logprobs(logits, prompt_next, 0).top_ids.shape == (7, 0)
 
 
+def test_tied_logprobs_list_the_greedy_pick_first() -> None:
+    """bfloat16 logits tie often: the top list must start with the token greedy picks."""
+    logits = torch.zeros(3, 200)
+    ties = [[150, 7, 42, 199], [3, 2, 1, 0], list(range(100, 120))]
+    for row, ids in enumerate(ties):
+        logits[row, ids] = 5.0
+    greedy = ops.sampling.argmax_rows(logits)
+    lp = compute_logprobs(logits, greedy, 3)
+    assert lp.top_ids[:, 0].tolist() == greedy.tolist() == [7, 0, 100]
+    assert lp.top_ids.tolist() == [[7, 42, 150], [0, 1, 2], [100, 101, 102]]
+
+
 def test_skips_unneeded_stages_and_leaves_input_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*_: Any) -> None:
         raise AssertionError("stage should have been skipped")
