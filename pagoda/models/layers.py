@@ -14,7 +14,8 @@ from pagoda.errors import ConfigError
 
 @dataclass(frozen=True)
 class LinearFormat:
-    """How linear-layer weights are stored: "bf16" or "int4" (with its group size)."""
+    """How linear-layer weights are stored: "bf16", "int4" or "int8" (with a group size;
+    int8 serves output heads beside int4 layers)."""
 
     kind: str
     group_size: int = 32  # int4: GGUF Q4 blocks are 32 wide, so 32 re-quantizes them near-losslessly
@@ -25,6 +26,12 @@ class LinearFormat:
         the model's own dtype. bf16 matmuls take bfloat16; int4's CPU kernel takes float32
         as it is, at no cost (it is bound by reading weights), and so stays closest to float32."""
         return torch.bfloat16 if self.kind == "bf16" else None
+
+    def for_output_head(self) -> "LinearFormat":
+        """The output head is the matmul most sensitive to rounding (a 4-bit head costs 35x
+        the KL divergence on SmolLM2): 8-bit beside int4 layers (GGUF files keep their own
+        head at Q8_0 or better), bfloat16 beside bfloat16."""
+        return LinearFormat("int8") if self.kind == "int4" else LinearFormat("bf16")
 
 
 def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -51,8 +58,13 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-class Int4Linear(Linear):
-    """Weight-only int4 linear (asymmetric, per group of inputs), bfloat16 activations inside."""
+class QuantizedLinear(Linear):
+    """Weight-only quantized linear: canonical weights (ops.quant) fill in row by row as they
+    load, then a kernel repacks them once; activations stay in the model's dtype."""
+
+    kind = ""
+    weight_type: type = object
+    matmul = prepack = None  # the ops
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device,
@@ -60,19 +72,31 @@ class Int4Linear(Linear):
     ):
         nn.Module.__init__(self)
         if in_features % group_size:
-            raise ConfigError(f"int4 group size {group_size} does not divide the layer's {in_features} inputs")
+            raise ConfigError(f"{self.kind} group size {group_size} does not divide the layer's {in_features} inputs")
         self.in_features, self.out_features = in_features, out_features
-        self.qweight = ops.Int4Weight.empty(out_features, in_features, group_size, device)
+        self.qweight = self.weight_type.empty(out_features, in_features, group_size, device)
         self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
 
     def load_rows(self, row0: int, w: torch.Tensor) -> None:
         self.qweight.load_rows(row0, w)
 
     def finalize(self) -> None:
-        self.qweight = ops.int4_prepack(self.qweight)
+        self.qweight = self.prepack(self.qweight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.int4_linear(x, self.qweight, self.bias)
+        return self.matmul(x, self.qweight, self.bias)
+
+
+class Int4Linear(QuantizedLinear):
+    """Asymmetric 4-bit, per group of inputs (GGUF Q4_1's form)."""
+
+    kind, weight_type, matmul, prepack = "int4", ops.Int4Weight, ops.int4_linear, ops.int4_prepack
+
+
+class Int8Linear(QuantizedLinear):
+    """Symmetric 8-bit, per group of 32 inputs (GGUF Q8_0's form)."""
+
+    kind, weight_type, matmul, prepack = "int8", ops.Int8Weight, ops.int8_linear, ops.int8_prepack
 
 
 class BF16Linear(Linear):
@@ -99,6 +123,8 @@ def make_linear(
         return BF16Linear(in_features, out_features, bias, dtype, device)
     if fmt.kind == "int4":
         return Int4Linear(in_features, out_features, bias, dtype, device, fmt.group_size)
+    if fmt.kind == "int8":
+        return Int8Linear(in_features, out_features, bias, dtype, device, fmt.group_size)
     raise ConfigError(f"unknown linear format {fmt.kind!r}")
 
 

@@ -88,12 +88,12 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, dtype, device, quantization) for i in range(cfg.num_hidden_layers)
         )
-        head_format = (LinearFormat("bf16") if quantization else None) if cfg.tie_word_embeddings else quantization
+        head_format = quantization and quantization.for_output_head()
         self.norm = RMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_variant, dtype, device, head_format and head_format.activation_dtype
         )
-        # A tied head reuses the embedding, except with quantized linears: then it gets a bf16
-        # copy (the vocabulary projection is too sensitive for int4, and float32 is slow).
+        # A tied head reuses the embedding, except with quantized linears: then it gets a copy
+        # in the head's format (float32 would be slow).
         self.lm_head = (
             None if cfg.tie_word_embeddings and not quantization
             else make_linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device, head_format)

@@ -155,6 +155,8 @@ def _bytes_per_weight(fmt: LinearFormat | None, dtype: torch.dtype) -> float:
         return dtype.itemsize
     if fmt.kind == "bf16":
         return 2.0
+    if fmt.kind == "int8":
+        return 1 + 2 / fmt.group_size  # a byte, plus a float16 scale per group
     return 0.5 + 4 / fmt.group_size  # nibbles, plus a float16 scale and min per group
 
 
@@ -165,10 +167,9 @@ def estimate_weight_bytes(cfg: ModelConfig, dtype: torch.dtype, fmt: LinearForma
     elem = dtype.itemsize
     small = cfg.num_hidden_layers * (2 * h + (cfg.q_size + 2 * cfg.kv_size if cfg.qkv_bias else 0)) + h
     total = cfg.num_hidden_layers * per_layer * _bytes_per_weight(fmt, dtype) + (v * h + small) * elem
-    if not cfg.tie_word_embeddings:
-        total += v * h * _bytes_per_weight(fmt, dtype)
-    elif fmt is not None:
-        total += v * h * 2  # the bf16 copy of a tied head
+    head = fmt and fmt.for_output_head()
+    if not cfg.tie_word_embeddings or head is not None:  # an untied head, or a tied one's copy
+        total += v * h * _bytes_per_weight(head, dtype)
     return int(total)
 
 

@@ -14,7 +14,7 @@ from pagoda.ops.reference import (
     rotary_store_kv,
     silu_and_mul,
 )
-from pagoda.ops.quant import Int4Weight, int4_linear, int4_prepack
+from pagoda.ops.quant import Int4Weight, Int8Weight, int4_linear, int4_prepack, int8_linear, int8_prepack
 from pagoda.ops.registry import DECLINE, OPS, kernels_of, register_kernel
 from pagoda.ops.sampling import apply_penalties, apply_token_bias, apply_top_k_top_p_min_p, sample_from_probs, token_bin_counts
 
@@ -22,6 +22,7 @@ __all__ = [
     "AttentionMetadata",
     "DECLINE",
     "Int4Weight",
+    "Int8Weight",
     "OPS",
     "add_rms_norm",
     "apply_penalties",
@@ -29,6 +30,8 @@ __all__ = [
     "apply_top_k_top_p_min_p",
     "int4_linear",
     "int4_prepack",
+    "int8_linear",
+    "int8_prepack",
     "kernels_of",
     "linear_prepack",
     "packed_linear",

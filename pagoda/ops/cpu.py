@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pagoda.ops import native
-from pagoda.ops.quant import Int4Weight, unpack_nibbles
+from pagoda.ops.quant import Int4Weight, Int8Weight, unpack_nibbles
 from pagoda.ops.registry import DECLINE, register_kernel
 from pagoda.ops.sdpa import attend_per_sequence
 
@@ -115,7 +115,7 @@ def add_rms_norm_native(x, residual, weight, eps: float, variant: str = "llama",
 
 
 class Int4Tiles(NamedTuple):
-    """The C kernel's layout (see csrc/int4_matmul.c): nibble pairs per 16-output tile, and
+    """The C kernel's layout (see csrc/quant_matmul.c): nibble pairs per 16-output tile, and
     float16 scales and mins per tile and group (the canonical values, unchanged)."""
 
     nibbles: torch.Tensor  # [N/16, K/32, 16, 16] uint8
@@ -134,19 +134,15 @@ class TorchInt4(NamedTuple):
 def int4_prepack_c(w: Int4Weight):
     """The C kernel's tiles: exact Q4_1 values, and faster than torch's kernel at every
     batch size it was measured at (1-64 rows); frees the canonical copy."""
-    lib = native.library()
-    if (
-        lib is None or not lib.int4_matmul_available() or w.qweight is None or w.out_features % 16
-        or w.group_size != 32 or w.in_features % 32
-    ):
+    if not _fits_c_tiles(w):
         return DECLINE
     n, k = w.out_features, w.in_features
     nibbles = torch.empty(n // 16, k // 32, 16, 16, dtype=torch.uint8)
     for row0 in range(0, n, 4096):  # row blocks: one byte per weight unpacked at a time, not the whole head
         q = unpack_nibbles(w.qweight[row0 : row0 + 4096]).view(-1, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4)
         nibbles[row0 // 16 : (row0 + q.shape[0] * 16) // 16] = q[..., 0] | (q[..., 1] << 4)
-    tiles = [t.view(n // 16, 16, k // 32).permute(0, 2, 1).contiguous() for t in (w.scales, w.mins)]
-    w.packed, w.qweight, w.scales, w.mins = Int4Tiles(nibbles, *tiles), None, None, None
+    w.packed = Int4Tiles(nibbles, _tiled_groups(w.scales), _tiled_groups(w.mins))
+    w.qweight, w.scales, w.mins = None, None, None
     return w
 
 
@@ -154,13 +150,55 @@ def int4_prepack_c(w: Int4Weight):
 def int4_linear_c(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None):
     if not isinstance(w.packed, Int4Tiles) or x.dtype not in _BF16:
         return DECLINE
+    return _quant_matmul(native.library().int4_matmul, w.packed, x, w, bias)
+
+
+class Int8Tiles(NamedTuple):
+    """The C kernel's int8 layout: [N/16, K/32, 32 inputs, 16 outputs] int8 and float16
+    scales [N/16, K/32, 16]."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+
+
+@register_kernel("int8_prepack", "cpu", priority=20)
+def int8_prepack_c(w: Int8Weight):
+    if not _fits_c_tiles(w):
+        return DECLINE
+    n, k = w.out_features, w.in_features
+    values = w.qweight.view(n // 16, 16, k // 32, 32).permute(0, 2, 3, 1).contiguous()
+    w.packed, w.qweight, w.scales = Int8Tiles(values, _tiled_groups(w.scales)), None, None
+    return w
+
+
+@register_kernel("int8_linear", "cpu", priority=20)
+def int8_linear_c(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None):
+    if not isinstance(w.packed, Int8Tiles) or x.dtype not in _BF16:
+        return DECLINE
+    return _quant_matmul(native.library().int8_matmul, w.packed, x, w, bias)
+
+
+def _fits_c_tiles(w: Int4Weight | Int8Weight) -> bool:
+    """Canonical weights the C quantized matmuls take: 16-output tiles, groups of 32, AVX-512."""
     lib = native.library()
+    return (
+        lib is not None and bool(lib.quant_matmul_available()) and w.qweight is not None
+        and w.out_features % 16 == 0 and w.group_size == 32 and w.in_features % 32 == 0
+    )
+
+
+def _tiled_groups(per_group: torch.Tensor) -> torch.Tensor:
+    """[N, K/32] per-group numbers as [N/16, K/32, 16]: a tile's sixteen outputs side by side."""
+    n, groups = per_group.shape
+    return per_group.view(n // 16, 16, groups).permute(0, 2, 1).contiguous()
+
+
+def _quant_matmul(c_fn, tiles: tuple[torch.Tensor, ...], x: torch.Tensor, w, bias: torch.Tensor | None):
+    """y = x W^T (+ bias) through a C quantized matmul, in x's dtype and leading shape."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.empty(x2.shape[0], w.out_features, dtype=x.dtype)
-    tiles = w.packed
-    lib.int4_matmul(tiles.nibbles.data_ptr(), tiles.scales.data_ptr(), tiles.mins.data_ptr(), x2.data_ptr(),
-                    _BF16[x.dtype], y.data_ptr(), _BF16[y.dtype], x2.shape[0], w.out_features, w.in_features,
-                    torch.get_num_threads())
+    c_fn(*(t.data_ptr() for t in tiles), x2.data_ptr(), _BF16[x.dtype], y.data_ptr(), _BF16[y.dtype], x2.shape[0],
+         w.out_features, w.in_features, torch.get_num_threads())
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], w.out_features)

@@ -94,9 +94,10 @@ SIGNATURES = {  # the C functions and their argument types (see the sources for 
     "rotary_store_kv": [_P, _P, _P, _I32, _I64, _P, _P, _P, _I32, _P, _P, _I32, _P, _I64, _I32, _I32, _I32, _I32],
     "silu_and_mul": [_P, _I32, _P, _I32, _I64, _I64, _I32],
     "int4_matmul": [_P, _P, _P, _P, _I32, _P, _I32, _I64, _I64, _I64, _I32],
-    "int4_matmul_available": [],
+    "int8_matmul": [_P, _P, _P, _I32, _P, _I32, _I64, _I64, _I64, _I32],
+    "quant_matmul_available": [],
 }
-RESTYPES = {"int4_matmul_available": ctypes.c_int}
+RESTYPES = {"quant_matmul_available": ctypes.c_int}
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:

@@ -1,4 +1,4 @@
-"""Weight-only int4 quantization: the canonical format, its reference matmul and prepack.
+"""Weight-only int4 and int8 quantization: canonical formats, reference matmuls, prepack.
 
 Canonical format (any device): per output row, groups of `group_size` input weights;
 ``q`` in 0..15 packed two per byte (low nibble = even column) into ``qweight``
@@ -6,8 +6,11 @@ Canonical format (any device): per output row, groups of `group_size` input weig
 float16: GGUF Q4_1's own form (w = d*q + m, d and m float16), so its blocks load
 exactly. Activations are used in their own dtype (float32 or bfloat16).
 
-``int4_prepack`` turns canonical weights into a platform kernel's layout once, after
-loading; the reference tier keeps them canonical.
+int8 (for output heads next to int4 layers) is GGUF Q8_0's form: w = q * scale with q in
+-127..127 int8 [N, K] and ``scales`` [N, K/g] float16.
+
+``int4_prepack`` / ``int8_prepack`` turn canonical weights into a platform kernel's
+layout once, after loading; the reference tier keeps them canonical.
 """
 
 from __future__ import annotations
@@ -90,9 +93,13 @@ def dequantize_int4(w: Int4Weight) -> torch.Tensor:
 @reference("int4_linear")
 def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ dequant(w)^T (+ bias), accumulated in float32, returned in x's dtype."""
+    return _dequantized_linear(x, w, dequantize_int4, bias)
+
+
+def _dequantized_linear(x: torch.Tensor, w: Any, dequantize, bias: torch.Tensor | None) -> torch.Tensor:
     if w.qweight is None:
-        raise RuntimeError("int4 weight was packed for a kernel that declined this input")
-    y = F.linear(x.float(), dequantize_int4(w))
+        raise RuntimeError("quantized weight was packed for a kernel that declined this input")
+    y = F.linear(x.float(), dequantize(w))
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
@@ -101,4 +108,59 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None
 @reference("int4_prepack")
 def int4_prepack(w: Int4Weight) -> Int4Weight:
     """Convert canonical weights to the fastest kernel's layout; the reference keeps them."""
+    return w
+
+
+@dataclass
+class Int8Weight:
+    out_features: int
+    in_features: int
+    group_size: int
+    qweight: torch.Tensor | None  # [N, K] int8, canonical (None once a kernel packed it)
+    scales: torch.Tensor | None  # [N, K/g] float16 (None once packed)
+    packed: Any = None  # a platform kernel's own layout, set by int8_prepack
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, group_size: int, device: torch.device) -> "Int8Weight":
+        return cls(
+            out_features, in_features, group_size,
+            torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
+            torch.zeros(out_features, in_features // group_size, dtype=torch.float16, device=device),
+            device=device,
+        )
+
+    def nbytes(self) -> int:
+        return self.out_features * self.in_features + 2 * self.out_features * (self.in_features // self.group_size)
+
+    def load_rows(self, row0: int, w: torch.Tensor) -> None:
+        q, scales = quantize_int8(w, self.group_size)
+        self.qweight[row0 : row0 + w.shape[0]] = q
+        self.scales[row0 : row0 + w.shape[0]] = scales
+
+
+def quantize_int8(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax quantization per group, as GGUF's Q8_0 does (its dequantized blocks
+    come back exactly): returns q [N, K] int8 and scales [N, K/g] float16."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group_size, group_size)
+    scale = (g.abs().amax(-1) / 127).half()
+    step = scale.float()[..., None]
+    q = torch.where(step > 0, g / step.clamp(min=2.0**-24), 0)
+    return q.round().clamp(-127, 127).to(torch.int8).reshape(n, k), scale
+
+
+def dequantize_int8(w: Int8Weight) -> torch.Tensor:
+    q = w.qweight.float().reshape(w.out_features, -1, w.group_size)
+    return (q * w.scales.float()[..., None]).reshape(w.out_features, w.in_features)
+
+
+@reference("int8_linear")
+def int8_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ dequant(w)^T (+ bias), accumulated in float32, returned in x's dtype."""
+    return _dequantized_linear(x, w, dequantize_int8, bias)
+
+
+@reference("int8_prepack")
+def int8_prepack(w: Int8Weight) -> Int8Weight:
     return w

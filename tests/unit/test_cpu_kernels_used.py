@@ -20,7 +20,7 @@ def test_no_c_kernel_declines_during_decode(tiny_config_path, monkeypatch, quant
     assert native.library() is not None
     llm = LLM(model_config=str(tiny_config_path), load_format="dummy", kv_cache_memory=0.01, quantization=quantization)
     served, declined = collections.Counter(), collections.Counter()
-    c_ops = C_KERNEL_OPS + (("int4_linear",) if quantization == "int4" else ())
+    c_ops = C_KERNEL_OPS + (("int4_linear", "int8_linear") if quantization == "int4" else ())
     for name in c_ops:
         op = OPS[name]
         top = op.chain("cpu")[0]

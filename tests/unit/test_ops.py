@@ -144,7 +144,7 @@ def test_c_decode_attention_is_built_and_used() -> None:
 def test_every_cpu_kernel_is_exercised() -> None:
     """Guards the table above: a new CPU kernel must come with inputs here."""
     covered_here = {"rms_norm", "add_rms_norm", "paged_attention", "rotary_store_kv", "silu_and_mul"}
-    covered_in_test_quant = {"int4_prepack", "int4_linear", "linear_prepack", "packed_linear"}
+    covered_in_test_quant = {"int4_prepack", "int4_linear", "int8_prepack", "int8_linear", "linear_prepack", "packed_linear"}
     assert {name for name, _ in KERNELS} <= covered_here | covered_in_test_quant
 
 

@@ -1,11 +1,12 @@
-"""Weight-only int4: the canonical format round-trips, kernels match the reference, models load."""
+"""Weight-only int4 and int8: the canonical formats round-trip, kernels match the reference,
+models load."""
 
 from __future__ import annotations
 
 import torch
 
 from pagoda import ops
-from pagoda.ops.quant import Int4Weight, dequantize_int4, int4_linear, quantize_int4
+from pagoda.ops.quant import Int4Weight, Int8Weight, dequantize_int4, dequantize_int8, int4_linear, int8_linear, quantize_int4
 from pagoda.platforms import get_platform
 
 get_platform("cpu")
@@ -125,3 +126,48 @@ def test_prepack_in_row_blocks_equals_whole_matrix_conversion() -> None:
     tiles = int4_prepack_c(q).packed.nibbles  # [N/16, K/32, 16 pairs, 16 outputs]: low nibble = even input
     qs = unpack_nibbles(_weight(n=4096 + 32, k=64)[1].qweight).view(n // 16, 16, k // 32, 16, 2)
     assert torch.equal(tiles & 0xF, qs[..., 0].permute(0, 2, 3, 1)) and torch.equal(tiles >> 4, qs[..., 1].permute(0, 2, 3, 1))
+
+
+def _int8_weight(n: int = 64, k: int = 128, seed: int = 0) -> tuple[torch.Tensor, Int8Weight]:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+    q = Int8Weight.empty(n, k, 32, torch.device("cpu"))
+    q.load_rows(0, w[:16])
+    q.load_rows(16, w[16:])
+    return w, q
+
+
+def test_gguf_q8_0_style_weights_are_exact_in_int8() -> None:
+    d = torch.tensor([[2.0**-9], [3.0 * 2.0**-11]])
+    q = (torch.arange(32) * 8 - 127).clamp(-127, 127).float().repeat(2, 1)  # the extremes used, as Q8_0 does
+    w = d * q
+    q8 = Int8Weight.empty(2, 32, 32, torch.device("cpu"))
+    q8.load_rows(0, w)
+    assert torch.equal(dequantize_int8(q8), w)
+    w, q8 = _int8_weight()
+    step = w.reshape(64, -1, 32).abs().amax(-1) / 127
+    assert ((dequantize_int8(q8) - w).abs().reshape(64, -1, 32).amax(-1) <= step * 0.51 + 1e-6).all()
+
+
+def test_int8_c_kernel_matches_reference_and_rows_do_not_depend_on_their_batch() -> None:
+    from pagoda.ops.cpu import Int8Tiles
+
+    for batch in (1, 5, 33):
+        w, q = _int8_weight(seed=batch)
+        g = torch.Generator().manual_seed(100 + batch)
+        x, bias = torch.randn(batch, 128, generator=g), torch.randn(64, generator=g)
+        ref = int8_linear.reference(x, q, bias)
+        packed = ops.int8_prepack(q)
+        assert isinstance(packed.packed, Int8Tiles) and packed.qweight is None
+        got = ops.int8_linear(x, packed, bias)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        assert ops.int8_linear(x.bfloat16(), packed, bias).dtype == torch.bfloat16
+        for i in (0, batch - 1):
+            assert torch.equal(ops.int8_linear(x[i : i + 1], packed, bias), got[i : i + 1])
+
+
+def test_int4_models_get_an_int8_output_head(tiny_config_path) -> None:
+    from pagoda import LLM
+    from pagoda.models.layers import Int8Linear
+
+    llm = LLM(model_config=str(tiny_config_path), load_format="dummy", kv_cache_memory=0.01, quantization="int4")
+    assert isinstance(llm.engine.runner.model.lm_head, Int8Linear)

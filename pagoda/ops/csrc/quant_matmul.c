@@ -1,0 +1,158 @@
+/* Weight-only int4 and int8 matmuls (CPU, AVX-512): y = x W^T with W stored as GGUF
+ * Q4_1 and Q8_0 do, kept exact: per group of 32 inputs, w = d * q + m with q in 0..15
+ * (int4), or w = d * q with q in -127..127 (int8); d and m float16.
+ *
+ * Why not torch's int4 kernel: it keeps scale and zero in bfloat16 (every Q4_1 block is
+ * slightly off) and its cost grows fast with the number of rows. Here the sixteen outputs
+ * of a tile are one vector: per pair of inputs, sixteen bytes of nibbles become two
+ * float32 weight vectors that are FMA'd against up to eight activation rows at once
+ * (broadcast), so no horizontal sums are needed and the weights are unpacked once per
+ * eight rows. Per group, sum(q x) is scaled by d and m * sum(x) added. Each output is
+ * summed in one fixed order whatever the batch, so a row's result does not depend on
+ * the rows beside it. About 1.4x torch's speed for one row and 1.8x bfloat16 oneDNN at
+ * eight (measured on the default model's layers); past ~16 rows, bfloat16 with AMX is
+ * faster.
+ *
+ * Layout (made by pagoda/ops/cpu.py): int4 qp [N/16][K/32][16 pairs][16 outputs] bytes
+ * with input 2p in the low nibble and 2p+1 in the high one; int8 qp [N/16][K/32][32
+ * inputs][16 outputs]; d and m [N/16][K/32][16] float16. x [M, K] float32 or bfloat16, used as it is (float32
+ * activations cost nothing extra: the weights are what is read); y [M, N] float32 or
+ * bfloat16.
+ *
+ * Built by pagoda/ops/native.py with -O3 -march=native -fopenmp; called through ctypes.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "bf16.h"
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define ROWS 8      /* activation rows per pass over a tile's weights */
+#define GROUP 32    /* inputs per scale */
+#define PREFETCH 8  /* groups ahead */
+
+int quant_matmul_available(void) {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#ifdef __AVX512F__
+/* out rows r0.. r0+rn of tile t (16 outputs); xf float32 rows, xs per-group sums of x
+ * (int4's min term); bits 4 or 8 */
+static inline __attribute__((always_inline)) void tile_rows(
+        const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const float *xf, const float *xs,
+        void *out, int out_bf16, int64_t t, int64_t r0, int64_t n, int64_t k, const int rn, const int bits) {
+    const int64_t groups = k / GROUP, group_bytes = GROUP * 16 * bits / 8;
+    const uint8_t *qt = qp + t * groups * group_bytes;
+    const __m512i low = _mm512_set1_epi32(0xF);
+    __m512 acc[ROWS];
+    for (int r = 0; r < rn; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *qg = qt + g * group_bytes;
+        for (int l = 0; l < group_bytes; l += 64) _mm_prefetch((const char *)(qg + PREFETCH * group_bytes + l), _MM_HINT_T0);
+        __m512 even[ROWS], odd[ROWS]; /* two chains per row: half the FMA latency in the way */
+        for (int r = 0; r < rn; r++) even[r] = odd[r] = _mm512_setzero_ps();
+        const float *xg = xf + r0 * k + g * GROUP;
+        for (int p = 0; p < GROUP / 2; p++) {
+            __m512 w0, w1; /* inputs 2p and 2p+1 for the tile's 16 outputs */
+            if (bits == 4) {
+                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qg + p * 16)));
+                w0 = _mm512_cvtepi32_ps(_mm512_and_si512(b, low));
+                w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+            } else {
+                w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + p * 32))));
+                w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + p * 32 + 16))));
+            }
+            for (int r = 0; r < rn; r++) {
+                even[r] = _mm512_fmadd_ps(w0, _mm512_set1_ps(xg[r * k + 2 * p]), even[r]);
+                odd[r] = _mm512_fmadd_ps(w1, _mm512_set1_ps(xg[r * k + 2 * p + 1]), odd[r]);
+            }
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d16 + (t * groups + g) * 16)));
+        for (int r = 0; r < rn; r++) acc[r] = _mm512_fmadd_ps(_mm512_add_ps(even[r], odd[r]), d, acc[r]);
+        if (bits == 4) {
+            const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m16 + (t * groups + g) * 16)));
+            for (int r = 0; r < rn; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xs[(r0 + r) * groups + g]), m, acc[r]);
+        }
+    }
+    for (int r = 0; r < rn; r++) {
+        const int64_t o = (r0 + r) * n + t * 16;
+        if (!out_bf16) {
+            _mm512_storeu_ps((float *)out + o, acc[r]);
+            continue;
+        }
+        float y[16];
+        _mm512_storeu_ps(y, acc[r]);
+        for (int j = 0; j < 16; j++) ((uint16_t *)out)[o + j] = f32_to_bf16(y[j]);
+    }
+}
+
+/* The row count and width as constants, so a pass's sums live in registers. */
+#define TILE(RN) tile_rows(qp, d16, m16, xf, xs, out, out_bf16, t, r0, n, k, RN, BITS)
+#define DEFINE_MATMUL(NAME, BITS_)                                                              \
+static void NAME##_tiles(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const float *xf,     \
+                         const float *xs, void *out, int out_bf16, int64_t rows, int64_t n, int64_t k,     \
+                         int num_threads) {                                                                \
+    enum { BITS = BITS_ };                                                                                 \
+    _Pragma("omp parallel for num_threads(num_threads) schedule(static)")                                  \
+    for (int64_t t = 0; t < n / 16; t++)                                                                   \
+        for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {                                                      \
+            switch (rows - r0 < ROWS ? rows - r0 : ROWS) {                                                 \
+            case 1: TILE(1); break;                                                                        \
+            case 2: TILE(2); break;                                                                        \
+            case 3: TILE(3); break;                                                                        \
+            case 4: TILE(4); break;                                                                        \
+            case 5: TILE(5); break;                                                                        \
+            case 6: TILE(6); break;                                                                        \
+            case 7: TILE(7); break;                                                                        \
+            default: TILE(8); break;                                                                       \
+            }                                                                                              \
+        }                                                                                                  \
+}
+DEFINE_MATMUL(int4, 4)
+DEFINE_MATMUL(int8, 8)
+
+/* x as float32 rows (what the FMAs broadcast from), and with sums per group for int4 */
+static float *float_rows(const void *x, int x_bf16, int64_t rows, int64_t k, int sums) {
+    const int64_t groups = k / GROUP;
+    float *xf = malloc(sizeof(float) * (size_t)(rows * k + (sums ? rows * groups : 0)));
+    for (int64_t i = 0; i < rows * k; i++)
+        xf[i] = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+    for (int64_t i = 0; sums && i < rows * groups; i++) {
+        float s = 0.f;
+        for (int j = 0; j < GROUP; j++) s += xf[i * GROUP + j];
+        xf[rows * k + i] = s;
+    }
+    return xf;
+}
+#endif
+
+/* y [M, N] = x [M, K] W^T; N a multiple of 16, K of 32. */
+void int4_matmul(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const void *x, int x_bf16, void *out,
+                 int out_bf16, int64_t rows, int64_t n, int64_t k, int num_threads) {
+#ifdef __AVX512F__
+    float *xf = float_rows(x, x_bf16, rows, k, 1);
+    int4_tiles(qp, d16, m16, xf, xf + rows * k, out, out_bf16, rows, n, k, num_threads);
+    free(xf);
+#else
+    (void)qp, (void)d16, (void)m16, (void)x, (void)x_bf16, (void)out, (void)out_bf16, (void)rows, (void)n, (void)k,
+        (void)num_threads;
+#endif
+}
+
+void int8_matmul(const int8_t *qp, const uint16_t *d16, const void *x, int x_bf16, void *out, int out_bf16,
+                 int64_t rows, int64_t n, int64_t k, int num_threads) {
+#ifdef __AVX512F__
+    float *xf = float_rows(x, x_bf16, rows, k, 0);
+    int8_tiles((const uint8_t *)qp, d16, NULL, xf, NULL, out, out_bf16, rows, n, k, num_threads);
+    free(xf);
+#else
+    (void)qp, (void)d16, (void)x, (void)x_bf16, (void)out, (void)out_bf16, (void)rows, (void)n, (void)k,
+        (void)num_threads;
+#endif
+}
