@@ -7,13 +7,13 @@ serves them.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from pagoda.ops import native
-from pagoda.ops.quant import Int4Weight, Int8Weight, unpack_nibbles
+from pagoda.ops.quant import Int4Weight, Int8Weight, dequantize_int8, unpack_nibbles
 from pagoda.ops.registry import DECLINE, register_kernel
 from pagoda.ops.sdpa import attend_per_sequence
 
@@ -202,6 +202,38 @@ def _quant_matmul(c_fn, tiles: tuple[torch.Tensor, ...], x: torch.Tensor, w, bia
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], w.out_features)
+
+
+class DenseBF16(NamedTuple):
+    """An int8 weight dequantized once to bfloat16, for CPUs the C kernel does not serve."""
+
+    weight: torch.Tensor  # [N, K] bfloat16
+    packed: Any  # its oneDNN layout, or None
+
+
+@register_kernel("int8_prepack", "cpu", priority=10)
+def int8_prepack_dense(w: Int8Weight):
+    """Where the C kernel declines: bfloat16 once (2 bytes per weight, as a bf16 head), rather
+    than the reference's dequantization on every call; one row block of float32 at a time."""
+    if w.qweight is None:
+        return DECLINE
+    dense = torch.empty(w.out_features, w.in_features, dtype=torch.bfloat16)
+    for row0 in range(0, w.out_features, 4096):
+        rows = slice(row0, row0 + 4096)
+        block = Int8Weight(dense[rows].shape[0], w.in_features, w.group_size, w.qweight[rows], w.scales[rows])
+        dense[rows] = dequantize_int8(block)
+    packed = linear_prepack_onednn(dense)
+    w.packed, w.qweight, w.scales = DenseBF16(dense, None if packed is DECLINE else packed), None, None
+    return w
+
+
+@register_kernel("int8_linear", "cpu", priority=10)
+def int8_linear_dense(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None):
+    if not isinstance(w.packed, DenseBF16):
+        return DECLINE
+    if w.packed.packed is not None:
+        return packed_linear_onednn(x, w.packed.weight, w.packed.packed, bias)
+    return F.linear(x.to(torch.bfloat16), w.packed.weight, None if bias is None else bias.bfloat16()).to(x.dtype)
 
 
 @register_kernel("int4_prepack", "cpu", priority=10)

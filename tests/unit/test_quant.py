@@ -165,9 +165,38 @@ def test_int8_c_kernel_matches_reference_and_rows_do_not_depend_on_their_batch()
             assert torch.equal(ops.int8_linear(x[i : i + 1], packed, bias), got[i : i + 1])
 
 
+def test_int8_dense_fallback_matches_reference() -> None:
+    """CPUs without the C kernel: bfloat16 weights made once, within bf16 rounding of the reference."""
+    from pagoda.ops.cpu import DenseBF16, int8_linear_dense, int8_prepack_dense
+
+    w, q = _int8_weight(n=4096 + 32, k=64)
+    x = torch.randn(3, 64)
+    ref = int8_linear.reference(x, q)
+    packed = int8_prepack_dense(q)
+    assert isinstance(packed.packed, DenseBF16) and packed.qweight is None
+    torch.testing.assert_close(int8_linear_dense(x, packed), ref, rtol=2e-2, atol=2e-2)
+
+
 def test_int4_models_get_an_int8_output_head(tiny_config_path) -> None:
     from pagoda import LLM
     from pagoda.models.layers import Int8Linear
 
     llm = LLM(model_config=str(tiny_config_path), load_format="dummy", kv_cache_memory=0.01, quantization="int4")
     assert isinstance(llm.engine.runner.model.lm_head, Int8Linear)
+
+
+def test_int4_model_without_the_c_kernels_serves_on_torch_tiers(tiny_config_path, monkeypatch) -> None:
+    """No compiler (or no AVX-512): torch's int4 kernel and a bfloat16 head serve, close to the C path."""
+    from pagoda import LLM
+    from pagoda.ops import cpu, native
+    from tests.model_utils import prefill_logits
+
+    kw = dict(model_config=str(tiny_config_path), load_format="dummy", kv_cache_memory=0.01, quantization="int4")
+    ids = list(range(10, 40))
+    fast = prefill_logits(LLM(**kw).engine.runner, ids)
+    monkeypatch.setattr(native, "library", lambda: None)
+    llm = LLM(**kw)
+    assert isinstance(llm.engine.runner.model.lm_head.qweight.packed, cpu.DenseBF16)
+    assert isinstance(llm.engine.runner.model.layers[0].mlp.down_proj.qweight.packed, cpu.TorchInt4)
+    slow = prefill_logits(llm.engine.runner, ids)
+    assert torch.nn.functional.cosine_similarity(fast, slow, dim=-1).min() > 0.99
