@@ -33,7 +33,7 @@ def _per(total: int, n: int) -> float | int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--quantization", default=None, choices=("bf16", "int4"))
+    ap.add_argument("--quantization", default=None, choices=("bf16", "int8", "int4"))
     ap.add_argument("--chunk", type=int, default=512, help="--chunked-prefill-size (0: the whole prompt at once)")
     ap.add_argument("--max-batched-tokens", type=int, default=2048)
     ap.add_argument("--prompt-lens", type=int, nargs="+", default=[512, 2048, 8192])

@@ -14,7 +14,7 @@ from pagoda.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
-QUANTIZATIONS = ("auto", "none", "bf16", "int4")
+QUANTIZATIONS = ("auto", "none", "bf16", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
 
 
@@ -33,8 +33,9 @@ class EngineConfig:
     load_format: str = _opt("auto", "auto reads the checkpoint; dummy makes random weights", choices=LOAD_FORMATS)
     quantization: str | None = _opt(
         "auto",
-        "linear-layer weights: bf16 (bfloat16 matmuls, oneDNN-prepacked on CPU), int4 (weight-only in GGUF "
-        "Q4_1's form, exact for Q4_1 files, quantized as weights load) or none; auto picks bf16 for a quantized GGUF on CPU with "
+        "linear-layer weights: bf16 (bfloat16 matmuls, oneDNN-prepacked on CPU), int4 or int8 (weight-only in "
+        "GGUF Q4_1's / Q8_0's form, exact for such files, quantized as weights load) or none; auto picks bf16 "
+        "for a quantized GGUF on CPU with "
         "--dtype auto (int4 if bf16 would not fit in memory), none otherwise; norms, attention and the residual "
         "stay in --dtype",
         choices=QUANTIZATIONS,

@@ -14,8 +14,7 @@ from pagoda.errors import ConfigError
 
 @dataclass(frozen=True)
 class LinearFormat:
-    """How linear-layer weights are stored: "bf16", "int4" or "int8" (with a group size;
-    int8 serves output heads beside int4 layers)."""
+    """How linear-layer weights are stored: "bf16", "int4" or "int8" (with a group size)."""
 
     kind: str
     group_size: int = 32  # int4: GGUF Q4 blocks are 32 wide, so 32 re-quantizes them near-losslessly
@@ -29,9 +28,9 @@ class LinearFormat:
 
     def for_output_head(self) -> "LinearFormat":
         """The output head is the matmul most sensitive to rounding (a 4-bit head costs 35x
-        the KL divergence on SmolLM2): 8-bit beside int4 layers (GGUF files keep their own
-        head at Q8_0 or better), bfloat16 beside bfloat16."""
-        return LinearFormat("int8") if self.kind == "int4" else LinearFormat("bf16")
+        the KL divergence on SmolLM2): 8-bit beside int4 or int8 layers (GGUF files keep
+        their own head at Q8_0 or better), bfloat16 beside bfloat16."""
+        return LinearFormat("bf16") if self.kind == "bf16" else LinearFormat("int8")
 
 
 def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:

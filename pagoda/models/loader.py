@@ -37,7 +37,7 @@ class LoadedModel:
     load_seconds: float
     context_length: int
     weight_bytes: int
-    quantization: str | None  # what --quantization resolved to: "bf16", "int4" or None
+    quantization: str | None  # what --quantization resolved to: "bf16", "int8", "int4" or None
 
 
 def resolve_model_path(config: EngineConfig) -> Path | None:
@@ -109,7 +109,7 @@ def load_model(config: EngineConfig, platform: Platform, show_progress: bool = F
             "positions; pass --rope-scaling to extend it"
         )
     quantization = resolve_quantization(config, checkpoint, model_cfg, dtype, platform)
-    fmt = linear_format(quantization, config.int4_group_size)
+    fmt = linear_format(quantization, config.int4_group_size if quantization == "int4" else 32)
     _check_fits(estimate_weight_bytes(model_cfg, dtype, fmt), platform, quantization or config.dtype)
     model = model_class(model_cfg.architecture)(model_cfg, dtype, device, max_position=context_length, quantization=fmt)
     if checkpoint is None:

@@ -15,12 +15,12 @@ from pagoda.ops.registry import OPS
 C_KERNEL_OPS = ("rms_norm", "add_rms_norm", "rotary_store_kv", "paged_attention", "silu_and_mul")
 
 
-@pytest.mark.parametrize("quantization", [None, "bf16", "int4"])
+@pytest.mark.parametrize("quantization", [None, "bf16", "int8", "int4"])
 def test_no_c_kernel_declines_during_decode(tiny_config_path, monkeypatch, quantization) -> None:
     assert native.library() is not None
     llm = LLM(model_config=str(tiny_config_path), load_format="dummy", kv_cache_memory=0.01, quantization=quantization)
     served, declined = collections.Counter(), collections.Counter()
-    c_ops = C_KERNEL_OPS + (("int4_linear", "int8_linear") if quantization == "int4" else ())
+    c_ops = C_KERNEL_OPS + {"int4": ("int4_linear", "int8_linear"), "int8": ("int8_linear",)}.get(quantization, ())
     for name in c_ops:
         op = OPS[name]
         top = op.chain("cpu")[0]

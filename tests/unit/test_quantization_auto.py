@@ -49,5 +49,5 @@ def test_float_checkpoints_explicit_dtypes_and_explicit_choices_are_kept() -> No
 
 
 def test_unknown_quantization_is_refused() -> None:
-    with pytest.raises(ConfigError, match="quantization must be one of auto, none, bf16, int4"):
+    with pytest.raises(ConfigError, match="quantization must be one of auto, none, bf16, int8, int4"):
         EngineConfig(quantization="int3")
