@@ -4,7 +4,8 @@ Canonical format (any device): per output row, groups of `group_size` input weig
 ``q`` in 0..15 packed two per byte (low nibble = even column) into ``qweight``
 [N, K/2] uint8, and w = q * scale + min with ``scales`` / ``mins`` [N, K/g] in
 float16: GGUF Q4_1's own form (w = d*q + m, d and m float16), so its blocks load
-exactly. Activations are used in their own dtype (float32 or bfloat16).
+exactly. Activations are rounded to bfloat16, as the fast kernels take them (products of
+bf16 activations and 4/8-bit weights are then exact in float32).
 
 int8 (for output heads next to int4 layers) is GGUF Q8_0's form: w = q * scale with q in
 -127..127 int8 [N, K] and ``scales`` [N, K/g] float16.
@@ -92,14 +93,14 @@ def dequantize_int4(w: Int4Weight) -> torch.Tensor:
 
 @reference("int4_linear")
 def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ dequant(w)^T (+ bias), accumulated in float32, returned in x's dtype."""
+    """y = bf16(x) @ dequant(w)^T (+ bias), accumulated in float32, returned in x's dtype."""
     return _dequantized_linear(x, w, dequantize_int4, bias)
 
 
 def _dequantized_linear(x: torch.Tensor, w: Any, dequantize, bias: torch.Tensor | None) -> torch.Tensor:
     if w.qweight is None:
         raise RuntimeError("quantized weight was packed for a kernel that declined this input")
-    y = F.linear(x.float(), dequantize(w))
+    y = F.linear(x.to(torch.bfloat16).float(), dequantize(w))
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
@@ -157,7 +158,7 @@ def dequantize_int8(w: Int8Weight) -> torch.Tensor:
 
 @reference("int8_linear")
 def int8_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ dequant(w)^T (+ bias), accumulated in float32, returned in x's dtype."""
+    """y = bf16(x) @ dequant(w)^T (+ bias), accumulated in float32, returned in x's dtype."""
     return _dequantized_linear(x, w, dequantize_int8, bias)
 
 

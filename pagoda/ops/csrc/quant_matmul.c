@@ -23,6 +23,7 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "bf16.h"
 #ifdef __AVX512F__
@@ -42,6 +43,17 @@ int quant_matmul_available(void) {
 }
 
 #ifdef __AVX512F__
+/* 16 outputs at out + o, float32 or rounded to bfloat16 */
+static inline void store_row(__m512 y, void *out, int out_bf16, int64_t o) {
+    if (!out_bf16) {
+        _mm512_storeu_ps((float *)out + o, y);
+        return;
+    }
+    float v[16];
+    _mm512_storeu_ps(v, y);
+    for (int j = 0; j < 16; j++) ((uint16_t *)out)[o + j] = f32_to_bf16(v[j]);
+}
+
 /* out rows r0.. r0+rn of tile t (16 outputs); xf float32 rows, xs per-group sums of x
  * (int4's min term); bits 4 or 8 */
 static inline __attribute__((always_inline)) void tile_rows(
@@ -80,16 +92,7 @@ static inline __attribute__((always_inline)) void tile_rows(
             for (int r = 0; r < rn; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xs[(r0 + r) * groups + g]), m, acc[r]);
         }
     }
-    for (int r = 0; r < rn; r++) {
-        const int64_t o = (r0 + r) * n + t * 16;
-        if (!out_bf16) {
-            _mm512_storeu_ps((float *)out + o, acc[r]);
-            continue;
-        }
-        float y[16];
-        _mm512_storeu_ps(y, acc[r]);
-        for (int j = 0; j < 16; j++) ((uint16_t *)out)[o + j] = f32_to_bf16(y[j]);
-    }
+    for (int r = 0; r < rn; r++) store_row(acc[r], out, out_bf16, (r0 + r) * n + t * 16);
 }
 
 /* The row count and width as constants, so a pass's sums live in registers. */
@@ -117,12 +120,14 @@ static void NAME##_tiles(const uint8_t *qp, const uint16_t *d16, const uint16_t 
 DEFINE_MATMUL(int4, 4)
 DEFINE_MATMUL(int8, 8)
 
-/* x as float32 rows (what the FMAs broadcast from), and with sums per group for int4 */
+/* x rounded to bfloat16, as float32 rows (what the FMAs broadcast from), with sums per
+ * group for int4. Rounded because the AMX path takes bfloat16: both paths then multiply the
+ * same numbers exactly and differ at most in the order of float32 additions. */
 static float *float_rows(const void *x, int x_bf16, int64_t rows, int64_t k, int sums) {
     const int64_t groups = k / GROUP;
     float *xf = malloc(sizeof(float) * (size_t)(rows * k + (sums ? rows * groups : 0)));
     for (int64_t i = 0; i < rows * k; i++)
-        xf[i] = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+        xf[i] = bf16_to_f32(x_bf16 ? ((const uint16_t *)x)[i] : f32_to_bf16(((const float *)x)[i]));
     for (int64_t i = 0; sums && i < rows * groups; i++) {
         float s = 0.f;
         for (int j = 0; j < GROUP; j++) s += xf[i * GROUP + j];
@@ -130,6 +135,94 @@ static float *float_rows(const void *x, int x_bf16, int64_t rows, int64_t k, int
     }
     return xf;
 }
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+/* ---- AMX (Intel Sapphire Rapids and later): 16 rows x 16 outputs x 32 inputs per
+ * instruction. Per group, the tile's weights become bfloat16 pairs (q is exact in bf16),
+ * one tile product per 16 rows gives sum(q x), which is scaled into float32 sums as the
+ * FMA path does. Used from AMX_MIN_ROWS rows on (prefill chunks, large batches). */
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX_MIN_ROWS 16
+
+static int amx_ready(void) { /* Linux hands out the tile registers on request, once per process */
+    static int state = 0; /* 0 unknown, 1 yes, -1 no */
+    if (state == 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
+    return state > 0;
+}
+
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config;
+
+/* weights of input pair p for the tile's 16 outputs as 16 (bf16 q[2p], bf16 q[2p+1]) lanes */
+static inline __m512i bf16_pairs(__m512 w0, __m512 w1) {
+    const __m512i lo = _mm512_srli_epi32(_mm512_castps_si512(w0), 16);
+    return _mm512_or_si512(lo, _mm512_and_si512(_mm512_castps_si512(w1), _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+static void amx_tiles(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const float *xf, void *out,
+                      int out_bf16, int64_t rows, int64_t n, int64_t k, int bits, int num_threads) {
+    const int64_t groups = k / GROUP, group_bytes = GROUP * 16 * bits / 8, blocks = (rows + 15) / 16;
+    uint16_t *xb = calloc((size_t)(blocks * 16 * k), sizeof(uint16_t)); /* bf16 rows, zero padding */
+    for (int64_t i = 0; i < rows * k; i++) xb[i] = f32_to_bf16(xf[i]); /* exact: xf is bf16-valued */
+    const float *xs = xf + rows * k;
+    _Pragma("omp parallel num_threads(num_threads)")
+    {
+        tile_config cfg = {0};
+        cfg.palette = 1;
+        for (int i = 0; i < 3; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+        _tile_loadconfig(&cfg);
+        __attribute__((aligned(64))) uint32_t b[16 * 16];
+        __attribute__((aligned(64))) float c[16 * 16];
+        float *acc = aligned_alloc(64, sizeof(float) * 16 * (size_t)(blocks * 16));
+        const __m512i low = _mm512_set1_epi32(0xF);
+        _Pragma("omp for schedule(static)")
+        for (int64_t t = 0; t < n / 16; t++) {
+            memset(acc, 0, sizeof(float) * 16 * (size_t)(blocks * 16));
+            for (int64_t g = 0; g < groups; g++) {
+                const uint8_t *qg = qp + t * groups * group_bytes + g * group_bytes;
+                for (int p = 0; p < GROUP / 2; p++) {
+                    __m512 w0, w1;
+                    if (bits == 4) {
+                        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qg + p * 16)));
+                        w0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
+                        w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                    } else {
+                        w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + p * 32))));
+                        w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + p * 32 + 16))));
+                    }
+                    _mm512_store_si512((__m512i *)(b + p * 16), bf16_pairs(w0, w1));
+                }
+                _tile_loadd(2, b, 64);
+                const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d16 + (t * groups + g) * 16)));
+                const __m512 m = bits == 4 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m16 + (t * groups + g) * 16)))
+                                           : _mm512_setzero_ps();
+                for (int64_t rb = 0; rb < blocks; rb++) {
+                    _tile_zero(0);
+                    _tile_loadd(1, xb + rb * 16 * k + g * GROUP, k * 2);
+                    _tile_dpbf16ps(0, 1, 2);
+                    _tile_stored(0, c, 64);
+                    const int rn = rows - rb * 16 < 16 ? (int)(rows - rb * 16) : 16;
+                    for (int r = 0; r < rn; r++) {
+                        float *a = acc + (rb * 16 + r) * 16;
+                        __m512 v = _mm512_fmadd_ps(_mm512_load_ps(c + r * 16), d, _mm512_load_ps(a));
+                        if (bits == 4) v = _mm512_fmadd_ps(_mm512_set1_ps(xs[(rb * 16 + r) * groups + g]), m, v);
+                        _mm512_store_ps(a, v);
+                    }
+                }
+            }
+            for (int64_t r = 0; r < rows; r++) store_row(_mm512_load_ps(acc + r * 16), out, out_bf16, r * n + t * 16);
+        }
+        free(acc);
+        _tile_release();
+    }
+    free(xb);
+}
+#define USE_AMX(rows) ((rows) >= AMX_MIN_ROWS && amx_ready())
+#else
+#define USE_AMX(rows) 0
+#define amx_tiles(...) ((void)0)
+#endif
 #endif
 
 /* y [M, N] = x [M, K] W^T; N a multiple of 16, K of 32. */
@@ -137,7 +230,10 @@ void int4_matmul(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, co
                  int out_bf16, int64_t rows, int64_t n, int64_t k, int num_threads) {
 #ifdef __AVX512F__
     float *xf = float_rows(x, x_bf16, rows, k, 1);
-    int4_tiles(qp, d16, m16, xf, xf + rows * k, out, out_bf16, rows, n, k, num_threads);
+    if (USE_AMX(rows))
+        amx_tiles(qp, d16, m16, xf, out, out_bf16, rows, n, k, 4, num_threads);
+    else
+        int4_tiles(qp, d16, m16, xf, xf + rows * k, out, out_bf16, rows, n, k, num_threads);
     free(xf);
 #else
     (void)qp, (void)d16, (void)m16, (void)x, (void)x_bf16, (void)out, (void)out_bf16, (void)rows, (void)n, (void)k,
@@ -149,7 +245,10 @@ void int8_matmul(const int8_t *qp, const uint16_t *d16, const void *x, int x_bf1
                  int64_t rows, int64_t n, int64_t k, int num_threads) {
 #ifdef __AVX512F__
     float *xf = float_rows(x, x_bf16, rows, k, 0);
-    int8_tiles((const uint8_t *)qp, d16, NULL, xf, NULL, out, out_bf16, rows, n, k, num_threads);
+    if (USE_AMX(rows))
+        amx_tiles((const uint8_t *)qp, d16, NULL, xf, out, out_bf16, rows, n, k, 8, num_threads);
+    else
+        int8_tiles((const uint8_t *)qp, d16, NULL, xf, NULL, out, out_bf16, rows, n, k, num_threads);
     free(xf);
 #else
     (void)qp, (void)d16, (void)x, (void)x_bf16, (void)out, (void)out_bf16, (void)rows, (void)n, (void)k,
