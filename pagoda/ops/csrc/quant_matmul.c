@@ -54,6 +54,19 @@ static inline void store_row(__m512 y, void *out, int out_bf16, int64_t o) {
     for (int j = 0; j < 16; j++) ((uint16_t *)out)[o + j] = f32_to_bf16(v[j]);
 }
 
+/* q of inputs 2p and 2p+1 of a group, for the tile's 16 outputs, as float32 (exact) */
+static inline __attribute__((always_inline)) void pair_weights(const uint8_t *qg, int p, const int bits, __m512 *w0,
+                                                                __m512 *w1) {
+    if (bits == 4) {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qg + p * 16)));
+        *w0 = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(0xF)));
+        *w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+    } else {
+        *w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + p * 32))));
+        *w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + p * 32 + 16))));
+    }
+}
+
 /* out rows r0.. r0+rn of tile t (16 outputs); xf float32 rows, xs per-group sums of x
  * (int4's min term); bits 4 or 8 */
 static inline __attribute__((always_inline)) void tile_rows(
@@ -61,7 +74,6 @@ static inline __attribute__((always_inline)) void tile_rows(
         void *out, int out_bf16, int64_t t, int64_t r0, int64_t n, int64_t k, const int rn, const int bits) {
     const int64_t groups = k / GROUP, group_bytes = GROUP * 16 * bits / 8;
     const uint8_t *qt = qp + t * groups * group_bytes;
-    const __m512i low = _mm512_set1_epi32(0xF);
     __m512 acc[ROWS];
     for (int r = 0; r < rn; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
@@ -72,14 +84,7 @@ static inline __attribute__((always_inline)) void tile_rows(
         const float *xg = xf + r0 * k + g * GROUP;
         for (int p = 0; p < GROUP / 2; p++) {
             __m512 w0, w1; /* inputs 2p and 2p+1 for the tile's 16 outputs */
-            if (bits == 4) {
-                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qg + p * 16)));
-                w0 = _mm512_cvtepi32_ps(_mm512_and_si512(b, low));
-                w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
-            } else {
-                w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + p * 32))));
-                w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + p * 32 + 16))));
-            }
+            pair_weights(qg, p, bits, &w0, &w1);
             for (int r = 0; r < rn; r++) {
                 even[r] = _mm512_fmadd_ps(w0, _mm512_set1_ps(xg[r * k + 2 * p]), even[r]);
                 odd[r] = _mm512_fmadd_ps(w1, _mm512_set1_ps(xg[r * k + 2 * p + 1]), odd[r]);
@@ -175,7 +180,6 @@ static void amx_tiles(const uint8_t *qp, const uint16_t *d16, const uint16_t *m1
         __attribute__((aligned(64))) uint32_t b[16 * 16];
         __attribute__((aligned(64))) float c[16 * 16];
         float *acc = aligned_alloc(64, sizeof(float) * 16 * (size_t)(blocks * 16));
-        const __m512i low = _mm512_set1_epi32(0xF);
         _Pragma("omp for schedule(static)")
         for (int64_t t = 0; t < n / 16; t++) {
             memset(acc, 0, sizeof(float) * 16 * (size_t)(blocks * 16));
@@ -183,14 +187,7 @@ static void amx_tiles(const uint8_t *qp, const uint16_t *d16, const uint16_t *m1
                 const uint8_t *qg = qp + t * groups * group_bytes + g * group_bytes;
                 for (int p = 0; p < GROUP / 2; p++) {
                     __m512 w0, w1;
-                    if (bits == 4) {
-                        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qg + p * 16)));
-                        w0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
-                        w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-                    } else {
-                        w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + p * 32))));
-                        w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + p * 32 + 16))));
-                    }
+                    pair_weights(qg, p, bits, &w0, &w1);
                     _mm512_store_si512((__m512i *)(b + p * 16), bf16_pairs(w0, w1));
                 }
                 _tile_loadd(2, b, 64);
