@@ -57,9 +57,9 @@ def resolve_quantization(
     config: EngineConfig, checkpoint: Any, model_cfg: ModelConfig, dtype: torch.dtype, platform: Platform
 ) -> str | None:
     """--quantization auto: a quantized GGUF served on CPU in the default dtype gets bf16
-    linears (the fastest from ~32 concurrent streams on, and 2.3x float32 at 64; int4 is more
-    accurate and faster below ~16 streams, but its kernel is compute-bound above that), or int4
-    when bf16 weights would not fit in memory. Everything else keeps --dtype."""
+    linears (the fastest at 64 concurrent streams, 2.3x float32 there; int4 is more accurate and
+    faster up to ~32), or int4 when bf16 weights would not fit in memory. Everything else keeps
+    --dtype."""
     if config.quantization != "auto":
         return None if config.quantization in (None, "none") else config.quantization
     quant_types = getattr(checkpoint, "quant_types", None) or {}
