@@ -34,10 +34,9 @@ class EngineConfig:
     quantization: str | None = _opt(
         "auto",
         "linear-layer weights: bf16 (bfloat16 matmuls, oneDNN-prepacked on CPU), int4 or int8 (weight-only in "
-        "GGUF Q4_1's / Q8_0's form, exact for such files, quantized as weights load) or none; auto picks bf16 "
-        "for a quantized GGUF on CPU with "
-        "--dtype auto (int4 if bf16 would not fit in memory), none otherwise; norms, attention and the residual "
-        "stay in --dtype",
+        "GGUF Q4_1's / Q8_0's form, exact for such files, quantized as weights load) or none; auto keeps a "
+        "quantized GGUF's own level on CPU with --dtype auto (int4 for 4-bit files, int8 for 5-8-bit ones), "
+        "none otherwise; norms, attention and the residual stay in --dtype",
         choices=QUANTIZATIONS,
     )
     int4_group_size: int = _opt(32, "weights per int4 scale: 32 keeps GGUF Q4 blocks exact; 128 saves memory", choices=INT4_GROUP_SIZES)

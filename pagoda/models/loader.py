@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,17 +57,21 @@ def resolve_dtype(name: str, platform: Platform) -> torch.dtype:
 def resolve_quantization(
     config: EngineConfig, checkpoint: Any, model_cfg: ModelConfig, dtype: torch.dtype, platform: Platform
 ) -> str | None:
-    """--quantization auto: a quantized GGUF served on CPU in the default dtype gets bf16
-    linears (the fastest at 64 concurrent streams, 2.3x float32 there; int4 is more accurate and
-    faster up to ~32), or int4 when bf16 weights would not fit in memory. Everything else keeps
-    --dtype."""
+    """--quantization auto: a quantized GGUF served on CPU in the default dtype keeps its own
+    level: int4 for files whose weights are mostly 4 bits or fewer (Q4_1 loads exactly), int8
+    for 5 to 8 bits (Q8_0 exactly). These are the most accurate fast modes (the file's own
+    weights, float32 sums) and the fastest up to ~32 concurrent streams; bf16 stays one flag
+    away for heavier loads. Everything else keeps --dtype."""
     if config.quantization != "auto":
         return None if config.quantization in (None, "none") else config.quantization
-    quant_types = getattr(checkpoint, "quant_types", None) or {}
-    quantized = any(t not in ("F32", "F16", "BF16") for t in quant_types.values())
-    if not quantized or config.dtype != "auto" or platform.device_type != "cpu":
+    types = {name: t for name, t in (getattr(checkpoint, "quant_types", None) or {}).items() if t not in ("F32", "F16", "BF16")}
+    if not types or config.dtype != "auto" or platform.device_type != "cpu":
         return None
-    return "bf16" if _fits(estimate_weight_bytes(model_cfg, dtype, LinearFormat("bf16")), platform) else "int4"
+    # the layers decide: files keep embeddings and heads wider (Q4_1 layers, a Q8_0 token_embd)
+    layers = [t for name, t in types.items() if "embed_tokens" not in name and "lm_head" not in name] or list(types.values())
+    main = max(set(layers), key=layers.count)
+    bits = re.match(r"I?Q(\d)", main)
+    return "int4" if bits is None or int(bits.group(1)) <= 4 else "int8"
 
 
 def linear_format(kind: str | None, group_size: int) -> LinearFormat | None:

@@ -53,11 +53,17 @@ def test_answers_sensibly(llm: LLM) -> None:
     assert "Paris" in out.text and out.finish_reason == "stop"
 
 
-def test_default_serves_the_q4_gguf_with_bf16_linears_and_answers_sensibly() -> None:
-    default = LLM()  # --quantization auto: bf16 linears, bf16 KV cache; float32 parity is --dtype float32
-    assert default.engine.loaded.quantization == "bf16"
+def test_default_serves_the_q4_gguf_as_int4_and_answers_sensibly() -> None:
+    default = LLM()  # --quantization auto: the file's own Q4_1 layers (int4), bf16 KV; float32 parity is --dtype float32
+    assert default.engine.loaded.quantization == "int4"
     assert default.engine.kv_pool.k[0].dtype == torch.bfloat16
     out = default.chat(CHATS[0], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0].outputs[0]
+    assert "Paris" in out.text and out.finish_reason == "stop"
+
+
+def test_bf16_linears_answer_sensibly() -> None:
+    bf16 = LLM(quantization="bf16")
+    out = bf16.chat(CHATS[0], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0].outputs[0]
     assert "Paris" in out.text and out.finish_reason == "stop"
 
 

@@ -1,5 +1,5 @@
-"""--quantization auto (the default): bf16 linears for a quantized GGUF on CPU, int4 when bf16
-would not fit, and nothing else changes (float32 parity stays one flag away)."""
+"""--quantization auto (the default): a quantized GGUF on CPU keeps its own level (int4 for 4-bit
+files, int8 for 5-8-bit ones), and nothing else changes (float32 parity stays one flag away)."""
 
 from __future__ import annotations
 
@@ -30,13 +30,15 @@ def _resolve(checkpoint, free_bytes: int = 1 << 40, **opts) -> str | None:
         del platform.free_memory
 
 
-def test_quantized_gguf_gets_bf16_linears() -> None:
+def test_quantized_gguf_keeps_its_own_level() -> None:
     assert EngineConfig().quantization == "auto"
-    assert _resolve(Q4_GGUF) == "bf16"
-
-
-def test_int4_when_bf16_would_not_fit() -> None:
-    assert _resolve(Q4_GGUF, free_bytes=1 << 30) == "int4"  # the 1 GiB headroom alone eats it
+    assert _resolve(Q4_GGUF) == "int4"  # Q4_1 layers beside a Q8_0 embedding
+    q8 = SimpleNamespace(quant_types={"model.embed_tokens.weight": "Q8_0", "model.layers.0.mlp.up_proj.weight": "Q8_0"})
+    assert _resolve(q8) == "int8"
+    k_mix = {f"model.layers.{i}.mlp.up_proj.weight": "Q4_K" for i in range(4)} | {"lm_head.weight": "Q6_K"}
+    assert _resolve(SimpleNamespace(quant_types=k_mix)) == "int4"
+    assert _resolve(SimpleNamespace(quant_types={"a": "Q6_K", "b": "Q5_K", "c": "Q6_K"})) == "int8"
+    assert _resolve(SimpleNamespace(quant_types={"a": "IQ3_XXS"})) == "int4"
 
 
 def test_float_checkpoints_explicit_dtypes_and_explicit_choices_are_kept() -> None:
