@@ -45,7 +45,7 @@ class EngineConfig:
     rope_scaling: str | None = _opt(None, 'JSON rope scaling override, e.g. {"rope_type":"yarn","factor":4}')
     kv_cache_memory: float | None = _opt(None, "GiB of KV cache (default: sized from free memory)")
     kv_cache_dtype: str = _opt(
-        "auto", "KV-cache storage dtype; auto is bfloat16 with bf16 or int4 linears (half the bytes attention "
+        "auto", "KV-cache storage dtype; auto is bfloat16 with quantized linears (half the bytes attention "
         "reads), else the compute dtype; attention math stays float32", choices=DTYPES,
     )
     page_size: int = _opt(16, "tokens per KV-cache page")
