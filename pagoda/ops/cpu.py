@@ -7,7 +7,8 @@ serves them.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -114,18 +115,28 @@ def add_rms_norm_native(x, residual, weight, eps: float, variant: str = "llama",
     return F.rms_norm(summed, (x.shape[-1],), weight, eps), summed
 
 
-class Int4Tiles(NamedTuple):
-    """The C kernel's layout (see csrc/quant_matmul.c): nibble pairs per 16-output tile, and
-    float16 scales and mins per tile and group (the canonical values, unchanged)."""
+@dataclass(frozen=True)
+class QuantTiles:
+    """A layout of the C quantized matmuls (see csrc/quant_matmul.c): the tensors, and which
+    C function reads them. Their data pointers are taken once, for the ~120 calls a step."""
 
+    matmul: ClassVar[str]
+    pointers: tuple[int, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        tensors = (getattr(self, f.name) for f in fields(self) if f.init)
+        object.__setattr__(self, "pointers", tuple(t.data_ptr() for t in tensors))
+
+
+@dataclass(frozen=True)
+class Int4Tiles(QuantTiles):
+    """Nibble pairs per 16-output tile, and float16 scales and mins per tile and group (the
+    canonical values, unchanged)."""
+
+    matmul = "int4_matmul"
     nibbles: torch.Tensor  # [N/16, K/32, 16, 16] uint8
     scales: torch.Tensor  # [N/16, K/32, 16] float16
     mins: torch.Tensor
-    pointers: tuple[int, ...] = ()  # their data pointers, for the C call
-
-    @classmethod
-    def of(cls, *tensors: torch.Tensor) -> "Int4Tiles":
-        return cls(*tensors, tuple(t.data_ptr() for t in tensors))
 
 
 class TorchInt4(NamedTuple):
@@ -146,29 +157,27 @@ def int4_prepack_c(w: Int4Weight):
     for row0 in range(0, n, 4096):  # row blocks: one byte per weight unpacked at a time, not the whole head
         q = unpack_nibbles(w.qweight[row0 : row0 + 4096]).view(-1, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4)
         nibbles[row0 // 16 : (row0 + q.shape[0] * 16) // 16] = q[..., 0] | (q[..., 1] << 4)
-    w.packed = Int4Tiles.of(nibbles, _tiled_groups(w.scales), _tiled_groups(w.mins))
+    w.packed = Int4Tiles(nibbles, _tiled_groups(w.scales), _tiled_groups(w.mins))
     w.qweight, w.scales, w.mins = None, None, None
     return w
 
 
 @register_kernel("int4_linear", "cpu", priority=20)
-def int4_linear_c(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None):
-    if not isinstance(w.packed, Int4Tiles) or x.dtype not in _BF16:
+@register_kernel("int8_linear", "cpu", priority=20)
+def quant_linear_c(x: torch.Tensor, w: Int4Weight | Int8Weight, bias: torch.Tensor | None = None):
+    """int4 and int8 alike: the tiles name the C matmul that reads them."""
+    if not isinstance(w.packed, QuantTiles) or x.dtype not in _BF16:
         return DECLINE
-    return _quant_matmul(native.library().int4_matmul, w.packed.pointers, x, w, bias)
+    return _quant_matmul(getattr(native.library(), w.packed.matmul), w.packed.pointers, x, w, bias)
 
 
-class Int8Tiles(NamedTuple):
-    """The C kernel's int8 layout: [N/16, K/32, 32 inputs, 16 outputs] int8 and float16
-    scales [N/16, K/32, 16]."""
+@dataclass(frozen=True)
+class Int8Tiles(QuantTiles):
+    """[N/16, K/32, 32 inputs, 16 outputs] int8 and float16 scales [N/16, K/32, 16]."""
 
+    matmul = "int8_matmul"
     values: torch.Tensor
     scales: torch.Tensor
-    pointers: tuple[int, ...] = ()
-
-    @classmethod
-    def of(cls, *tensors: torch.Tensor) -> "Int8Tiles":
-        return cls(*tensors, tuple(t.data_ptr() for t in tensors))
 
 
 @register_kernel("int8_prepack", "cpu", priority=20)
@@ -177,15 +186,8 @@ def int8_prepack_c(w: Int8Weight):
         return DECLINE
     n, k = w.out_features, w.in_features
     values = w.qweight.view(n // 16, 16, k // 32, 32).permute(0, 2, 3, 1).contiguous()
-    w.packed, w.qweight, w.scales = Int8Tiles.of(values, _tiled_groups(w.scales)), None, None
+    w.packed, w.qweight, w.scales = Int8Tiles(values, _tiled_groups(w.scales)), None, None
     return w
-
-
-@register_kernel("int8_linear", "cpu", priority=20)
-def int8_linear_c(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None):
-    if not isinstance(w.packed, Int8Tiles) or x.dtype not in _BF16:
-        return DECLINE
-    return _quant_matmul(native.library().int8_matmul, w.packed.pointers, x, w, bias)
 
 
 def _fits_c_tiles(w: Int4Weight | Int8Weight) -> bool:
@@ -203,14 +205,14 @@ def _tiled_groups(per_group: torch.Tensor) -> torch.Tensor:
     return per_group.view(n // 16, 16, groups).permute(0, 2, 1).contiguous()
 
 
-def _quant_matmul(c_fn, tiles: tuple[torch.Tensor, ...], x: torch.Tensor, w, bias: torch.Tensor | None):
+def _quant_matmul(c_fn, pointers: tuple[int, ...], x: torch.Tensor, w, bias: torch.Tensor | None):
     """y = x W^T (+ bias) through a C quantized matmul, in x's dtype and leading shape. Kept
     lean: it runs ~120 times per decode step, and the C call itself takes ~2 us."""
     flat = x.dim() != 2 or not x.is_contiguous()
     x2 = x.reshape(-1, x.shape[-1]).contiguous() if flat else x
     y = torch.empty(x2.shape[0], w.out_features, dtype=x.dtype)
     flag = _BF16[x.dtype]
-    c_fn(*tiles, x2.data_ptr(), flag, y.data_ptr(), flag, x2.shape[0], w.out_features, w.in_features,
+    c_fn(*pointers, x2.data_ptr(), flag, y.data_ptr(), flag, x2.shape[0], w.out_features, w.in_features,
          torch.get_num_threads())
     if bias is not None:
         y = y + bias.to(y.dtype)

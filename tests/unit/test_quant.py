@@ -51,9 +51,9 @@ def test_gguf_q4_1_style_weights_are_exact() -> None:
 
 
 def test_cpu_kernels_match_reference() -> None:
-    from pagoda.ops.cpu import Int4Tiles, TorchInt4, int4_linear_c, int4_linear_cpu, int4_prepack_c, int4_prepack_cpu
+    from pagoda.ops.cpu import Int4Tiles, TorchInt4, int4_linear_cpu, int4_prepack_c, int4_prepack_cpu, quant_linear_c
 
-    tiers = [(int4_prepack_c, int4_linear_c, Int4Tiles, 1e-4)] if _c_quant_kernels() else []
+    tiers = [(int4_prepack_c, quant_linear_c, Int4Tiles, 1e-4)] if _c_quant_kernels() else []
     for prepack, linear, layout, tol in tiers + [(int4_prepack_cpu, int4_linear_cpu, TorchInt4, 2e-2)]:  # bf16 scales
         for batch in (1, 5, 33):
             w, q = _weight(seed=batch)
