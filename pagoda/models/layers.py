@@ -17,13 +17,14 @@ class LinearFormat:
     """How linear-layer weights are stored: "bf16", "int4" or "int8" (with a group size)."""
 
     kind: str
-    group_size: int = 32  # int4: GGUF Q4 blocks are 32 wide, so 32 re-quantizes them near-losslessly
+    group_size: int = 32  # GGUF Q4_1 / Q8_0 blocks are 32 wide, so 32 re-quantizes them exactly
 
     @property
     def activation_dtype(self) -> torch.dtype | None:
         """What these linears compute on (inputs arriving in it need no conversion); None:
-        the model's own dtype. bf16 matmuls take bfloat16; int4's CPU kernel takes float32
-        as it is, at no cost (it is bound by reading weights), and so stays closest to float32."""
+        the model's own dtype. bf16 matmuls take bfloat16; the int4/int8 kernels take
+        float32 or bfloat16 alike (they round to bfloat16 themselves), so the layers around
+        them keep the model's dtype."""
         return torch.bfloat16 if self.kind == "bf16" else None
 
     def for_output_head(self) -> "LinearFormat":

@@ -54,9 +54,7 @@ def resolve_dtype(name: str, platform: Platform) -> torch.dtype:
     return platform.default_dtype() if name == "auto" else _DTYPES[name]
 
 
-def resolve_quantization(
-    config: EngineConfig, checkpoint: Any, model_cfg: ModelConfig, dtype: torch.dtype, platform: Platform
-) -> str | None:
+def resolve_quantization(config: EngineConfig, checkpoint: Any, platform: Platform) -> str | None:
     """--quantization auto: a quantized GGUF served on CPU in the default dtype keeps its own
     level: int4 for files whose weights are mostly 4 bits or fewer (Q4_1 loads exactly), int8
     for 5 to 8 bits (Q8_0 exactly). These are the most accurate fast modes (the file's own
@@ -113,7 +111,7 @@ def load_model(config: EngineConfig, platform: Platform, show_progress: bool = F
             f"context_length {config.context_length} exceeds the model's {model_cfg.max_position_embeddings} "
             "positions; pass --rope-scaling to extend it"
         )
-    quantization = resolve_quantization(config, checkpoint, model_cfg, dtype, platform)
+    quantization = resolve_quantization(config, checkpoint, platform)
     fmt = linear_format(quantization, config.int4_group_size if quantization == "int4" else 32)
     _check_fits(estimate_weight_bytes(model_cfg, dtype, fmt), platform, quantization or config.dtype)
     model = model_class(model_cfg.architecture)(model_cfg, dtype, device, max_position=context_length, quantization=fmt)
@@ -178,20 +176,15 @@ def estimate_weight_bytes(cfg: ModelConfig, dtype: torch.dtype, fmt: LinearForma
     return int(total)
 
 
-_HEADROOM = 1 << 30  # runtime, and repacking one layer's weights after loading
-
-
-def _fits(needed: int, platform: Platform) -> bool:
-    return needed + _HEADROOM <= 0.95 * platform.free_memory()
-
-
 def _check_fits(needed: int, platform: Platform, fmt_name: str) -> None:
     """Fail fast, with the numbers, rather than die of OOM half-way through loading."""
-    if not _fits(needed, platform):
+    free = platform.free_memory()
+    headroom = 1 << 30  # runtime, and repacking one layer's weights after loading
+    if needed + headroom > 0.95 * free:
         hint = "" if fmt_name == "int4" else "; --quantization int4 needs about 1/7 of float32"
         raise ConfigError(
             f"the model's weights need {needed / 2**30:.1f} GiB ({fmt_name}) "
-            f"but only {platform.free_memory() / 2**30:.1f} GiB of memory is free{hint}"
+            f"but only {free / 2**30:.1f} GiB of memory is free{hint}"
         )
 
 

@@ -6,28 +6,19 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from pagoda.config import EngineConfig
 from pagoda.errors import ConfigError
-from pagoda.models.config import ModelConfig
 from pagoda.models.loader import resolve_quantization
 from pagoda.platforms import get_platform
-from tests.conftest import TINY_LLAMA
 
 Q4_GGUF = SimpleNamespace(quant_types={"model.embed_tokens.weight": "Q8_0", "model.layers.0.mlp.up_proj.weight": "Q4_1"})
 F16_GGUF = SimpleNamespace(quant_types={"model.embed_tokens.weight": "F16", "model.norm.weight": "F32"})
 SAFETENSORS = SimpleNamespace()
 
 
-def _resolve(checkpoint, free_bytes: int = 1 << 40, **opts) -> str | None:
-    platform = get_platform("cpu")
-    platform.free_memory = lambda: free_bytes  # instance attribute: this test's platform only
-    try:
-        cfg = ModelConfig.from_hf_dict(TINY_LLAMA)
-        return resolve_quantization(EngineConfig(**opts), checkpoint, cfg, torch.float32, platform)
-    finally:
-        del platform.free_memory
+def _resolve(checkpoint, **opts) -> str | None:
+    return resolve_quantization(EngineConfig(**opts), checkpoint, get_platform("cpu"))
 
 
 def test_quantized_gguf_keeps_its_own_level() -> None:
