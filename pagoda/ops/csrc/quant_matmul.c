@@ -7,17 +7,17 @@
  * of a tile are one vector: per pair of inputs, sixteen bytes of nibbles become two
  * float32 weight vectors that are FMA'd against up to eight activation rows at once
  * (broadcast), so no horizontal sums are needed and the weights are unpacked once per
- * eight rows. Per group, sum(q x) is scaled by d and m * sum(x) added. Each output is
- * summed in one fixed order whatever the batch, so a row's result does not depend on
- * the rows beside it. About 1.4x torch's speed for one row and 1.8x bfloat16 oneDNN at
- * eight (measured on the default model's layers); past ~16 rows, bfloat16 with AMX is
- * faster.
+ * eight rows. Per group, sum(q x) is scaled by d and m * sum(x) added. About 1.4x
+ * torch's speed for one row and 1.8x bfloat16 oneDNN at eight (measured on the default
+ * model's layers). From 16 rows on, where the CPU has AMX, each group is one tile product
+ * instead (below). Activations are rounded to bfloat16 on both paths, so the products are
+ * exact and the two paths agree bit for bit: a row's result does not depend on the rows
+ * beside it.
  *
  * Layout (made by pagoda/ops/cpu.py): int4 qp [N/16][K/32][16 pairs][16 outputs] bytes
  * with input 2p in the low nibble and 2p+1 in the high one; int8 qp [N/16][K/32][32
- * inputs][16 outputs]; d and m [N/16][K/32][16] float16. x [M, K] float32 or bfloat16, used as it is (float32
- * activations cost nothing extra: the weights are what is read); y [M, N] float32 or
- * bfloat16.
+ * inputs][16 outputs]; d and m [N/16][K/32][16] float16. x [M, K] float32 or bfloat16;
+ * y [M, N] float32 or bfloat16.
  *
  * Built by pagoda/ops/native.py with -O3 -march=native -fopenmp; called through ctypes.
  */
