@@ -7,8 +7,8 @@ float16: GGUF Q4_1's own form (w = d*q + m, d and m float16), so its blocks load
 exactly. Activations are rounded to bfloat16, as the fast kernels take them (products of
 bf16 activations and 4/8-bit weights are then exact in float32).
 
-int8 (for output heads next to int4 layers) is GGUF Q8_0's form: w = q * scale with q in
--127..127 int8 [N, K] and ``scales`` [N, K/g] float16.
+int8 (``--quantization int8``, and output heads beside int4 layers) is GGUF Q8_0's form:
+w = q * scale with q in -127..127 int8 [N, K] and ``scales`` [N, K/g] float16.
 
 ``int4_prepack`` / ``int8_prepack`` turn canonical weights into a platform kernel's
 layout once, after loading; the reference tier keeps them canonical.

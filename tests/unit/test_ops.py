@@ -88,6 +88,8 @@ def _inputs(name: str):
             # bf16 output for a bf16 output projection, decodes and a prefill chunk
             (*_attention_inputs([1, 3, 1], [50, 9, 20], page_size=16, hq=9, hk=3, d=64, kv_dtype=torch.bfloat16),
              torch.bfloat16),
+            # a group of 10 query heads (> 8): vector scores, plain value sums
+            _attention_inputs([1, 1], [40, 17], page_size=16, hq=10, hk=1, d=64, kv_dtype=torch.bfloat16),
             _attention_inputs([1, 1], [40, 3], d=8),  # head_dim off the 16-wide vector path
             _attention_inputs([1] * 5, [20, 1, 33, 16, 17], d=144, kv_dtype=torch.bfloat16),  # > 8 vectors
         ]
