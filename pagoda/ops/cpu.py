@@ -13,7 +13,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from pagoda.ops import native
+from pagoda.ops import huge_pages, native
 from pagoda.ops.quant import Int4Weight, Int8Weight, dequantize_int8, unpack_nibbles
 from pagoda.ops.registry import DECLINE, register_kernel
 from pagoda.ops.sdpa import attend_per_sequence
@@ -118,7 +118,8 @@ def add_rms_norm_native(x, residual, weight, eps: float, variant: str = "llama",
 @dataclass(frozen=True)
 class QuantTiles:
     """A layout of the C quantized matmuls (see csrc/quant_matmul.c): the tensors, and which
-    C function reads them. Their data pointers are taken once, for the ~120 calls a step."""
+    C function reads them. Their data pointers are taken once, for the ~120 calls a step;
+    the tensors sit on huge pages (ops/huge_pages.py), as every step streams them whole."""
 
     matmul: ClassVar[str]
     pointers: tuple[int, ...] = field(init=False, repr=False)
@@ -153,7 +154,7 @@ def int4_prepack_c(w: Int4Weight):
     if not _fits_c_tiles(w):
         return DECLINE
     n, k = w.out_features, w.in_features
-    nibbles = torch.empty(n // 16, k // 32, 16, 16, dtype=torch.uint8)
+    nibbles = huge_pages.empty((n // 16, k // 32, 16, 16), torch.uint8)
     for row0 in range(0, n, 4096):  # row blocks: one byte per weight unpacked at a time, not the whole head
         q = unpack_nibbles(w.qweight[row0 : row0 + 4096]).view(-1, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4)
         nibbles[row0 // 16 : (row0 + q.shape[0] * 16) // 16] = q[..., 0] | (q[..., 1] << 4)
@@ -185,7 +186,7 @@ def int8_prepack_c(w: Int8Weight):
     if not _fits_c_tiles(w):
         return DECLINE
     n, k = w.out_features, w.in_features
-    values = w.qweight.view(n // 16, 16, k // 32, 32).permute(0, 2, 3, 1).contiguous()
+    values = huge_pages.copy(w.qweight.view(n // 16, 16, k // 32, 32).permute(0, 2, 3, 1))
     w.packed, w.qweight, w.scales = Int8Tiles(values, _tiled_groups(w.scales)), None, None
     return w
 
@@ -202,7 +203,7 @@ def _fits_c_tiles(w: Int4Weight | Int8Weight) -> bool:
 def _tiled_groups(per_group: torch.Tensor) -> torch.Tensor:
     """[N, K/32] per-group numbers as [N/16, K/32, 16]: a tile's sixteen outputs side by side."""
     n, groups = per_group.shape
-    return per_group.view(n // 16, 16, groups).permute(0, 2, 1).contiguous()
+    return huge_pages.copy(per_group.view(n // 16, 16, groups).permute(0, 2, 1))
 
 
 def _quant_matmul(c_fn, pointers: tuple[int, ...], x: torch.Tensor, w, bias: torch.Tensor | None):

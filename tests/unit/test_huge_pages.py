@@ -1,0 +1,66 @@
+"""Tensors carved out of huge-page mappings: correct tensors first, huge pages where the OS
+offers them."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagoda.cache.kv_pool import KVPool
+from pagoda.ops import huge_pages
+from pagoda.ops.huge_pages import HugePageArena
+
+
+def test_tensors_are_aligned_and_disjoint():
+    arena = HugePageArena(chunk=1 << 20)
+    tensors = [arena.empty((n, 3), dtype) for n, dtype in [(5, torch.uint8), (7, torch.float16), (100, torch.float32)]]
+    for i, t in enumerate(tensors):
+        assert t.data_ptr() % 64 == 0 and t.is_contiguous()
+        t.fill_(i + 1)
+    for i, t in enumerate(tensors):
+        assert (t == i + 1).all()  # no allocation overwrote another
+
+
+def test_tensors_outlive_the_arena_and_its_next_mappings():
+    arena = HugePageArena(chunk=1 << 20)
+    first = arena.empty((1000,), torch.float32).fill_(1.5)
+    for _ in range(8):  # several new mappings, one of them larger than the chunk
+        arena.empty((200_000,), torch.float32).fill_(-1)
+    big = arena.empty((1 << 20,), torch.uint8).fill_(7)
+    del arena
+    assert (first == 1.5).all() and (big == 7).all()
+
+
+def test_copy_is_contiguous_and_equal():
+    src = torch.arange(24, dtype=torch.int16).view(2, 3, 4).permute(2, 0, 1)
+    out = huge_pages.copy(src)
+    assert out.is_contiguous() and torch.equal(out, src)
+
+
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "unknown"
+    return re.search(r"\[(\w+)\]", text).group(1)
+
+
+def _huge_kib_of(ptr: int) -> int:
+    """AnonHugePages of the mapping that holds address ptr (this process's smaps)."""
+    inside, total = False, 0
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
+        if head:
+            inside = int(head.group(1), 16) <= ptr < int(head.group(2), 16)
+        elif inside and line.startswith("AnonHugePages:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not huge_pages.SUPPORTED or _thp_mode() not in ("madvise", "always"),
+                    reason="the OS offers no transparent huge pages here")
+def test_kv_cache_sits_on_huge_pages():
+    pool = KVPool(2, 4096, 16, 2, 64, torch.bfloat16, torch.device("cpu"))  # 16 MiB per layer and kind
+    pool.k[1].fill_(1)
+    assert _huge_kib_of(pool.k[1].data_ptr()) >= 2 << 10  # at least one 2 MiB page (memory may be too fragmented for all)
