@@ -111,9 +111,7 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states [T, hidden] after the final norm, for every input token."""
         x = self.embed_tokens[input_ids]
         rope = (self.rope_cos[positions], self.rope_sin[positions])  # gathered once for all layers
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, rope, meta, kv)
+        x, residual = ops.decoder_layers(self.layers, x, rope, meta, kv)
         x, _ = self.norm(x, residual)
         return x
 

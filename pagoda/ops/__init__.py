@@ -7,6 +7,7 @@ registered for the tensors' device type and falls back to the reference.
 from pagoda.ops.attention_metadata import AttentionMetadata
 from pagoda.ops.reference import (
     add_rms_norm,
+    decoder_layers,
     linear_prepack,
     packed_linear,
     paged_attention,
@@ -28,6 +29,7 @@ __all__ = [
     "apply_penalties",
     "apply_token_bias",
     "apply_top_k_top_p_min_p",
+    "decoder_layers",
     "int4_linear",
     "int4_prepack",
     "int8_linear",

@@ -114,3 +114,15 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed, bias: torch.Ten
     kernel's prepacked copy of `weight` (the reference ignores it)."""
     y = F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
     return y.to(x.dtype)
+
+
+@reference("decoder_layers")
+def decoder_layers(layers, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv):
+    """x through every decoder layer in turn: (the last layer's output, the residual stream).
+
+    An op of its own so that a platform can run a decode step's whole stack as one native
+    call (pagoda/ops/cpu_decoder.py); the reference is the model's own per-op path."""
+    residual = None
+    for layer in layers:
+        x, residual = layer(x, residual, rope, meta, kv)
+    return x, residual

@@ -14,7 +14,7 @@ class CpuPlatform(Platform):
     device_type = "cpu"
     dist_backend = "gloo"
     capabilities = Capabilities(graph_capture=False)
-    kernel_modules = ("pagoda.ops.cpu",)
+    kernel_modules = ("pagoda.ops.cpu", "pagoda.ops.cpu_decoder")
 
     @classmethod
     def is_available(cls) -> bool:

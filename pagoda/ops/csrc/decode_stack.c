@@ -1,0 +1,93 @@
+/* A decode step's whole stack of decoder layers in one call, for quantized (int4/int8)
+ * Llama-family models: the same C kernels the per-op path calls, in the same order on the
+ * same numbers (so the result is bit-identical), without a return to Python between them.
+ *
+ * Why: at one sequence the ~270 kernel calls of a step each cost 10-30 us of Python and
+ * dispatch around a few us of work, and the pauses cost more than themselves: a matmul
+ * called after 60 us of Python runs at half the speed of one called back to back (the
+ * second core's thread has gone idle). Here they follow each other directly.
+ *
+ * table: per layer LAYER_SLOTS addresses (see pagoda/ops/cpu_decoder.py): the q/k/v,
+ * o, gate/up and down weight tiles (three each; int8 leaves the third 0), the two norm
+ * weights, the QKV bias (0: none) and the layer's K and V caches.
+ * x [T, hidden] float32: the embeddings on entry, the last layer's MLP output on return;
+ * residual [T, hidden] float32 receives the residual stream (the final norm adds them).
+ * cos/sin [T, D], slots [T], rows [T, 3] and the block table as the per-op kernels take them.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LAYER_SLOTS 17
+enum { QKV = 0, O = 3, GATE_UP = 6, DOWN = 9, INPUT_NORM = 12, POST_NORM = 13, QKV_BIAS = 14, K_CACHE = 15, V_CACHE = 16 };
+
+void rms_norm(const float *x, const float *w, void *out, int out_bf16, int64_t rows, int64_t cols, float eps,
+              int jiutian, int num_threads);
+void add_rms_norm(const void *x, int x_bf16, const float *residual, const float *w, void *out, int out_bf16,
+                  float *summed, int64_t rows, int64_t cols, float eps, int jiutian, int num_threads);
+void rotary_store_kv(const void *q, const void *k, const void *v, int x_bf16, int64_t row_stride, const float *cos,
+                     const float *sin, void *q_out, int q_out_bf16, void *k_cache, void *v_cache, int cache_bf16,
+                     const int64_t *slots, int64_t tokens, int hq, int hk, int d, int num_threads);
+void silu_and_mul(const void *x, int x_bf16, void *out, int out_bf16, int64_t rows, int64_t n, int num_threads);
+void paged_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+                            int kv_bf16, const int64_t *block_table, int64_t bt_stride, const int64_t *rows,
+                            int64_t n, void *out, int out_bf16, int64_t out_stride, int hq, int hk, int d,
+                            int page_size, float scale, int max_len, int num_threads);
+void int4_matmul(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const void *x, int x_bf16, void *out,
+                 int out_bf16, int64_t rows, int64_t n, int64_t k, int num_threads);
+void int8_matmul(const int8_t *qp, const uint16_t *d16, const void *x, int x_bf16, void *out, int out_bf16,
+                 int64_t rows, int64_t n, int64_t k, int num_threads);
+
+/* out [rows, n] float32 = x [rows, k] float32 times the tiles at w[0..2] */
+static void matmul(const int64_t *w, int bits, const float *x, float *out, int64_t rows, int64_t n, int64_t k,
+                   int num_threads) {
+    if (bits == 4)
+        int4_matmul((const uint8_t *)w[0], (const uint16_t *)w[1], (const uint16_t *)w[2], x, 0, out, 0, rows, n, k,
+                     num_threads);
+    else
+        int8_matmul((const int8_t *)w[0], (const uint16_t *)w[1], x, 0, out, 0, rows, n, k, num_threads);
+}
+
+void decode_stack(const int64_t *table, int num_layers, int bits, float *x, float *residual, int64_t t,
+                  int64_t hidden, int hq, int hk, int d, int64_t inter, float eps, int jiutian, const float *cos,
+                  const float *sin, int kv_bf16, const int64_t *slots, const int64_t *block_table,
+                  int64_t bt_stride, const int64_t *rows, int page_size, float scale, int max_len,
+                  int num_threads) {
+    const int64_t q_size = (int64_t)hq * d, qkv_size = q_size + 2 * (int64_t)hk * d;
+    float *h = malloc(sizeof(float) * (size_t)(t * hidden));
+    float *qkv = malloc(sizeof(float) * (size_t)(t * qkv_size));
+    float *q = malloc(sizeof(float) * (size_t)(t * q_size));
+    float *att = malloc(sizeof(float) * (size_t)(t * q_size));
+    float *gate_up = malloc(sizeof(float) * (size_t)(t * 2 * inter));
+    float *act = malloc(sizeof(float) * (size_t)(t * inter));
+    for (int l = 0; l < num_layers; l++) {
+        const int64_t *w = table + (int64_t)l * LAYER_SLOTS;
+        if (l == 0) {
+            rms_norm(x, (const float *)w[INPUT_NORM], h, 0, t, hidden, eps, jiutian, num_threads);
+            memcpy(residual, x, sizeof(float) * (size_t)(t * hidden));
+        } else {
+            add_rms_norm(x, 0, residual, (const float *)w[INPUT_NORM], h, 0, residual, t, hidden, eps, jiutian,
+                         num_threads);
+        }
+        matmul(w + QKV, bits, h, qkv, t, qkv_size, hidden, num_threads);
+        if (w[QKV_BIAS])
+            for (int64_t i = 0; i < t * qkv_size; i++) qkv[i] += ((const float *)w[QKV_BIAS])[i % qkv_size];
+        void *k_cache = (void *)w[K_CACHE], *v_cache = (void *)w[V_CACHE];
+        rotary_store_kv(qkv, qkv + q_size, qkv + q_size + (int64_t)hk * d, 0, qkv_size, cos, sin, q, 0, k_cache,
+                        v_cache, kv_bf16, slots, t, hq, hk, d, num_threads);
+        paged_decode_attention(q, q_size, k_cache, v_cache, kv_bf16, block_table, bt_stride, rows, t, att, 0, q_size,
+                               hq, hk, d, page_size, scale, max_len, num_threads);
+        matmul(w + O, bits, att, x, t, hidden, q_size, num_threads);
+        add_rms_norm(x, 0, residual, (const float *)w[POST_NORM], h, 0, residual, t, hidden, eps, jiutian,
+                     num_threads);
+        matmul(w + GATE_UP, bits, h, gate_up, t, 2 * inter, hidden, num_threads);
+        silu_and_mul(gate_up, 0, act, 0, t, inter, num_threads);
+        matmul(w + DOWN, bits, act, x, t, hidden, inter, num_threads);
+    }
+    free(h);
+    free(qkv);
+    free(q);
+    free(att);
+    free(gate_up);
+    free(act);
+}
