@@ -2,9 +2,11 @@
 (csrc/decode_stack.c), for models whose linears all sit in the C quantized tiles.
 
 The C side calls the very kernels the per-op path dispatches to, in the same order, so
-the two agree bit for bit; what goes away is ~270 returns to Python per step, which at
-one sequence cost about as much as the arithmetic (and slow the kernels after them).
-Prefill chunks, and models it does not cover, take the per-op path.
+for decode tokens the two agree bit for bit; what goes away is ~270 returns to Python per
+step, which at one sequence cost about as much as the arithmetic (and slow the kernels
+after them). Short prompt chunks ride along (mixed steps are the rule under load), their
+attention computed by the decode kernel row by row in float32 rather than by SDPA; long
+chunks, and models it does not cover, take the per-op path.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from pagoda.ops.cpu import Int4Tiles, Int8Tiles
 from pagoda.ops.registry import DECLINE, register_kernel
 
 LAYER_SLOTS = 17  # addresses per layer in the C table (decode_stack.c)
+# Prompt chunks up to this long ride along in the C stack (their attention as rows of the
+# decode kernel); longer ones take the per-op path, whose flash SDPA is faster on them.
+MAX_CHUNK = 256
 _BITS = {Int4Tiles: 4, Int8Tiles: 8}
 
 
@@ -92,24 +97,40 @@ def _plan(layers, kv) -> StackPlan | None:
     return cached[1]
 
 
+def _attention_rows(meta: AttentionMetadata) -> torch.Tensor | None:
+    """[T, 3] (token index, sequence, context length) for every token, the rows the C decode
+    attention reads: a prompt token is a decode row whose context ends at itself (the chunk's
+    keys are stored before attention runs). None for chunks longer than MAX_CHUNK."""
+    if meta.is_decode_only:
+        return meta.decode_rows
+    if max(meta.query_lens) > MAX_CHUNK:
+        return None
+    rows = []
+    for b, (q, s) in enumerate(zip(meta.query_lens, meta.seq_lens)):
+        start, first_len = meta.query_starts[b], s - q + 1
+        rows += [(start + i, b, first_len + i) for i in range(q)]
+    return torch.tensor(rows, dtype=torch.int64)
+
+
 @register_kernel("decoder_layers", "cpu", priority=20)
 def decoder_layers_c(layers, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv):
     lib = native.library()
     cos, sin = rope
     if (
-        lib is None or not meta.is_decode_only or x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous()
+        lib is None or x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous()
         or not (cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous())
     ):
         return DECLINE
     plan = _plan(layers, kv)
-    if plan is None:
+    rows = None if plan is None else _attention_rows(meta)
+    if rows is None:
         return DECLINE
     out, residual = x.clone(), torch.empty_like(x)
-    rows, block_table = meta.decode_rows, meta.block_table
+    block_table = meta.block_table
     lib.decode_stack(
         plan.table.data_ptr(), len(layers), plan.bits, out.data_ptr(), residual.data_ptr(), x.shape[0], plan.hidden,
         plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.intermediate, plan.eps, plan.jiutian, cos.data_ptr(),
         sin.data_ptr(), plan.kv_bf16, meta.slot_mapping.data_ptr(), block_table.data_ptr(), block_table.stride(0),
-        rows.data_ptr(), meta.page_size, plan.scale, meta.decode_max_len, torch.get_num_threads(),
+        rows.data_ptr(), meta.page_size, plan.scale, max(meta.seq_lens), torch.get_num_threads(),
     )
     return out, residual

@@ -1,5 +1,5 @@
-"""decoder_layers: the CPU kernel (a decode step's layer stack in one C call) against the
-model's own per-op path, bit for bit, including what each leaves in the KV cache."""
+"""decoder_layers: the CPU kernel (a step's layer stack in one C call) against the model's
+own per-op path: bit for bit on decode tokens, including what each leaves in the KV cache."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pagoda.models.layers import LinearFormat
 from pagoda.models.llama import LlamaForCausalLM
 from pagoda.models.loader import _fill_dummy
 from pagoda.ops import OPS, AttentionMetadata
-from pagoda.ops.cpu_decoder import decoder_layers_c
+from pagoda.ops.cpu_decoder import MAX_CHUNK, decoder_layers_c
 from pagoda.ops.registry import DECLINE
 from tests.unit.test_quant import needs_c_quant
 
@@ -91,10 +91,59 @@ def test_stack_serves_float32_caches_and_leaves_its_input_alone():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def test_stack_declines_prefill_and_unquantized_models():
+def test_stack_declines_long_prompt_chunks_and_unquantized_models():
     model = _model("LlamaForCausalLM", "int4")
     x, rope, meta, kv = _decode_inputs(model, [3, 11])
-    prefill = AttentionMetadata([2], [2], torch.tensor([4, 5]), torch.tensor([[1]]), PAGE)
-    assert decoder_layers_c(model.layers, torch.cat([x, x]), rope, prefill, kv) is DECLINE
+    n = MAX_CHUNK + 1
+    long_chunk = AttentionMetadata([n], [n], torch.arange(PAGE, PAGE + n), torch.arange(1, n // PAGE + 2)[None], PAGE)
+    pos = torch.arange(n)
+    long_rope = (model.rope_cos[pos], model.rope_sin[pos])
+    assert decoder_layers_c(model.layers, model.embed_tokens[pos % 90], long_rope, long_chunk, kv) is DECLINE
     dense = _model("LlamaForCausalLM", None)
     assert decoder_layers_c(dense.layers, x, rope, meta, kv) is DECLINE
+
+
+def _mixed_inputs(model: LlamaForCausalLM, decode_lens: list[int], chunks: list[tuple[int, int]]):
+    """Decode tokens plus prompt chunks (start, length), each sequence in its own pages; the
+    float32 cache keeps the per-op path's prefill attention in float32 too."""
+    cfg = model.config
+    kv = KVPool(cfg.num_hidden_layers, 128, PAGE, cfg.num_key_value_heads, cfg.head_dim, torch.float32,
+                torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    for cache in kv.k + kv.v:
+        cache[PAGE:].copy_(torch.randn(cache[PAGE:].shape, generator=g))
+    query_lens = [1] * len(decode_lens) + [n for _, n in chunks]
+    starts = decode_lens + [s for s, _ in chunks]
+    pages, slots, positions, next_page = [], [], [], 1
+    for start, q in zip(starts, query_lens):
+        own = list(range(next_page, next_page + (start + q) // PAGE + 1))
+        next_page += len(own)
+        pages.append(own)
+        for pos in range(start, start + q):
+            slots.append(own[pos // PAGE] * PAGE + pos % PAGE)
+            positions.append(pos)
+    table = torch.zeros(len(pages), max(map(len, pages)), dtype=torch.long)
+    for b, own in enumerate(pages):
+        table[b, : len(own)] = torch.tensor(own)
+    seq_lens = [s + q for s, q in zip(starts, query_lens)]
+    meta = AttentionMetadata(query_lens, seq_lens, torch.tensor(slots), table, PAGE)
+    pos = torch.tensor(positions)
+    x = model.embed_tokens[torch.randint(0, cfg.vocab_size, (len(positions),), generator=g)]
+    return x, (model.rope_cos[pos], model.rope_sin[pos]), meta, kv
+
+
+@needs_c_quant
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_short_prompt_chunks_ride_along(quantization):
+    """Decodes beside a fresh prompt and a later chunk of another: the chunks' attention is the
+    decode kernel's, row by row, so this matches the per-op path (SDPA) to float32 rounding."""
+    model = _model("Qwen2ForCausalLM", quantization)
+    x, rope, meta, kv = _mixed_inputs(model, [7, 30], [(0, 19), (12, 9)])
+    kv_ref = _clone_kv(kv)
+    got = decoder_layers_c(model.layers, x, rope, meta, kv)
+    assert got is not DECLINE
+    want = OPS["decoder_layers"].reference(model.layers, x, rope, meta, kv_ref)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
+    for a, b in zip(kv.k + kv.v, kv_ref.k + kv_ref.v):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -1,6 +1,8 @@
-/* A decode step's whole stack of decoder layers in one call, for quantized (int4/int8)
+/* A step's whole stack of decoder layers in one call, for quantized (int4/int8)
  * Llama-family models: the same C kernels the per-op path calls, in the same order on the
- * same numbers (so the result is bit-identical), without a return to Python between them.
+ * same numbers (so decode tokens come out bit-identical), without a return to Python
+ * between them. Tokens of short prompt chunks come along as attention rows whose context
+ * ends at themselves (rotary_store_kv stores the whole chunk's keys first).
  *
  * Why: at one sequence the ~270 kernel calls of a step each cost 10-30 us of Python and
  * dispatch around a few us of work, and the pauses cost more than themselves: a matmul
