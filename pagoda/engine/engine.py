@@ -91,7 +91,7 @@ class Engine:
         source = self.config.tokenizer or self.loaded.path
         if source is None:
             return None  # dummy weights from a bare config: token-id prompts only
-        tok = load_tokenizer(source)
+        tok = load_tokenizer(source, self.loaded.read_gguf)
         if self.config.chat_template:
             try:
                 with open(self.config.chat_template) as f:

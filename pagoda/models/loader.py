@@ -39,6 +39,7 @@ class LoadedModel:
     context_length: int
     weight_bytes: int
     quantization: str | None  # what --quantization resolved to: "bf16", "int8", "int4" or None
+    read_gguf: tuple[Path, dict[str, Any]] | None = None  # a GGUF checkpoint's tokenizer keys, read with it
 
 
 def resolve_model_path(config: EngineConfig) -> Path | None:
@@ -124,8 +125,13 @@ def load_model(config: EngineConfig, platform: Platform, show_progress: bool = F
     model.eval()
     return LoadedModel(
         model, model_cfg, hf_config, path, dtype, time.perf_counter() - start, context_length, weight_bytes(model),
-        quantization,
+        quantization, _read_gguf(checkpoint),
     )
+
+
+def _read_gguf(checkpoint: Any) -> tuple[Path, dict[str, Any]] | None:
+    metadata = getattr(checkpoint, "tokenizer_metadata", None)
+    return None if metadata is None else (checkpoint.path, metadata)
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer as Backend
 
 from pagoda.errors import ModelLoadError
 from pagoda.tokenizer.chat_template import render_chat_template
-from pagoda.tokenizer.gguf_vocab import load_gguf_vocab
+from pagoda.tokenizer.gguf_vocab import load_gguf_vocab, vocab_from_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +83,10 @@ class Tokenizer:
                    chat_template=_hf_chat_template(root, config), add_bos_token=bool(add_bos), extra_stop_ids=extra)
 
     @classmethod
-    def from_gguf(cls, path: str | Path) -> Tokenizer:
-        """A GGUF file: the vocabulary lives in its metadata."""
-        vocab = load_gguf_vocab(path)
+    def from_gguf(cls, path: str | Path, metadata: dict[str, Any] | None = None) -> Tokenizer:
+        """A GGUF file: the vocabulary lives in its metadata (`metadata`: those keys, already
+        read by read_tokenizer_metadata, which spares a second parse of the file)."""
+        vocab = load_gguf_vocab(path) if metadata is None else vocab_from_metadata(metadata, source=str(path))
         return cls(vocab.backend, bos_token_id=vocab.bos_token_id, eos_token_id=vocab.eos_token_id,
                    chat_template=vocab.chat_template, add_bos_token=vocab.add_bos_token,
                    extra_stop_ids=vocab.extra_stop_ids)
@@ -138,16 +139,20 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=False)
 
 
-def load_tokenizer(model_path: str | Path) -> Tokenizer:
-    """A directory is a transformers model (or holds a GGUF); a *.gguf file is read directly."""
+def load_tokenizer(model_path: str | Path, read_gguf: tuple[Path, dict[str, Any]] | None = None) -> Tokenizer:
+    """A directory is a transformers model (or holds a GGUF); a *.gguf file is read directly.
+    `read_gguf`: a GGUF file whose tokenizer keys the caller has read already (used if it is
+    the file this picks)."""
     path = Path(model_path)
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "tokenizer.json").is_file() and ggufs:
-            return Tokenizer.from_gguf(ggufs[0])
-        return Tokenizer.from_hf_dir(path)
+            path = ggufs[0]
+        else:
+            return Tokenizer.from_hf_dir(path)
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return Tokenizer.from_gguf(path)
+        known = read_gguf is not None and read_gguf[0].resolve() == path.resolve()
+        return Tokenizer.from_gguf(path, read_gguf[1] if known else None)
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist")
     raise ModelLoadError(f"cannot load a tokenizer from {path}: expected a model directory or a .gguf file")

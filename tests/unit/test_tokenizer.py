@@ -12,7 +12,7 @@ from tokenizers import processors
 
 from pagoda.errors import ConfigError, ModelLoadError
 from pagoda.tokenizer import Tokenizer, load_tokenizer
-from pagoda.tokenizer.gguf_vocab import bytes_to_unicode, vocab_from_metadata
+from pagoda.tokenizer.gguf_vocab import bytes_to_unicode, read_tokenizer_metadata, vocab_from_metadata
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -196,6 +196,21 @@ def test_load_tokenizer_errors(tmp_path: Path) -> None:
 def test_directory_holding_only_a_gguf(tmp_path: Path) -> None:
     write_gguf(tmp_path / "model.gguf", byte_level_meta())
     assert load_tokenizer(tmp_path).encode("hello world") == from_meta(byte_level_meta()).encode("hello world")
+
+
+def test_gguf_keys_read_with_the_weights_are_not_parsed_again(tmp_path: Path, monkeypatch) -> None:
+    path = write_gguf(tmp_path / "model.gguf", byte_level_meta())
+    metadata = read_tokenizer_metadata(path)
+    expected = load_tokenizer(path).encode("hello world")
+
+    def no_second_parse(*args, **kwargs):
+        raise AssertionError("the GGUF was parsed again")
+
+    monkeypatch.setattr(gguf, "GGUFReader", no_second_parse)
+    assert load_tokenizer(path, (path, metadata)).encode("hello world") == expected
+    assert load_tokenizer(tmp_path, (path, metadata)).encode("hello world") == expected  # its directory
+    with pytest.raises(ModelLoadError, match="parsed again"):  # keys of another file are not used
+        load_tokenizer(path, (tmp_path / "other.gguf", metadata))
 
 
 PARITY_TEXTS = ["hello world", "hello  world é 你好", " hello", "<|user|>hello", "hello<|user|> world", "<s>hello",
