@@ -1,4 +1,4 @@
-"""CPU kernel of decoder_layers: a decode step's whole layer stack in one C call
+"""CPU kernel of decoder_layers: a step's whole layer stack in one C call
 (csrc/decode_stack.c), for models whose linears all sit in the C quantized tiles.
 
 The C side calls the very kernels the per-op path dispatches to, in the same order, so
