@@ -9,7 +9,7 @@
  * (broadcast), so no horizontal sums are needed and the weights are unpacked once per
  * eight rows. Per group, sum(q x) is scaled by d and m * sum(x) added. About 1.4x
  * torch's speed for one row and 1.8x bfloat16 oneDNN at eight (measured on the default
- * model's layers). From 16 rows on, where the CPU has AMX, each group is one tile product
+ * model's layers). From 10 rows on, where the CPU has AMX, each group is one tile product
  * instead (below). Activations are rounded to bfloat16 on both paths, so the products are
  * exact and the two paths agree bit for bit: a row's result does not depend on the rows
  * beside it.
@@ -153,7 +153,7 @@ static float *float_rows(const void *x, int x_bf16, int64_t rows, int64_t k, int
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define AMX_MIN_ROWS 16
+#define AMX_MIN_ROWS 10
 
 static int amx_ready(void) { /* Linux hands out the tile registers on request, once per process */
     static int state = 0; /* 0 unknown, 1 yes, -1 no */
