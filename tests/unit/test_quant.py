@@ -216,3 +216,17 @@ def test_int4_model_without_the_c_kernels_serves_on_torch_tiers(tiny_config_path
     assert isinstance(llm.engine.runner.model.layers[0].mlp.down_proj.qweight.packed, cpu.TorchInt4)
     slow = prefill_logits(llm.engine.runner, ids)
     assert torch.nn.functional.cosine_similarity(fast, slow, dim=-1).min() > 0.99
+
+
+@needs_c_quant
+@pytest.mark.parametrize("make,linear", [(_weight, int4_linear), (_int8_weight, int8_linear)], ids=["int4", "int8"])
+def test_c_kernel_on_long_inputs_matches_reference_and_single_rows(make, linear) -> None:
+    """1,600 inputs: 50 groups, which the many-row (AMX) path takes in several passes."""
+    _, q = make(n=32, k=1600, seed=3)
+    x = torch.randn(21, 1600, generator=torch.Generator().manual_seed(4))
+    ref = linear.reference(x, q)  # before prepacking, which frees the canonical copy
+    packed = (ops.int4_prepack if linear is int4_linear else ops.int8_prepack)(q)
+    got = linear(x, packed)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    for i in (0, 16, 20):  # one row takes the FMA path: the same sums in the same order
+        assert torch.equal(linear(x[i : i + 1], packed), got[i : i + 1])
