@@ -50,6 +50,19 @@ class AttentionMetadata:
         return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
 
     @cached_property
+    def token_rows(self) -> torch.Tensor:
+        """decode_rows' layout for every token: a prompt token is a row whose context ends at
+        itself (its chunk's keys are stored before attention runs), so the decode kernel can
+        attend for it too; the same tensor as decode_rows when every sequence decodes."""
+        if self.is_decode_only:
+            return self.decode_rows
+        rows = []
+        for b, (q, s) in enumerate(zip(self.query_lens, self.seq_lens)):
+            start, first_len = self.query_starts[b], s - q + 1
+            rows += [(start + i, b, first_len + i) for i in range(q)]
+        return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+
+    @cached_property
     def decode_max_len(self) -> int:
         """Longest context among the single-token sequences (0 if none)."""
         return max((s for q, s in zip(self.query_lens, self.seq_lens) if q == 1), default=0)

@@ -48,16 +48,16 @@ class StackPlan:
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layers -> (kv pool, plan or None)
 
 
-def _tiles(linear, kind: type) -> tuple[int, ...] | None:
-    packed = getattr(getattr(linear, "qweight", None), "packed", None)
-    return packed.pointers if type(packed) is kind else None
+def _packed(linear) -> object:
+    """A linear's kernel layout (None for unquantized linears)."""
+    return getattr(getattr(linear, "qweight", None), "packed", None)
 
 
 def _make_plan(layers, kv) -> StackPlan | None:
     """The plan, or None when some layer is outside what the C stack runs."""
     first = layers[0]
     attn, norm = first.self_attn, first.input_layernorm
-    kind = type(getattr(getattr(attn.qkv_proj, "qweight", None), "packed", None))
+    kind = type(_packed(attn.qkv_proj))
     if kind not in _BITS:
         return None
     rows: list[int] = []
@@ -65,9 +65,8 @@ def _make_plan(layers, kv) -> StackPlan | None:
         a, mlp = layer.self_attn, layer.mlp
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         linears = (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        tiles = [_tiles(lin, kind) for lin in linears]
         if (
-            any(t is None for t in tiles)
+            any(type(_packed(lin)) is not kind for lin in linears)
             or a.dtype != torch.float32 or a.out_dtype is not None
             or any(n.out_dtype is not None or n.weight.dtype != torch.float32 for n in norms)
             or any((n.eps, n.variant) != (norm.eps, norm.variant) for n in norms)
@@ -77,8 +76,9 @@ def _make_plan(layers, kv) -> StackPlan | None:
             or kv.k[i].dtype not in (torch.float32, torch.bfloat16)
         ):
             return None
-        for t in tiles:
-            rows += [*t, *[0] * (3 - len(t))]
+        for lin in linears:
+            pointers = _packed(lin).pointers
+            rows += [*pointers, *[0] * (3 - len(pointers))]
         bias = a.qkv_proj.bias
         rows += [norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
                  kv.k[i].data_ptr(), kv.v[i].data_ptr()]
@@ -97,21 +97,6 @@ def _plan(layers, kv) -> StackPlan | None:
     return cached[1]
 
 
-def _attention_rows(meta: AttentionMetadata) -> torch.Tensor | None:
-    """[T, 3] (token index, sequence, context length) for every token, the rows the C decode
-    attention reads: a prompt token is a decode row whose context ends at itself (the chunk's
-    keys are stored before attention runs). None for chunks longer than MAX_CHUNK."""
-    if meta.is_decode_only:
-        return meta.decode_rows
-    if max(meta.query_lens) > MAX_CHUNK:
-        return None
-    rows = []
-    for b, (q, s) in enumerate(zip(meta.query_lens, meta.seq_lens)):
-        start, first_len = meta.query_starts[b], s - q + 1
-        rows += [(start + i, b, first_len + i) for i in range(q)]
-    return torch.tensor(rows, dtype=torch.int64)
-
-
 @register_kernel("decoder_layers", "cpu", priority=20)
 def decoder_layers_c(layers, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv):
     lib = native.library()
@@ -122,11 +107,10 @@ def decoder_layers_c(layers, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Te
     ):
         return DECLINE
     plan = _plan(layers, kv)
-    rows = None if plan is None else _attention_rows(meta)
-    if rows is None:
+    if plan is None or max(meta.query_lens) > MAX_CHUNK:
         return DECLINE
     out, residual = x.clone(), torch.empty_like(x)
-    block_table = meta.block_table
+    rows, block_table = meta.token_rows, meta.block_table
     lib.decode_stack(
         plan.table.data_ptr(), len(layers), plan.bits, out.data_ptr(), residual.data_ptr(), x.shape[0], plan.hidden,
         plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.intermediate, plan.eps, plan.jiutian, cos.data_ptr(),

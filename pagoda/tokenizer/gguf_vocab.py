@@ -101,9 +101,10 @@ def read_tokenizer_metadata(path: str | Path, reader: Any = None) -> dict[str, A
     return meta
 
 
-def load_gguf_vocab(path: str | Path) -> GGUFVocab:
-    """Read a GGUF file's tokenizer metadata and rebuild its tokenizer."""
-    return vocab_from_metadata(read_tokenizer_metadata(path), source=str(path))
+def load_gguf_vocab(path: str | Path, metadata: dict[str, Any] | None = None) -> GGUFVocab:
+    """Rebuild a GGUF file's tokenizer from its metadata (`metadata`: those keys already read
+    by read_tokenizer_metadata, which spares a second parse of the file)."""
+    return vocab_from_metadata(read_tokenizer_metadata(path) if metadata is None else metadata, source=str(path))
 
 
 def vocab_from_metadata(meta: dict[str, Any], source: str = "GGUF file") -> GGUFVocab:

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer as Backend
 
 from pagoda.errors import ModelLoadError
 from pagoda.tokenizer.chat_template import render_chat_template
-from pagoda.tokenizer.gguf_vocab import load_gguf_vocab, vocab_from_metadata
+from pagoda.tokenizer.gguf_vocab import load_gguf_vocab
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +84,8 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | Path, metadata: dict[str, Any] | None = None) -> Tokenizer:
-        """A GGUF file: the vocabulary lives in its metadata (`metadata`: those keys, already
-        read by read_tokenizer_metadata, which spares a second parse of the file)."""
-        vocab = load_gguf_vocab(path) if metadata is None else vocab_from_metadata(metadata, source=str(path))
+        """A GGUF file: the vocabulary lives in its metadata (`metadata`: see load_gguf_vocab)."""
+        vocab = load_gguf_vocab(path, metadata)
         return cls(vocab.backend, bos_token_id=vocab.bos_token_id, eos_token_id=vocab.eos_token_id,
                    chat_template=vocab.chat_template, add_bos_token=vocab.add_bos_token,
                    extra_stop_ids=vocab.extra_stop_ids)

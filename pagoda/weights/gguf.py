@@ -211,8 +211,12 @@ class GGUFCheckpoint:
         self.hf_config: dict[str, Any] = gguf_hf_config(meta, self.architecture, {t.name for t in self.reader.tensors})
         # HF name -> GGUF type name ("Q4_1", "F32", ...), for loaders that keep weights quantized.
         self.quant_types: dict[str, str] = {hf: t.tensor_type.name for hf, t in self._entries}
-        # read while the file is open: the engine's tokenizer is built from it without a second parse
-        self.tokenizer_metadata: dict[str, Any] = read_tokenizer_metadata(path, self.reader)
+
+    @functools.cached_property
+    def tokenizer_metadata(self) -> dict[str, Any]:
+        """The tokenizer keys, read from the open file: the engine builds its tokenizer from
+        them without parsing the file a second time."""
+        return read_tokenizer_metadata(self.path, self.reader)
 
     def _map_tensors(self) -> list[tuple[str, Any]]:
         """Name every tensor in HF terms and check it can be dequantized, before any is read."""
