@@ -20,25 +20,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
+
 #define LAYER_SLOTS 17
 enum { QKV = 0, O = 3, GATE_UP = 6, DOWN = 9, INPUT_NORM = 12, POST_NORM = 13, QKV_BIAS = 14, K_CACHE = 15, V_CACHE = 16 };
-
-void rms_norm(const float *x, const float *w, void *out, int out_bf16, int64_t rows, int64_t cols, float eps,
-              int jiutian, int num_threads);
-void add_rms_norm(const void *x, int x_bf16, const float *residual, const float *w, void *out, int out_bf16,
-                  float *summed, int64_t rows, int64_t cols, float eps, int jiutian, int num_threads);
-void rotary_store_kv(const void *q, const void *k, const void *v, int x_bf16, int64_t row_stride, const float *cos,
-                     const float *sin, void *q_out, int q_out_bf16, void *k_cache, void *v_cache, int cache_bf16,
-                     const int64_t *slots, int64_t tokens, int hq, int hk, int d, int num_threads);
-void silu_and_mul(const void *x, int x_bf16, void *out, int out_bf16, int64_t rows, int64_t n, int num_threads);
-void paged_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
-                            int kv_bf16, const int64_t *block_table, int64_t bt_stride, const int64_t *rows,
-                            int64_t n, void *out, int out_bf16, int64_t out_stride, int hq, int hk, int d,
-                            int page_size, float scale, int max_len, int num_threads);
-void int4_matmul(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const void *x, int x_bf16, void *out,
-                 int out_bf16, int64_t rows, int64_t n, int64_t k, int num_threads);
-void int8_matmul(const int8_t *qp, const uint16_t *d16, const void *x, int x_bf16, void *out, int out_bf16,
-                 int64_t rows, int64_t n, int64_t k, int num_threads);
 
 /* out [rows, n] float32 = x [rows, k] float32 times the tiles at w[0..2] */
 static void matmul(const int64_t *w, int bits, const float *x, float *out, int64_t rows, int64_t n, int64_t k,

@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "kernels.h"
 
 #define PARALLEL_MIN_ELEMENTS 16384
 #define CHUNK 512 /* elements converted to float32 at a time */

@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "kernels.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif

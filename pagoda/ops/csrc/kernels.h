@@ -1,0 +1,25 @@
+/* The C kernels other C code calls (decode_stack.c), declared once: the files that define
+ * them include this too, so the compiler checks that both sides agree. What the arguments
+ * mean is documented at each definition. */
+#ifndef PAGODA_KERNELS_H
+#define PAGODA_KERNELS_H
+#include <stdint.h>
+
+void rms_norm(const float *x, const float *w, void *out, int out_bf16, int64_t rows, int64_t cols, float eps,
+              int jiutian, int num_threads);
+void add_rms_norm(const void *x, int x_bf16, const float *residual, const float *w, void *out, int out_bf16,
+                  float *summed, int64_t rows, int64_t cols, float eps, int jiutian, int num_threads);
+void rotary_store_kv(const void *q, const void *k, const void *v, int x_bf16, int64_t row_stride, const float *cos,
+                     const float *sin, void *q_out, int q_out_bf16, void *k_cache, void *v_cache, int cache_bf16,
+                     const int64_t *slots, int64_t tokens, int hq, int hk, int d, int num_threads);
+void silu_and_mul(const void *x, int x_bf16, void *out, int out_bf16, int64_t rows, int64_t n, int num_threads);
+void paged_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+                            int kv_bf16, const int64_t *block_table, int64_t bt_stride, const int64_t *rows,
+                            int64_t n, void *out, int out_bf16, int64_t out_stride, int hq, int hk, int d,
+                            int page_size, float scale, int max_len, int num_threads);
+void int4_matmul(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const void *x, int x_bf16, void *out,
+                 int out_bf16, int64_t rows, int64_t n, int64_t k, int num_threads);
+void int8_matmul(const int8_t *qp, const uint16_t *d16, const void *x, int x_bf16, void *out, int out_bf16,
+                 int64_t rows, int64_t n, int64_t k, int num_threads);
+
+#endif
