@@ -96,10 +96,11 @@ SIGNATURES = {  # the C functions and their argument types (see the sources for 
     "int4_matmul": [_P, _P, _P, _P, _I32, _P, _I32, _I64, _I64, _I64, _I32],
     "int8_matmul": [_P, _P, _P, _I32, _P, _I32, _I64, _I64, _I64, _I32],
     "quant_matmul_available": [],
+    "quant_matmul_rounded_rows": [],
     "decode_stack": [_P, _I32, _I32, _P, _P, _I64, _I64, _I32, _I32, _I32, _I64, _F32, _I32, _P, _P, _I32, _P, _P, _I64,
                      _P, _I32, _F32, _I32, _I32],
 }
-RESTYPES = {"quant_matmul_available": ctypes.c_int}
+RESTYPES = {"quant_matmul_available": ctypes.c_int, "quant_matmul_rounded_rows": ctypes.c_int}
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:

@@ -23,6 +23,41 @@ def _c_quant_kernels() -> bool:
 needs_c_quant = pytest.mark.skipif(not _c_quant_kernels(), reason="pagoda's quantized matmuls need AVX-512")
 
 
+def _rounded_rows() -> int:
+    """The row count from which the C kernel rounds weights to bfloat16 (0: never, no AMX here)."""
+    from pagoda.ops import native
+
+    return native.library().quant_matmul_rounded_rows() if _c_quant_kernels() else 0
+
+
+def _c_reference(linear, x: torch.Tensor, q, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """What the C kernel computes for x's row count: the reference, or from the rounded row count
+    on, the reference with each weight rounded to bfloat16 (the AMX rounded form's tile inputs)."""
+    if not _rounded_rows() or x.shape[0] < _rounded_rows():
+        return linear.reference(x, q, bias)
+    w = (dequantize_int4 if linear is int4_linear else dequantize_int8)(q).bfloat16().float()
+    y = x.bfloat16().float() @ w.t()
+    return y if bias is None else y + bias
+
+
+@needs_c_quant
+@pytest.mark.parametrize("linear", [int4_linear, int8_linear], ids=["int4", "int8"])
+def test_many_rows_round_weights_to_bfloat16_and_nothing_else(linear) -> None:
+    """The reference with bfloat16-rounded weights is a different function from the reference: the
+    kernel's rows must match the one their path computes, which a loose tolerance would not show.
+    Up to 16 rows (FMA and exact AMX forms) the weights are exact."""
+    if not _rounded_rows():
+        pytest.skip("no AMX on this CPU")
+    _, q = (_weight if linear is int4_linear else _int8_weight)(n=64, k=256, seed=7)
+    x = torch.randn(_rounded_rows() + 20, 256, generator=torch.Generator().manual_seed(8))
+    exact, rounded = linear.reference(x, q), _c_reference(linear, x, q)
+    assert (exact - rounded).abs().max() > 1e-3  # the two references differ measurably
+    packed = (ops.int4_prepack if linear is int4_linear else ops.int8_prepack)(q)
+    torch.testing.assert_close(linear(x, packed), rounded, rtol=1e-5, atol=1e-5)
+    for rows in (1, 12, _rounded_rows() - 1):  # FMA, exact AMX
+        torch.testing.assert_close(linear(x[:rows], packed), exact[:rows], rtol=1e-5, atol=1e-5)
+
+
 def _weight(n: int = 64, k: int = 128, seed: int = 0) -> tuple[torch.Tensor, Int4Weight]:
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
     q = Int4Weight.empty(n, k, 32, torch.device("cpu"))
@@ -59,7 +94,7 @@ def test_cpu_kernels_match_reference() -> None:
             w, q = _weight(seed=batch)
             g = torch.Generator().manual_seed(100 + batch)
             x, bias = torch.randn(batch, 128, generator=g), torch.randn(64, generator=g)
-            ref = int4_linear.reference(x, q, bias)
+            ref = int4_linear.reference(x, q, bias) if tol > 1e-4 else _c_reference(int4_linear, x, q, bias)
             packed = prepack(q)
             assert isinstance(packed.packed, layout) and packed.qweight is None  # the CPU kernel took it
             got = linear(x, packed, bias)
@@ -73,15 +108,19 @@ def test_cpu_kernels_match_reference() -> None:
 
 @needs_c_quant
 def test_c_kernel_serves_by_default_and_a_row_does_not_depend_on_its_batch() -> None:
+    """On either path a row's sums are its own, in a fixed order: the rows beside it change nothing."""
     from pagoda.ops.cpu import Int4Tiles
 
     _, q = _weight(n=48, k=96)
     packed = ops.int4_prepack(q)
     assert isinstance(packed.packed, Int4Tiles)
-    x = torch.randn(19, 96)
-    batched = ops.int4_linear(x, packed)
-    for i in (0, 7, 18):  # eight-row passes, then a remainder: the same sums in the same order
-        assert torch.equal(ops.int4_linear(x[i : i + 1], packed), batched[i : i + 1])
+    x = torch.randn(56, 96)
+    few = ops.int4_linear(x[:16], packed)  # FMA passes of eight rows, or exact AMX: the same sums
+    for lo, hi in ((0, 1), (3, 9), (5, 16)):
+        assert torch.equal(ops.int4_linear(x[lo:hi], packed), few[lo:hi])
+    many = ops.int4_linear(x, packed)  # rounded AMX: two- and one-block passes, padded last block
+    for lo, hi in ((0, 19), (5, 56), (21, 54)):
+        assert torch.equal(ops.int4_linear(x[lo:hi], packed), many[lo:hi])
 
 
 def test_prepack_declines_unaligned_rows_and_reference_serves() -> None:
@@ -171,14 +210,14 @@ def test_int8_c_kernel_matches_reference_and_rows_do_not_depend_on_their_batch()
         w, q = _int8_weight(seed=batch)
         g = torch.Generator().manual_seed(100 + batch)
         x, bias = torch.randn(batch, 128, generator=g), torch.randn(64, generator=g)
-        ref = int8_linear.reference(x, q, bias)
+        ref = _c_reference(int8_linear, x, q, bias)
         packed = ops.int8_prepack(q)
         assert isinstance(packed.packed, Int8Tiles) and packed.qweight is None
         got = ops.int8_linear(x, packed, bias)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
         assert ops.int8_linear(x.bfloat16(), packed, bias).dtype == torch.bfloat16
-        for i in (0, batch - 1):
-            assert torch.equal(ops.int8_linear(x[i : i + 1], packed, bias), got[i : i + 1])
+        half = batch // 2  # the later half takes the same path as the whole batch: its rows' sums are their own
+        assert torch.equal(ops.int8_linear(x[half:], packed, bias), got[half:])
 
 
 def test_int8_dense_fallback_matches_reference() -> None:
@@ -220,13 +259,11 @@ def test_int4_model_without_the_c_kernels_serves_on_torch_tiers(tiny_config_path
 
 @needs_c_quant
 @pytest.mark.parametrize("make,linear", [(_weight, int4_linear), (_int8_weight, int8_linear)], ids=["int4", "int8"])
-def test_c_kernel_on_long_inputs_matches_reference_and_single_rows(make, linear) -> None:
-    """1,600 inputs: 50 groups, which the many-row (AMX) path takes in several passes."""
+def test_c_kernel_on_long_inputs_matches_reference(make, linear) -> None:
+    """1,600 inputs: 50 groups, an odd count, over which both paths accumulate."""
     _, q = make(n=32, k=1600, seed=3)
     x = torch.randn(21, 1600, generator=torch.Generator().manual_seed(4))
-    ref = linear.reference(x, q)  # before prepacking, which frees the canonical copy
+    refs = {rows: _c_reference(linear, x[:rows], q) for rows in (1, 5, 21)}  # before prepacking frees q
     packed = (ops.int4_prepack if linear is int4_linear else ops.int8_prepack)(q)
-    got = linear(x, packed)
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    for i in (0, 16, 20):  # one row takes the FMA path: the same sums in the same order
-        assert torch.equal(linear(x[i : i + 1], packed), got[i : i + 1])
+    for rows, ref in refs.items():
+        torch.testing.assert_close(linear(x[:rows], packed), ref, rtol=1e-4, atol=1e-4)

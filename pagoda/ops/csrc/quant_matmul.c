@@ -9,10 +9,11 @@
  * (broadcast), so no horizontal sums are needed and the weights are unpacked once per
  * eight rows. Per group, sum(q x) is scaled by d and m * sum(x) added. About 1.4x
  * torch's speed for one row and 1.8x bfloat16 oneDNN at eight (measured on the default
- * model's layers). From 10 rows on, where the CPU has AMX, each group is one tile product
- * instead (below). Activations are rounded to bfloat16 on both paths, so the products are
- * exact and the two paths agree bit for bit: a row's result does not depend on the rows
- * beside it.
+ * model's layers). Where the CPU has AMX, tile products take over from 10 rows (below):
+ * exactly up to 16 rows, and from 17 rows with the weights rounded to bfloat16 (up to 3x
+ * faster). Activations are rounded to bfloat16 on every path, so up to 16 rows the products
+ * are exact and the paths agree bit for bit; on every path a row's result depends on its
+ * own inputs only, never on the rows beside it.
  *
  * Layout (made by pagoda/ops/cpu.py): int4 qp [N/16][K/32][16 pairs][16 outputs] bytes
  * with input 2p in the low nibble and 2p+1 in the high one; int8 qp [N/16][K/32][32
@@ -31,6 +32,12 @@
 #include <immintrin.h>
 #endif
 
+#if defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define HAVE_AMX 1
+#else
+#define HAVE_AMX 0
+#endif
+
 #define ROWS 8      /* activation rows per pass over a tile's weights */
 #define GROUP 32    /* inputs per scale */
 #define PREFETCH 8  /* groups ahead */
@@ -44,15 +51,23 @@ int quant_matmul_available(void) {
 }
 
 #ifdef __AVX512F__
+/* float32 lanes rounded to bfloat16 (nearest even, as torch does; no NaNs here), in the
+ * high half of each lane */
+static inline __m512i bf16_high(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    return _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                                _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+}
+
+/* 16 float32 lanes as 16 bfloat16 */
+static inline __m256i bf16_round(__m512 v) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_high(v), 16)); }
+
 /* 16 outputs at out + o, float32 or rounded to bfloat16 */
 static inline void store_row(__m512 y, void *out, int out_bf16, int64_t o) {
-    if (!out_bf16) {
+    if (out_bf16)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + o), bf16_round(y));
+    else
         _mm512_storeu_ps((float *)out + o, y);
-        return;
-    }
-    float v[16];
-    _mm512_storeu_ps(v, y);
-    for (int j = 0; j < 16; j++) ((uint16_t *)out)[o + j] = f32_to_bf16(v[j]);
 }
 
 /* q of inputs 2p and 2p+1 of a group, for the tile's 16 outputs, as float32 (exact) */
@@ -142,19 +157,26 @@ static float *float_rows(const void *x, int x_bf16, int64_t rows, int64_t k, int
     return xf;
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-/* ---- AMX (Intel Sapphire Rapids and later): 16 rows x 16 outputs x 32 inputs per
- * instruction. Per group, the tile's weights become bfloat16 pairs (q is exact in bf16),
- * one tile product per 16 rows gives sum(q x), which is scaled into float32 sums as the
- * FMA path does. A tile's bfloat16 weights are made once for all row blocks, and a block's
- * sums stay in registers across groups (1.4x the speed of rebuilding and reloading them; the
- * loops over a block's rows have constant trip counts, padding included, or GCC keeps the
- * sums on the stack: another 1.1-1.3x).
- * Used from AMX_MIN_ROWS rows on (prefill chunks, large batches). */
+#if HAVE_AMX
+/* ---- AMX (Intel Sapphire Rapids and later): tile products of 16 rows x 16 outputs x 32
+ * inputs, in two forms by row count.
+ * - One row block (AMX_MIN_ROWS to 16 rows: decode batches) stays exact: per group, the
+ *   tile's q as bfloat16 (exact) times the rows gives sum(q x), which is stored and scaled
+ *   into float32 sums as the FMA path does, so the two paths agree bit for bit.
+ * - More rows (prefill chunks, large batches): the weights become bfloat16 w = d * q + m,
+ *   rounded to nearest even (what a bfloat16 copy of the weights holds), made once per call
+ *   for all row blocks, so a block's products accumulate in the tile registers over the whole
+ *   input instead of being stored and rescaled every 32 inputs: 2 row blocks x 2 output tiles
+ *   per pass, four accumulators fed by two activation and two weight tiles. Against the
+ *   exact form (measured on the default model's matrices): 1.1-1.4x at 32 rows, 1.3-1.6x at
+ *   64, 2.5-3x at 512; the price is each weight's bfloat16 rounding (relative 2^-9, about
+ *   what rounding the activations already costs). With one block the exact form is
+ *   faster: making these weights costs more than the rescaling it saves. */
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #define AMX_MIN_ROWS 10
+#define EXACT_MAX_ROWS 16
 
 static int amx_ready(void) { /* Linux hands out the tile registers on request, once per process */
     static int state = 0; /* 0 unknown, 1 yes, -1 no */
@@ -164,79 +186,178 @@ static int amx_ready(void) { /* Linux hands out the tile registers on request, o
 
 typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config;
 
-/* weights of input pair p for the tile's 16 outputs as 16 (bf16 q[2p], bf16 q[2p+1]) lanes */
-static inline __m512i bf16_pairs(__m512 w0, __m512 w1) {
-    const __m512i lo = _mm512_srli_epi32(_mm512_castps_si512(w0), 16);
-    return _mm512_or_si512(lo, _mm512_and_si512(_mm512_castps_si512(w1), _mm512_set1_epi32((int)0xFFFF0000u)));
+static void load_tile_config(int tiles) { /* tiles 0..tiles-1 of 16 rows x 64 bytes */
+    tile_config cfg = {0};
+    cfg.palette = 1;
+    for (int i = 0; i < tiles; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+    _tile_loadconfig(&cfg);
 }
 
-static void amx_tiles(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const float *xf, void *out,
+/* float32 w0, w1 rounded to bfloat16 (nearest even) as 16 (w0[j], w1[j]) pairs: a B tile row */
+static inline __m512i bf16_pairs(__m512 w0, __m512 w1) {
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
+}
+
+/* q as bfloat16 pairs, as bf16_pairs lays them out: exact, so the top halves of the float32s */
+static inline __m512i exact_bf16_pairs(__m512 q0, __m512 q1) {
+    const __m512i lo = _mm512_srli_epi32(_mm512_castps_si512(q0), 16);
+    return _mm512_or_si512(lo, _mm512_and_si512(_mm512_castps_si512(q1), _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+/* The exact form: rows <= 16 (one block), xf float32 rows with int4's group sums after them. */
+static void amx_exact(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const float *xf, void *out,
                       int out_bf16, int64_t rows, int64_t n, int64_t k, int bits, int num_threads) {
-    const int64_t groups = k / GROUP, group_bytes = GROUP * 16 * bits / 8, blocks = (rows + 15) / 16;
-    uint16_t *xb = calloc((size_t)(blocks * 16 * k), sizeof(uint16_t)); /* bf16 rows, zero padding */
+    const int64_t groups = k / GROUP, group_bytes = GROUP * 16 * bits / 8;
+    uint16_t *xb = calloc((size_t)(16 * k), sizeof(uint16_t)); /* bf16 rows, zero padding */
     for (int64_t i = 0; i < rows * k; i++) xb[i] = f32_to_bf16(xf[i]); /* exact: xf is bf16-valued */
-    float *xs = calloc((size_t)(blocks * 16 * groups), sizeof(float)); /* group sums, zero padding */
+    float *xs = calloc((size_t)(16 * groups), sizeof(float));           /* group sums, zero padding */
     if (bits == 4) memcpy(xs, xf + rows * k, sizeof(float) * (size_t)(rows * groups));
     _Pragma("omp parallel num_threads(num_threads)")
     {
-        tile_config cfg = {0};
-        cfg.palette = 1;
-        for (int i = 0; i < 3; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
-        _tile_loadconfig(&cfg);
-        __attribute__((aligned(64))) float c[16 * 16];
-        /* the tile's weights as bf16 B tiles, every group: made once, read by every row block */
-        uint32_t *b = aligned_alloc(64, sizeof(uint32_t) * 16 * 16 * (size_t)groups);
+        load_tile_config(3);
+        __attribute__((aligned(64))) float c[256];
+        __attribute__((aligned(64))) uint32_t b[256];
         _Pragma("omp for schedule(static)")
         for (int64_t t = 0; t < n / 16; t++) {
+            /* constant trip counts throughout, so the sums stay in registers */
+            __m512 acc[16];
+            _Pragma("GCC unroll 16")
+            for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
             for (int64_t g = 0; g < groups; g++) {
-                const uint8_t *qg = qp + t * groups * group_bytes + g * group_bytes;
+                const uint8_t *qg = qp + (t * groups + g) * group_bytes;
                 for (int p = 0; p < GROUP / 2; p++) {
-                    __m512 w0, w1;
-                    pair_weights(qg, p, bits, &w0, &w1);
-                    _mm512_store_si512((__m512i *)(b + (g * 16 + p) * 16), bf16_pairs(w0, w1));
+                    __m512 q0, q1;
+                    pair_weights(qg, p, bits, &q0, &q1);
+                    _mm512_store_si512((__m512i *)(b + p * 16), exact_bf16_pairs(q0, q1));
+                }
+                _tile_zero(0);
+                _tile_loadd(1, xb + g * GROUP, k * 2);
+                _tile_loadd(2, b, 64);
+                _tile_dpbf16ps(0, 1, 2);
+                _tile_stored(0, c, 64);
+                const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d16 + (t * groups + g) * 16)));
+                if (bits == 4) {
+                    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m16 + (t * groups + g) * 16)));
+                    _Pragma("GCC unroll 16")
+                    for (int r = 0; r < 16; r++) {
+                        acc[r] = _mm512_fmadd_ps(_mm512_load_ps(c + r * 16), d, acc[r]);
+                        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xs[r * groups + g]), m, acc[r]);
+                    }
+                } else {
+                    _Pragma("GCC unroll 16")
+                    for (int r = 0; r < 16; r++) acc[r] = _mm512_fmadd_ps(_mm512_load_ps(c + r * 16), d, acc[r]);
                 }
             }
-            for (int64_t rb = 0; rb < blocks; rb++) {
-                /* constant trip counts throughout, so the block's sums stay in registers */
-                __m512 acc[16];
-                _Pragma("GCC unroll 16")
-                for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
-                const float *xsb = xs + rb * 16 * groups;
-                for (int64_t g = 0; g < groups; g++) {
-                    _tile_zero(0);
-                    _tile_loadd(1, xb + rb * 16 * k + g * GROUP, k * 2);
-                    _tile_loadd(2, b + g * 256, 64);
-                    _tile_dpbf16ps(0, 1, 2);
-                    _tile_stored(0, c, 64);
-                    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d16 + (t * groups + g) * 16)));
-                    if (bits == 4) {
-                        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m16 + (t * groups + g) * 16)));
-                        _Pragma("GCC unroll 16")
-                        for (int r = 0; r < 16; r++) {
-                            acc[r] = _mm512_fmadd_ps(_mm512_load_ps(c + r * 16), d, acc[r]);
-                            acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xsb[r * groups + g]), m, acc[r]);
-                        }
-                    } else {
-                        _Pragma("GCC unroll 16")
-                        for (int r = 0; r < 16; r++) acc[r] = _mm512_fmadd_ps(_mm512_load_ps(c + r * 16), d, acc[r]);
-                    }
-                }
-                const int rn = rows - rb * 16 < 16 ? (int)(rows - rb * 16) : 16;
-                _Pragma("GCC unroll 16")
-                for (int r = 0; r < 16; r++)
-                    if (r < rn) store_row(acc[r], out, out_bf16, (rb * 16 + r) * n + t * 16);
+            _Pragma("GCC unroll 16")
+            for (int r = 0; r < 16; r++)
+                if (r < rows) store_row(acc[r], out, out_bf16, r * n + t * 16);
+        }
+        _tile_release();
+    }
+    free(xb);
+    free(xs);
+}
+
+/* The rounded form's B tiles of output tile t, every group, into b[g * stride] (256 pairs each) */
+static void rounded_weights(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, int64_t t,
+                            int64_t groups, int bits, uint32_t *b, int64_t stride) {
+    const int64_t group_bytes = GROUP * 16 * bits / 8;
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *qg = qp + (t * groups + g) * group_bytes;
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d16 + (t * groups + g) * 16)));
+        const __m512 m = bits == 4 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m16 + (t * groups + g) * 16)))
+                                   : _mm512_setzero_ps();
+        for (int p = 0; p < GROUP / 2; p++) {
+            __m512 q0, q1;
+            pair_weights(qg, p, bits, &q0, &q1);
+            _mm512_store_si512((__m512i *)(b + g * stride + p * 16),
+                               bf16_pairs(_mm512_fmadd_ps(q0, d, m), _mm512_fmadd_ps(q1, d, m)));
+        }
+    }
+}
+
+/* RB (1-2) row blocks (16 rows at x0, x1) x NT (1-2) output tiles over all groups: sums in C
+ * tiles 0, 1 (x0) and 2, 3 (x1); A tiles 4, 5; B tiles 6, 7. b holds the NT tiles' B tiles
+ * group by group; c gets the sums as [RB][NT][16 x 16]. */
+static inline __attribute__((always_inline)) void rounded_pass(const uint16_t *x0, const uint16_t *x1,
+                                                                const uint32_t *b, int64_t groups, int64_t k,
+                                                                const int RB, const int NT, float *c) {
+    _tile_zero(0);
+    if (NT > 1) _tile_zero(1);
+    if (RB > 1) _tile_zero(2);
+    if (RB > 1 && NT > 1) _tile_zero(3);
+    for (int64_t g = 0; g < groups; g++) {
+        _tile_loadd(4, x0 + g * GROUP, k * 2);
+        _tile_loadd(6, b + g * NT * 256, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (NT > 1) {
+            _tile_loadd(7, b + (g * NT + 1) * 256, 64);
+            _tile_dpbf16ps(1, 4, 7);
+        }
+        if (RB > 1) {
+            _tile_loadd(5, x1 + g * GROUP, k * 2);
+            _tile_dpbf16ps(2, 5, 6);
+            if (NT > 1) _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    _tile_stored(0, c, 64);
+    if (NT > 1) _tile_stored(1, c + 256, 64);
+    if (RB > 1) _tile_stored(2, c + NT * 256, 64);
+    if (RB > 1 && NT > 1) _tile_stored(3, c + 3 * 256, 64);
+}
+
+/* The rounded form: rows > 16, x float32 or bfloat16 as given. */
+static void amx_rounded(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const void *x, int x_bf16,
+                        void *out, int out_bf16, int64_t rows, int64_t n, int64_t k, int bits, int num_threads) {
+    const int64_t groups = k / GROUP, blocks = (rows + 15) / 16, tiles = n / 16, full = x_bf16 ? rows / 16 : 0;
+    /* bf16 rows: bfloat16 x in place but for its last partial block, which is copied with zero
+     * padding; float32 x rounded here */
+    const int64_t copied = rows - full * 16; /* rows in xb, then zeros to the block's end */
+    uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)((blocks - full) * 16 * k));
+    if (x_bf16) memcpy(xb, (const uint16_t *)x + full * 16 * k, sizeof(uint16_t) * (size_t)(copied * k));
+    memset(xb + copied * k, 0, sizeof(uint16_t) * (size_t)(((blocks - full) * 16 - copied) * k));
+    _Pragma("omp parallel num_threads(num_threads)")
+    {
+        if (!x_bf16) {
+            _Pragma("omp for schedule(static)")
+            for (int64_t i = 0; i < rows * k; i += 16)
+                _mm256_storeu_si256((__m256i *)(xb + i), bf16_round(_mm512_loadu_ps((const float *)x + i)));
+        }
+        load_tile_config(8);
+        __attribute__((aligned(64))) float c[4 * 256]; /* a pass's sums */
+        uint32_t *b = aligned_alloc(64, sizeof(uint32_t) * 2 * 256 * (size_t)groups);
+        _Pragma("omp for schedule(static)")
+        for (int64_t t = 0; t < tiles; t += 2) {
+            const int nt = tiles - t < 2 ? 1 : 2;
+            for (int j = 0; j < nt; j++) rounded_weights(qp, d16, m16, t + j, groups, bits, b + j * 256, nt * 256);
+            for (int64_t rb = 0; rb < blocks; rb += 2) {
+                const int rbn = blocks - rb < 2 ? 1 : 2;
+                const uint16_t *x0 = rb < full ? (const uint16_t *)x + rb * 16 * k : xb + (rb - full) * 16 * k;
+                const uint16_t *x1 = rb + 1 < full ? x0 + 16 * k : xb + (rb + 1 - full) * 16 * k;
+                if (rbn == 2 && nt == 2) rounded_pass(x0, x1, b, groups, k, 2, 2, c);
+                else if (rbn == 2) rounded_pass(x0, x1, b, groups, k, 2, 1, c);
+                else if (nt == 2) rounded_pass(x0, x1, b, groups, k, 1, 2, c);
+                else rounded_pass(x0, x1, b, groups, k, 1, 1, c);
+                for (int i = 0; i < rbn; i++)
+                    for (int j = 0; j < nt; j++)
+                        for (int r = 0; r < 16 && (rb + i) * 16 + r < rows; r++)
+                            store_row(_mm512_load_ps(c + (i * nt + j) * 256 + r * 16), out, out_bf16,
+                                      ((rb + i) * 16 + r) * n + (t + j) * 16);
             }
         }
         free(b);
         _tile_release();
     }
     free(xb);
-    free(xs);
 }
 #define USE_AMX(rows) ((rows) >= AMX_MIN_ROWS && amx_ready())
 #else
 #define USE_AMX(rows) 0
-#define amx_tiles(...) ((void)0)
+#define EXACT_MAX_ROWS 0
+#define amx_exact(...) ((void)0)
+#define amx_rounded(...) ((void)0)
 #endif
 #endif
 
@@ -244,9 +365,13 @@ static void amx_tiles(const uint8_t *qp, const uint16_t *d16, const uint16_t *m1
 void int4_matmul(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const void *x, int x_bf16, void *out,
                  int out_bf16, int64_t rows, int64_t n, int64_t k, int num_threads) {
 #ifdef __AVX512F__
+    if (USE_AMX(rows) && rows > EXACT_MAX_ROWS) {
+        amx_rounded(qp, d16, m16, x, x_bf16, out, out_bf16, rows, n, k, 4, num_threads);
+        return;
+    }
     float *xf = float_rows(x, x_bf16, rows, k, 1);
     if (USE_AMX(rows))
-        amx_tiles(qp, d16, m16, xf, out, out_bf16, rows, n, k, 4, num_threads);
+        amx_exact(qp, d16, m16, xf, out, out_bf16, rows, n, k, 4, num_threads);
     else
         int4_tiles(qp, d16, m16, xf, xf + rows * k, out, out_bf16, rows, n, k, num_threads);
     free(xf);
@@ -259,14 +384,28 @@ void int4_matmul(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, co
 void int8_matmul(const int8_t *qp, const uint16_t *d16, const void *x, int x_bf16, void *out, int out_bf16,
                  int64_t rows, int64_t n, int64_t k, int num_threads) {
 #ifdef __AVX512F__
+    if (USE_AMX(rows) && rows > EXACT_MAX_ROWS) {
+        amx_rounded((const uint8_t *)qp, d16, NULL, x, x_bf16, out, out_bf16, rows, n, k, 8, num_threads);
+        return;
+    }
     float *xf = float_rows(x, x_bf16, rows, k, 0);
     if (USE_AMX(rows))
-        amx_tiles((const uint8_t *)qp, d16, NULL, xf, out, out_bf16, rows, n, k, 8, num_threads);
+        amx_exact((const uint8_t *)qp, d16, NULL, xf, out, out_bf16, rows, n, k, 8, num_threads);
     else
         int8_tiles((const uint8_t *)qp, d16, NULL, xf, NULL, out, out_bf16, rows, n, k, num_threads);
     free(xf);
 #else
     (void)qp, (void)d16, (void)x, (void)x_bf16, (void)out, (void)out_bf16, (void)rows, (void)n, (void)k,
         (void)num_threads;
+#endif
+}
+
+/* The row count from which weights are rounded to bfloat16 (AMX's rounded form; below it every
+ * path computes the same exact sums), or 0 where this CPU or build has no AMX. */
+int quant_matmul_rounded_rows(void) {
+#if HAVE_AMX
+    return amx_ready() ? EXACT_MAX_ROWS + 1 : 0;
+#else
+    return 0;
 #endif
 }
