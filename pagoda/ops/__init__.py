@@ -17,7 +17,14 @@ from pagoda.ops.reference import (
 )
 from pagoda.ops.quant import Int4Weight, Int8Weight, int4_linear, int4_prepack, int8_linear, int8_prepack
 from pagoda.ops.registry import DECLINE, OPS, kernels_of, register_kernel
-from pagoda.ops.sampling import apply_penalties, apply_token_bias, apply_top_k_top_p_min_p, sample_from_probs, token_bin_counts
+from pagoda.ops.sampling import (
+    apply_penalties,
+    apply_token_bias,
+    apply_top_k_top_p_min_p,
+    argmax_rows,
+    sample_from_probs,
+    token_bin_counts,
+)
 
 __all__ = [
     "AttentionMetadata",

@@ -99,6 +99,16 @@ def silu_and_mul_c(x: torch.Tensor):
     return out
 
 
+@register_kernel("argmax_rows", "cpu", priority=20)
+def argmax_rows_c(x: torch.Tensor):
+    lib = native.library()
+    if lib is None or x.dim() != 2 or x.dtype not in _BF16 or not x.is_contiguous() or x.shape[1] == 0:
+        return DECLINE
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    lib.argmax_rows(x.data_ptr(), _BF16[x.dtype], x.shape[0], x.shape[1], out.data_ptr(), torch.get_num_threads())
+    return out
+
+
 @register_kernel("rms_norm", "cpu", priority=10)
 def rms_norm_native(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "llama", out_dtype=None):
     """torch.rms_norm is the Llama form; Jiutian's eps-outside-the-root form is declined."""

@@ -95,6 +95,7 @@ SIGNATURES = {  # the C functions and their argument types (see the sources for 
     "silu_and_mul": [_P, _I32, _P, _I32, _I64, _I64, _I32],
     "int4_matmul": [_P, _P, _P, _P, _I32, _P, _I32, _I64, _I64, _I64, _I32],
     "int8_matmul": [_P, _P, _P, _I32, _P, _I32, _I64, _I64, _I64, _I32],
+    "argmax_rows": [_P, _I32, _I64, _I64, _P, _I32],
     "quant_matmul_available": [],
     "quant_matmul_rounded_rows": [],
     "decode_stack": [_P, _I32, _I32, _P, _P, _I64, _I64, _I32, _I32, _I32, _I64, _F32, _I32, _P, _P, _I32, _P, _P, _I64,

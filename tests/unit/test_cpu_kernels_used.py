@@ -12,7 +12,7 @@ from pagoda import LLM, SamplingParams
 from pagoda.ops import native
 from pagoda.ops.registry import OPS
 
-C_KERNEL_OPS = ("rms_norm", "add_rms_norm", "rotary_store_kv", "paged_attention", "silu_and_mul")
+C_KERNEL_OPS = ("rms_norm", "add_rms_norm", "rotary_store_kv", "paged_attention", "silu_and_mul", "argmax_rows")
 
 
 @pytest.mark.parametrize("quantization", [None, "bf16", "int8", "int4"])
@@ -22,8 +22,9 @@ def test_no_c_kernel_declines_during_decode(tiny_config_path, monkeypatch, quant
     served, declined = collections.Counter(), collections.Counter()
     c_ops = C_KERNEL_OPS
     if quantization in ("int4", "int8") and native.library().quant_matmul_available():  # AVX-512 only
-        # the layers run as one C call of the same kernels; the final norm and the 8-bit head outside it
-        c_ops = ("decoder_layers", "add_rms_norm", "int8_linear")
+        # the layers run as one C call of the same kernels; the final norm, the 8-bit head and
+        # the greedy pick outside it
+        c_ops = ("decoder_layers", "add_rms_norm", "int8_linear", "argmax_rows")
     for name in c_ops:
         op = OPS[name]
         top = op.chain("cpu")[0]

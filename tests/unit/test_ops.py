@@ -93,6 +93,16 @@ def _inputs(name: str):
             _attention_inputs([1, 1], [40, 3], d=8),  # head_dim off the 16-wide vector path
             _attention_inputs([1] * 5, [20, 1, 33, 16, 17], d=144, kv_dtype=torch.bfloat16),  # > 8 vectors
         ]
+    if name == "argmax_rows":
+        ties = torch.zeros(3, 200)
+        for row, ids in enumerate([[150, 7, 42, 199], [3, 2, 1, 0], [16, 32, 48]]):  # ties across vector lanes
+            ties[row, ids] = 5.0
+        tail = torch.randn(4, 37, generator=g)
+        tail[:, 35] = 9.0  # the maximum in the scalar tail, after two whole vectors
+        low = torch.full((2, 40), -1e30)  # below any starting value a kernel might assume
+        low[1, 23] = -1e29
+        return [(ties,), (tail,), (tail[:, :5].contiguous(),), (low,),
+                (torch.randn(64, 49152, generator=g),), (torch.randn(8, 1000, generator=g).to(bf16),)]
     if name == "decoder_layers":
         pytest.skip("the layer stack's kernel is checked against its reference in test_decoder_stack.py")
     pytest.skip(f"{name}'s kernel is checked against its reference in test_quant.py")
@@ -147,7 +157,7 @@ def test_c_decode_attention_is_built_and_used() -> None:
 
 def test_every_cpu_kernel_is_exercised() -> None:
     """Guards the table above: a new CPU kernel must come with inputs here."""
-    covered_here = {"rms_norm", "add_rms_norm", "paged_attention", "rotary_store_kv", "silu_and_mul"}
+    covered_here = {"rms_norm", "add_rms_norm", "paged_attention", "rotary_store_kv", "silu_and_mul", "argmax_rows"}
     covered_in_test_quant = {"int4_prepack", "int4_linear", "int8_prepack", "int8_linear", "linear_prepack", "packed_linear"}
     covered_elsewhere = {"decoder_layers"}  # test_decoder_stack.py
     assert {name for name, _ in KERNELS} <= covered_here | covered_in_test_quant | covered_elsewhere
