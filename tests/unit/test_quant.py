@@ -260,10 +260,11 @@ def test_int4_model_without_the_c_kernels_serves_on_torch_tiers(tiny_config_path
 @needs_c_quant
 @pytest.mark.parametrize("make,linear", [(_weight, int4_linear), (_int8_weight, int8_linear)], ids=["int4", "int8"])
 def test_c_kernel_on_long_inputs_matches_reference(make, linear) -> None:
-    """1,600 inputs: 50 groups, an odd count, over which both paths accumulate."""
-    _, q = make(n=32, k=1600, seed=3)
-    x = torch.randn(21, 1600, generator=torch.Generator().manual_seed(4))
-    refs = {rows: _c_reference(linear, x[:rows], q) for rows in (1, 5, 21)}  # before prepacking frees q
+    """1,600 inputs: 50 groups, an odd count, over which every path accumulates; 345 rows take
+    the rounded AMX form in two spans of rows (1 MiB of activations each), the last one odd."""
+    _, q = make(n=48, k=1600, seed=3)
+    x = torch.randn(345, 1600, generator=torch.Generator().manual_seed(4))
+    refs = {rows: _c_reference(linear, x[:rows], q) for rows in (1, 5, 21, 345)}  # before prepacking frees q
     packed = (ops.int4_prepack if linear is int4_linear else ops.int8_prepack)(q)
     for rows, ref in refs.items():
         torch.testing.assert_close(linear(x[:rows], packed), ref, rtol=1e-4, atol=1e-4)
