@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--quantization", default=None, choices=("bf16", "int8", "int4"))
     ap.add_argument("--chunk", type=int, default=512, help="--chunked-prefill-size (0: the whole prompt at once)")
-    ap.add_argument("--max-batched-tokens", type=int, default=2048)
+    ap.add_argument("--max-batched-tokens", type=int, default=None, help="default: the engine's (the platform's)")
     ap.add_argument("--prompt-lens", type=int, nargs="+", default=[512, 2048, 8192])
     ap.add_argument("--prefix-len", type=int, default=2048)
     ap.add_argument("--suffix-len", type=int, default=32)
@@ -103,7 +103,7 @@ def main() -> None:
         rows.append(row)
 
     print(f"\nmodel {engine.loaded.path}, quantization {args.quantization}, chunk {args.chunk}, "
-          f"max_batched_tokens {args.max_batched_tokens}, median of {args.repeats}")
+          f"max_batched_tokens {engine.scheduler.config.max_batched_tokens}, median of {args.repeats}")
     prefill = [r for r in rows if r["bench"] == "prefill"]
     if prefill:
         print(f"{'prompt_len':>12}  {'ttft_ms':>10}  {'prefill_tok_s':>14}")

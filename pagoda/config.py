@@ -50,7 +50,7 @@ class EngineConfig:
     )
     page_size: int = _opt(16, "tokens per KV-cache page")
     max_running_requests: int = _opt(256, "cap on sequences decoding at once")
-    max_batched_tokens: int = _opt(2048, "token budget of one engine step")
+    max_batched_tokens: int | None = _opt(None, "token budget of one engine step (default: the platform's, 1024 on CPU)")
     chunked_prefill_size: int = _opt(512, "longest prompt chunk prefilled in one step (0: no chunking)")
     disable_prefix_cache: bool = _opt(False, "turn off radix-tree prefix sharing")
     max_queued_requests: int = _opt(4096, "waiting requests beyond which new ones are refused")
@@ -60,6 +60,8 @@ class EngineConfig:
         positive = ("page_size", "max_running_requests", "max_batched_tokens", "max_queued_requests")
         for name in positive:
             value = getattr(self, name)
+            if value is None and name == "max_batched_tokens":
+                continue  # the platform's
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer (got {value!r})")
         if self.dtype not in DTYPES:

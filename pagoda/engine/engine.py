@@ -143,7 +143,7 @@ class Engine:
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_running_requests=cfg.max_running_requests,
-                max_batched_tokens=cfg.max_batched_tokens,
+                max_batched_tokens=cfg.max_batched_tokens or self.platform.step_token_budget(),
                 chunked_prefill_size=cfg.chunked_prefill_size,
                 enable_prefix_cache=not cfg.disable_prefix_cache,
             ),

@@ -31,7 +31,7 @@ class Platform:
     portable_kernel_modules: ClassVar[tuple[str, ...]] = ("pagoda.ops.sdpa",)
     _HOOKS: ClassVar[tuple[str, ...]] = (
         "is_available", "device", "default_dtype", "total_memory", "free_memory", "synchronize", "seed",
-        "kv_cache_budget",
+        "kv_cache_budget", "step_token_budget",
     )
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -69,6 +69,12 @@ class Platform:
     def kv_cache_budget(self) -> int:
         """Bytes of KV cache to reserve when the user names no budget (after weights are loaded)."""
         return int(self.free_memory() * 0.8)
+
+    def step_token_budget(self) -> int:
+        """Tokens one engine step may carry when the user names no budget: enough rows to keep
+        the device's matmuls busy, few enough that decoding streams are not held up long by a
+        step full of prompt chunks."""
+        return 8192
 
     def seed(self, seed: int) -> None:
         torch.manual_seed(seed)

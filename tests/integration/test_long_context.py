@@ -241,7 +241,7 @@ def long_prompt(real_llm: LLM) -> list[int]:
 
 @pytest.fixture(scope="module")
 def chunked_run(real_llm: LLM, long_prompt: list[int]) -> Run:
-    """The default chunk (512) and budget (2048), with a short request decoding alongside."""
+    """The default chunk (512) under a 2048-token budget, with a short request decoding alongside."""
     real_llm.generate([long_prompt[:64]], SamplingParams(max_tokens=1), use_tqdm=False)  # warm-up
     return drive(real_llm, long_prompt, chunk=512, budget=2048, short=True)
 

@@ -55,3 +55,14 @@ def test_misspelled_platform_hook_fails_at_definition() -> None:
         class Broken(Platform):  # noqa: F841
             def free_mem(self) -> int:
                 return 0
+
+
+def test_step_budget_is_the_platforms_unless_named(tiny_config_path) -> None:
+    from pagoda import LLM
+
+    kw = dict(model_config=str(tiny_config_path), load_format="dummy", kv_cache_memory=0.01)
+    budget = LLM(**kw).engine.scheduler.config.max_batched_tokens
+    assert budget == get_platform("cpu").step_token_budget() == 1024 != Platform().step_token_budget()
+    assert LLM(**kw, max_batched_tokens=300).engine.scheduler.config.max_batched_tokens == 300
+    with pytest.raises(ConfigError, match="max_batched_tokens must be a positive integer"):
+        LLM(**kw, max_batched_tokens=0)
