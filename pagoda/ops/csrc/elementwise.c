@@ -54,26 +54,14 @@ static inline __mmask16 tail(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (
 
 static inline __m512 ld16(const void *p, int bf16, int64_t off, __mmask16 m) {
     if (!bf16) return _mm512_maskz_loadu_ps(m, (const float *)p + off);
-    const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)p + off);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return bf16x16_to_f32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + off));
 }
 
 static inline void st16(__m512 x, void *p, int bf16, int64_t off, __mmask16 m) {
-    if (!bf16) {
+    if (bf16)
+        _mm256_mask_storeu_epi16((uint16_t *)p + off, m, f32_to_bf16x16(x));
+    else
         _mm512_mask_storeu_ps((float *)p + off, m, x);
-        return;
-    }
-#ifdef __AVX512BF16__
-    const __m256i h = (__m256i)_mm512_cvtneps_pbh(x); /* round to nearest even, NaN stays NaN */
-#else
-    const __m512i u = _mm512_castps_si512(x);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q),
-                              _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-    const __m256i h = _mm512_cvtepi32_epi16(r);
-#endif
-    _mm256_mask_storeu_epi16((uint16_t *)p + off, m, h);
 }
 
 /* e^x to ~1 ulp: 2^n * e^f with |f| <= ln2/2, a degree-6 polynomial for e^f; scalef

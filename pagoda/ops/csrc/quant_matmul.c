@@ -51,21 +51,10 @@ int quant_matmul_available(void) {
 }
 
 #ifdef __AVX512F__
-/* float32 lanes rounded to bfloat16 (nearest even, as torch does; no NaNs here), in the
- * high half of each lane */
-static inline __m512i bf16_high(__m512 v) {
-    const __m512i u = _mm512_castps_si512(v);
-    return _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
-                                                _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-}
-
-/* 16 float32 lanes as 16 bfloat16 */
-static inline __m256i bf16_round(__m512 v) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_high(v), 16)); }
-
 /* 16 outputs at out + o, float32 or rounded to bfloat16 */
 static inline void store_row(__m512 y, void *out, int out_bf16, int64_t o) {
     if (out_bf16)
-        _mm256_storeu_si256((__m256i *)((uint16_t *)out + o), bf16_round(y));
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + o), f32_to_bf16x16(y));
     else
         _mm512_storeu_ps((float *)out + o, y);
 }
@@ -325,7 +314,7 @@ static void amx_rounded(const uint8_t *qp, const uint16_t *d16, const uint16_t *
         if (!x_bf16) {
             _Pragma("omp for schedule(static)")
             for (int64_t i = 0; i < rows * k; i += 16)
-                _mm256_storeu_si256((__m256i *)(xb + i), bf16_round(_mm512_loadu_ps((const float *)x + i)));
+                _mm256_storeu_si256((__m256i *)(xb + i), f32_to_bf16x16(_mm512_loadu_ps((const float *)x + i)));
         }
         load_tile_config(8);
         __attribute__((aligned(64))) float c[4 * 256]; /* a pass's sums */

@@ -28,8 +28,7 @@ static int64_t argmax_row(const void *x, int x_bf16, int64_t off, int64_t cols) 
         __m512 vmax = _mm512_set1_ps(-FLT_MAX);
         __m512i vidx = _mm512_setzero_si512(), lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
         for (; c < whole; c += 16) {
-            const __m512 v = x_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                          _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + off + c))), 16))
+            const __m512 v = x_bf16 ? bf16x16_to_f32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + off + c)))
                                     : _mm512_loadu_ps((const float *)x + off + c);
             const __mmask16 gt = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ);
             vmax = _mm512_mask_mov_ps(vmax, gt, v);
