@@ -358,20 +358,31 @@ static void amx_rounded(const uint8_t *qp, const uint16_t *d16, const uint16_t *
 #endif
 #endif
 
+#ifdef __AVX512F__
+/* The path a row count takes (see the top of this file), for both widths: bits 4 with m16
+ * the mins, or 8 with m16 NULL. */
+static void quant_matmul(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const void *x, int x_bf16,
+                         void *out, int out_bf16, int64_t rows, int64_t n, int64_t k, int bits, int num_threads) {
+    if (USE_AMX(rows) && rows > EXACT_MAX_ROWS) {
+        amx_rounded(qp, d16, m16, x, x_bf16, out, out_bf16, rows, n, k, bits, num_threads);
+        return;
+    }
+    float *xf = float_rows(x, x_bf16, rows, k, bits == 4); /* int4's min term needs the group sums */
+    if (USE_AMX(rows))
+        amx_exact(qp, d16, m16, xf, out, out_bf16, rows, n, k, bits, num_threads);
+    else if (bits == 4)
+        int4_tiles(qp, d16, m16, xf, xf + rows * k, out, out_bf16, rows, n, k, num_threads);
+    else
+        int8_tiles(qp, d16, NULL, xf, NULL, out, out_bf16, rows, n, k, num_threads);
+    free(xf);
+}
+#endif
+
 /* y [M, N] = x [M, K] W^T; N a multiple of 16, K of 32. */
 void int4_matmul(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const void *x, int x_bf16, void *out,
                  int out_bf16, int64_t rows, int64_t n, int64_t k, int num_threads) {
 #ifdef __AVX512F__
-    if (USE_AMX(rows) && rows > EXACT_MAX_ROWS) {
-        amx_rounded(qp, d16, m16, x, x_bf16, out, out_bf16, rows, n, k, 4, num_threads);
-        return;
-    }
-    float *xf = float_rows(x, x_bf16, rows, k, 1);
-    if (USE_AMX(rows))
-        amx_exact(qp, d16, m16, xf, out, out_bf16, rows, n, k, 4, num_threads);
-    else
-        int4_tiles(qp, d16, m16, xf, xf + rows * k, out, out_bf16, rows, n, k, num_threads);
-    free(xf);
+    quant_matmul(qp, d16, m16, x, x_bf16, out, out_bf16, rows, n, k, 4, num_threads);
 #else
     (void)qp, (void)d16, (void)m16, (void)x, (void)x_bf16, (void)out, (void)out_bf16, (void)rows, (void)n, (void)k,
         (void)num_threads;
@@ -381,16 +392,7 @@ void int4_matmul(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, co
 void int8_matmul(const int8_t *qp, const uint16_t *d16, const void *x, int x_bf16, void *out, int out_bf16,
                  int64_t rows, int64_t n, int64_t k, int num_threads) {
 #ifdef __AVX512F__
-    if (USE_AMX(rows) && rows > EXACT_MAX_ROWS) {
-        amx_rounded((const uint8_t *)qp, d16, NULL, x, x_bf16, out, out_bf16, rows, n, k, 8, num_threads);
-        return;
-    }
-    float *xf = float_rows(x, x_bf16, rows, k, 0);
-    if (USE_AMX(rows))
-        amx_exact((const uint8_t *)qp, d16, NULL, xf, out, out_bf16, rows, n, k, 8, num_threads);
-    else
-        int8_tiles((const uint8_t *)qp, d16, NULL, xf, NULL, out, out_bf16, rows, n, k, num_threads);
-    free(xf);
+    quant_matmul((const uint8_t *)qp, d16, NULL, x, x_bf16, out, out_bf16, rows, n, k, 8, num_threads);
 #else
     (void)qp, (void)d16, (void)x, (void)x_bf16, (void)out, (void)out_bf16, (void)rows, (void)n, (void)k,
         (void)num_threads;
