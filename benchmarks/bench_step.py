@@ -1,6 +1,8 @@
 """Decode step time of the engine alone (no HTTP, no sampling variety), with a profile.
 
     python benchmarks/bench_step.py --quantization bf16 --batch 1 64 [--profile]
+    python benchmarks/bench_step.py --device cuda --load-format dummy \
+        --model-config benchmarks/configs/llama3-8b.json --batch 1 32 256
 
 Fills the engine with `batch` sequences whose prompts are `--context` tokens, lets them
 all reach decode, then times `Engine.step()` (schedule, forward, greedy sample, outputs).
@@ -23,14 +25,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--quantization", default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--load-format", default="auto", help="dummy: random weights from --model-config's shape")
+    ap.add_argument("--model-config", default=None, help="config.json of the shape to build (with dummy)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
 
-    llm = LLM(model=args.model, quantization=args.quantization, max_running_requests=max(args.batch))
+    llm = LLM(model=args.model, quantization=args.quantization, device=args.device, dtype=args.dtype,
+              load_format=args.load_format, model_config=args.model_config, max_running_requests=max(args.batch))
     engine = llm.engine
+    device = engine.platform.describe()
     vocab = engine.model_config.vocab_size
     rng = random.Random(0)
     params = SamplingParams(temperature=0, max_tokens=1024, ignore_eos=True)
@@ -47,7 +55,7 @@ def main() -> None:
         for _ in range(args.steps):
             engine.step()
         step_ms = (time.perf_counter() - t) / args.steps * 1000
-        print(json.dumps({"bench": "step", "quantization": args.quantization, "batch": batch,
+        print(json.dumps({"bench": "step", "device": device, "quantization": args.quantization, "batch": batch,
                           "context": args.context, "step_ms": round(step_ms, 2),
                           "tok_s": round(batch * 1000 / step_ms, 1)}))
         if args.profile:

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from pagoda.cache.kv_pool import KVPool
 from pagoda.engine.model_runner import ModelRunner, SequenceChunk
+from pagoda.platforms import get_platform
+
+DEVICE = get_platform(os.environ.get("PAGODA_TEST_DEVICE", "cpu")).device()
+"""Where the model tests run pagoda (PAGODA_TEST_DEVICE=cuda on a GPU machine); their references
+stay on the CPU, and logits come back to it."""
 
 
 def make_runner(model: torch.nn.Module, num_pages: int = 64, page_size: int = 4) -> ModelRunner:
     cfg = model.config
     pool = KVPool(cfg.num_hidden_layers, num_pages, page_size, cfg.num_key_value_heads, cfg.head_dim,
-                  model.dtype, torch.device("cpu"))
-    return ModelRunner(model, pool, torch.device("cpu"))
+                  model.dtype, DEVICE)
+    return ModelRunner(model, pool, DEVICE)
 
 
 def pages_for(num_tokens: int, page_size: int, first_page: int = 1) -> list[int]:
@@ -24,7 +31,7 @@ def prefill_logits(runner: ModelRunner, ids: list[int], first_page: int = 1) -> 
     """Logits for every position of `ids`, computed in one prefill."""
     pages = pages_for(len(ids), runner.page_size, first_page)
     out = runner.run([SequenceChunk(ids, 0, pages, all_logits=True)])
-    return out.all_logits[0]
+    return out.all_logits[0].cpu()
 
 
 def incremental_logits(runner: ModelRunner, ids: list[int], chunk: int, first_page: int = 1) -> torch.Tensor:
@@ -34,4 +41,4 @@ def incremental_logits(runner: ModelRunner, ids: list[int], chunk: int, first_pa
     for start in range(0, len(ids), chunk):
         part = ids[start : start + chunk]
         rows.append(runner.run([SequenceChunk(part, start, pages, all_logits=True)]).all_logits[0])
-    return torch.cat(rows)
+    return torch.cat(rows).cpu()

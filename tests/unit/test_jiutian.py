@@ -9,7 +9,7 @@ from pagoda import ops
 from pagoda.models.config import ModelConfig
 from pagoda.models.llama import LlamaForCausalLM
 from tests.jiutian_utils import jiutian_reference, jiutian_weights
-from tests.model_utils import incremental_logits, make_runner, prefill_logits
+from tests.model_utils import DEVICE, incremental_logits, make_runner, prefill_logits
 
 CFG = {
     "architectures": ["JiutianForCausalLM"], "model_type": "jiutian", "vocab_size": 100, "hidden_size": 48,
@@ -20,7 +20,7 @@ CFG = {
 
 
 def _model(cfg: dict, w: dict) -> LlamaForCausalLM:
-    model = LlamaForCausalLM(ModelConfig.from_hf_dict(cfg), torch.float32, torch.device("cpu"))
+    model = LlamaForCausalLM(ModelConfig.from_hf_dict(cfg), torch.float32, DEVICE)
     model.load_weights(w.items())
     return model
 

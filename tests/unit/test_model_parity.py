@@ -11,7 +11,7 @@ import torch
 
 from pagoda.models.config import ModelConfig
 from pagoda.models.llama import LlamaForCausalLM
-from tests.model_utils import incremental_logits, make_runner, prefill_logits
+from tests.model_utils import DEVICE, incremental_logits, make_runner, prefill_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -42,7 +42,7 @@ def _pair(name: str, page_size: int = 4):
         for n, p in hf.named_parameters():
             if n.endswith("norm.weight") or n.endswith(".bias"):
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if n.endswith("weight") else 0.0))
-    ours = LlamaForCausalLM(ModelConfig.from_hf_dict(hf_cfg.to_dict()), torch.float32, torch.device("cpu"))
+    ours = LlamaForCausalLM(ModelConfig.from_hf_dict(hf_cfg.to_dict()), torch.float32, DEVICE)
     ours.load_weights(hf.state_dict().items())
     return hf, make_runner(ours, page_size=page_size)
 
@@ -82,8 +82,9 @@ def test_batch_of_mixed_prefill_and_decode_matches_single_runs() -> None:
     # b's first 9 tokens are cached in pages 20.., then b decodes while a prefills.
     runner.run([SequenceChunk(b[:9], 0, [20, 21, 22])])
     out = runner.run([SequenceChunk(a, 0, [1, 2, 3, 4, 5, 6, 7]), SequenceChunk(b[9:], 9, [20, 21, 22])])
-    assert (out.last_logits[0] - ref_a[-1]).abs().max().item() <= ATOL
-    assert (out.last_logits[1] - ref_b[-1]).abs().max().item() <= ATOL
+    got = out.last_logits.cpu()
+    assert (got[0] - ref_a[-1]).abs().max().item() <= ATOL
+    assert (got[1] - ref_b[-1]).abs().max().item() <= ATOL
 
 
 def test_config_mismatch_is_a_clear_error() -> None:
