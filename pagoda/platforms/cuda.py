@@ -31,6 +31,14 @@ class CudaPlatform(Platform):
     def synchronize(self) -> None:
         self._api.synchronize(self.index)
 
+    def load_kernels(self) -> None:
+        super().load_kernels()
+        if self.device_type == "cuda":
+            # cuDNN's SDPA plans a graph for each new shape: 1.5 ms of host time per call on an
+            # H200 when decode contexts grow a token a step, 60% of a step (docs/BENCHMARKS.md).
+            # The flash, memory-efficient and math kernels take any shape without planning.
+            torch.backends.cuda.enable_cudnn_sdp(False)
+
     def seed(self, seed: int) -> None:
         torch.manual_seed(seed)
         self._api.manual_seed_all(seed)

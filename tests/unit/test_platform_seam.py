@@ -66,3 +66,18 @@ def test_step_budget_is_the_platforms_unless_named(tiny_config_path) -> None:
     assert LLM(**kw, max_batched_tokens=300).engine.scheduler.config.max_batched_tokens == 300
     with pytest.raises(ConfigError, match="max_batched_tokens must be a positive integer"):
         LLM(**kw, max_batched_tokens=0)
+
+
+def test_cuda_platform_turns_off_cudnn_attention(monkeypatch) -> None:
+    """cuDNN's SDPA re-plans for every new shape (a decode's context grows each step); the CUDA
+    platform leaves attention to the kernels that do not (musa's mapping leaves torch.cuda alone)."""
+    import torch
+
+    from pagoda.platforms import CudaPlatform
+
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", lambda on: calls.append(on))
+    calls: list[bool] = []
+    MusaPlatform().load_kernels()
+    assert calls == []
+    CudaPlatform().load_kernels()
+    assert calls == [False]
