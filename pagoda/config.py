@@ -13,6 +13,7 @@ from typing import Any
 from pagoda.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = DTYPES + ("int8",)
 LOAD_FORMATS = ("auto", "dummy")
 QUANTIZATIONS = ("auto", "none", "bf16", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -46,7 +47,8 @@ class EngineConfig:
     kv_cache_memory: float | None = _opt(None, "GiB of KV cache (default: sized from free memory)")
     kv_cache_dtype: str = _opt(
         "auto", "KV-cache storage dtype; auto is bfloat16 with quantized linears (half the bytes attention "
-        "reads), else the compute dtype; attention math stays float32", choices=DTYPES,
+        "reads), else the compute dtype; int8 stores a scale per token and head (a quarter of float32's "
+        "bytes); attention math stays float32", choices=KV_CACHE_DTYPES,
     )
     page_size: int = _opt(16, "tokens per KV-cache page")
     max_running_requests: int = _opt(256, "cap on sequences decoding at once")
@@ -66,8 +68,10 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be a positive integer (got {value!r})")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
-        if self.kv_cache_dtype not in DTYPES:
-            raise ConfigError(f"kv_cache_dtype must be one of {', '.join(DTYPES)} (got {self.kv_cache_dtype!r})")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)} (got {self.kv_cache_dtype!r})"
+            )
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError(f"load_format must be one of {', '.join(LOAD_FORMATS)} (got {self.load_format!r})")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:

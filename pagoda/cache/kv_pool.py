@@ -1,6 +1,7 @@
 """KVPool: the KV-cache storage, preallocated once and addressed by slot.
 
-Slot s of layer l holds one token's keys in ``k[l][s]`` and values in ``v[l][s]``;
+Slot s of layer l holds one token's keys in ``k[l][s]`` and values in ``v[l][s]``
+([num_kv_heads, head_dim], or int8 rows with a scale each: pagoda/ops/kv_quant.py);
 page p owns slots [p*page_size, (p+1)*page_size). Bookkeeping of which request
 holds which page lives in PageAllocator / RadixTree, not here.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from pagoda.ops import huge_pages
+from pagoda.ops.kv_quant import cache_row_width
 
 
 class KVPool:
@@ -29,7 +31,7 @@ class KVPool:
         device: torch.device,
     ) -> None:
         self.num_pages, self.page_size = num_pages, page_size
-        shape = (num_pages * page_size, num_kv_heads, head_dim)
+        shape = (num_pages * page_size, num_kv_heads, cache_row_width(head_dim, dtype))
 
         def empty() -> torch.Tensor:
             if device.type == "cpu":
@@ -47,4 +49,4 @@ class KVPool:
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
+        return 2 * num_layers * num_kv_heads * cache_row_width(head_dim, dtype) * dtype.itemsize

@@ -158,7 +158,7 @@ class Engine:
         name = self.config.kv_cache_dtype
         if name == "auto":
             return torch.bfloat16 if self.loaded.quantization else self.loaded.dtype
-        return resolve_dtype(name, self.platform)
+        return torch.int8 if name == "int8" else resolve_dtype(name, self.platform)
 
     # ---- requests --------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from pagoda.ops.sdpa import attend_per_sequence
 
 
 _BF16 = {torch.float32: 0, torch.bfloat16: 1}  # the C kernels' dtype flag per tensor
+KV_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # a KV cache's form (kv_kind in kernels.h)
 
 
 def _rows(*tensors: torch.Tensor) -> bool:
@@ -73,7 +74,7 @@ def rotary_store_kv_c(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, out_dty
     if (
         lib is None or not _rows(q) or k.dtype != q.dtype or v.dtype != q.dtype or out_dtype not in _BF16
         or (t > 1 and not q.stride(0) == k.stride(0) == v.stride(0)) or not all(_heads_packed(x) for x in (q, k, v))
-        or k_cache.dtype not in _BF16 or v_cache.dtype != k_cache.dtype
+        or k_cache.dtype not in KV_KIND or v_cache.dtype != k_cache.dtype
         or not (k_cache.is_contiguous() and v_cache.is_contiguous() and slot_mapping.is_contiguous())
         or not (cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous())
     ):
@@ -81,7 +82,7 @@ def rotary_store_kv_c(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, out_dty
     out = torch.empty(q.shape, dtype=out_dtype)
     lib.rotary_store_kv(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), _BF16[q.dtype], q.stride(0), cos.data_ptr(), sin.data_ptr(),
-        out.data_ptr(), _BF16[out_dtype], k_cache.data_ptr(), v_cache.data_ptr(), _BF16[k_cache.dtype],
+        out.data_ptr(), _BF16[out_dtype], k_cache.data_ptr(), v_cache.data_ptr(), KV_KIND[k_cache.dtype],
         slot_mapping.data_ptr(), t, hq, k.shape[1], d, torch.get_num_threads(),
     )
     return out
@@ -328,15 +329,15 @@ def _like_input(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def paged_attention_cpu(q, k_cache, v_cache, meta, scale, out_dtype=None):
     """Decode tokens read their context from the pages in place (C kernel); prefill chunks,
     which are compute-bound, go to torch's flash SDPA one sequence at a time, in bfloat16
-    when the cache is bfloat16 and the CPU has AMX (2.7x float32's speed there)."""
+    when the cache is bfloat16 or int8 and the CPU has AMX (2.7x float32's speed there)."""
     lib = native.library()
     rows = meta.decode_rows
     out_dtype = out_dtype or q.dtype
     decode_in_c = (
-        lib is not None and len(rows) > 0 and q.dtype == torch.float32 and k_cache.dtype in _BF16
+        lib is not None and len(rows) > 0 and q.dtype == torch.float32 and k_cache.dtype in KV_KIND
         and out_dtype in _BF16 and q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
     )
-    compute = torch.bfloat16 if k_cache.dtype == torch.bfloat16 and _HAS_AMX else q.dtype
+    compute = torch.bfloat16 if k_cache.dtype in (torch.bfloat16, torch.int8) and _HAS_AMX else q.dtype
     if not decode_in_c and compute == q.dtype:
         return DECLINE  # exactly what the portable SDPA kernel does
     out = torch.empty(q.shape, dtype=out_dtype)
@@ -345,7 +346,7 @@ def paged_attention_cpu(q, k_cache, v_cache, meta, scale, out_dtype=None):
         _, hq, d = q.shape
         block_table = meta.block_table
         lib.paged_decode_attention(
-            q.data_ptr(), hq * d, k_cache.data_ptr(), v_cache.data_ptr(), _BF16[k_cache.dtype],
+            q.data_ptr(), hq * d, k_cache.data_ptr(), v_cache.data_ptr(), KV_KIND[k_cache.dtype],
             block_table.data_ptr(), block_table.stride(0), rows.data_ptr(), len(rows), out.data_ptr(),
             _BF16[out_dtype], hq * d, hq, k_cache.shape[1], d, meta.page_size, scale, meta.decode_max_len,
             torch.get_num_threads(),

@@ -18,7 +18,7 @@ import torch
 
 from pagoda.ops import native
 from pagoda.ops.attention_metadata import AttentionMetadata
-from pagoda.ops.cpu import Int4Tiles, Int8Tiles
+from pagoda.ops.cpu import KV_KIND, Int4Tiles, Int8Tiles
 from pagoda.ops.registry import DECLINE, register_kernel
 
 LAYER_SLOTS = 17  # addresses per layer in the C table (decode_stack.c)
@@ -42,7 +42,7 @@ class StackPlan:
     eps: float
     jiutian: bool
     scale: float
-    kv_bf16: bool
+    kv_kind: int
 
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layers -> (kv pool, plan or None)
@@ -73,7 +73,7 @@ def _make_plan(layers, kv) -> StackPlan | None:
             or (a.num_heads, a.num_kv_heads, a.head_dim, a.scale) != (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale)
             or any(lin.bias is not None for lin in linears[1:])
             or (a.qkv_proj.bias is not None and a.qkv_proj.bias.dtype != torch.float32)
-            or kv.k[i].dtype not in (torch.float32, torch.bfloat16)
+            or kv.k[i].dtype not in KV_KIND
         ):
             return None
         for lin in linears:
@@ -85,7 +85,7 @@ def _make_plan(layers, kv) -> StackPlan | None:
     return StackPlan(
         torch.tensor(rows, dtype=torch.int64), _BITS[kind], first.mlp.down_proj.out_features,
         first.mlp.down_proj.in_features, attn.num_heads, attn.num_kv_heads, attn.head_dim, norm.eps,
-        norm.variant == "jiutian", attn.scale, kv.k[0].dtype == torch.bfloat16,
+        norm.variant == "jiutian", attn.scale, KV_KIND[kv.k[0].dtype],
     )
 
 
@@ -114,7 +114,7 @@ def decoder_layers_c(layers, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Te
     lib.decode_stack(
         plan.table.data_ptr(), len(layers), plan.bits, out.data_ptr(), residual.data_ptr(), x.shape[0], plan.hidden,
         plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.intermediate, plan.eps, plan.jiutian, cos.data_ptr(),
-        sin.data_ptr(), plan.kv_bf16, meta.slot_mapping.data_ptr(), block_table.data_ptr(), block_table.stride(0),
+        sin.data_ptr(), plan.kv_kind, meta.slot_mapping.data_ptr(), block_table.data_ptr(), block_table.stride(0),
         rows.data_ptr(), meta.page_size, plan.scale, max(meta.seq_lens), torch.get_num_threads(),
     )
     return out, residual

@@ -18,7 +18,10 @@ def paged_attention_flash(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Varlen attention straight over the paged pool (pages must be multiples of 256 tokens)."""
-    if meta.page_size % 256 != 0 or q.dtype not in (torch.float16, torch.bfloat16) or out_dtype not in (None, q.dtype):
+    if (
+        meta.page_size % 256 != 0 or q.dtype not in (torch.float16, torch.bfloat16) or out_dtype not in (None, q.dtype)
+        or k_cache.dtype != q.dtype
+    ):
         return DECLINE
     shape = (-1, meta.page_size) + tuple(k_cache.shape[1:])
     cu_q = torch.tensor(meta.query_starts, dtype=torch.int32, device=q.device)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pagoda.ops.attention_metadata import AttentionMetadata
+from pagoda.ops.kv_quant import gather_rows, store_rows
 from pagoda.ops.registry import reference
 
 
@@ -51,11 +52,11 @@ def rotary_store_kv(
     q: [T, Hq, D], k, v: [T, Hk, D]; cos, sin: [T, D] for each token's position (each half
     repeated, already multiplied by any attention scaling factor), float32; caches
     [num_slots, Hk, D]. Rotation is computed in float32; q is returned in out_dtype
-    (default q's), k and v are rounded once, to the cache dtype.
+    (default q's), k and v are rounded once, to the cache's form (pagoda/ops/kv_quant.py).
     """
     cos, sin = cos[:, None, :], sin[:, None, :]
-    k_cache.index_copy_(0, slot_mapping, _rotate(k, cos, sin, k_cache.dtype))
-    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    store_rows(k_cache, slot_mapping, _rotate(k, cos, sin, torch.float32))
+    store_rows(v_cache, slot_mapping, v)
     return _rotate(q, cos, sin, out_dtype or q.dtype)
 
 
@@ -91,8 +92,8 @@ def paged_attention(
         start = meta.query_starts[b]
         slots = meta.context_slots[b]
         qb = q[start : start + qlen].float().transpose(0, 1)  # [Hq, qlen, D]
-        kb = k_cache[slots].float().transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, klen, D]
-        vb = v_cache[slots].float().transpose(0, 1).repeat_interleave(group, dim=0)
+        kb = gather_rows(k_cache, slots, torch.float32).transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, klen, D]
+        vb = gather_rows(v_cache, slots, torch.float32).transpose(0, 1).repeat_interleave(group, dim=0)
         scores = torch.matmul(qb, kb.transpose(1, 2)) * scale
         qpos = torch.arange(klen - qlen, klen, device=q.device)[:, None]
         kpos = torch.arange(klen, device=q.device)[None, :]

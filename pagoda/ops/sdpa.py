@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pagoda.ops.attention_metadata import AttentionMetadata
+from pagoda.ops.kv_quant import gather_rows
 from pagoda.ops.registry import register_kernel
 
 _registered: set[str] = set()
@@ -34,8 +35,8 @@ def paged_attention_sdpa(
     """
     if meta.is_decode_only:
         slots, valid = meta.padded_context_slots  # [B, L]
-        k = _gather(k_cache, slots, q.dtype).transpose(1, 2)  # [B, Hk, L, D]
-        v = _gather(v_cache, slots, q.dtype).transpose(1, 2)
+        k = gather_rows(k_cache, slots, q.dtype).transpose(1, 2)  # [B, Hk, L, D]
+        v = gather_rows(v_cache, slots, q.dtype).transpose(1, 2)
         mask = valid[:, None, None, :]  # [B, 1, 1, L]
         out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         return out[:, :, 0, :].to(out_dtype or q.dtype)
@@ -55,8 +56,8 @@ def attend_per_sequence(
         qlen, klen, start = meta.query_lens[b], meta.seq_lens[b], meta.query_starts[b]
         slots = meta.context_slots[b]
         qb = q[start : start + qlen].transpose(0, 1)[None].to(dtype)
-        kb = _gather(k_cache, slots, dtype).transpose(0, 1)[None]
-        vb = _gather(v_cache, slots, dtype).transpose(0, 1)[None]
+        kb = gather_rows(k_cache, slots, dtype).transpose(0, 1)[None]
+        vb = gather_rows(v_cache, slots, dtype).transpose(0, 1)[None]
         if qlen == klen:
             ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
         else:
@@ -65,9 +66,3 @@ def attend_per_sequence(
             ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start : start + qlen] = ob[0].transpose(0, 1)  # in out's dtype
 
-
-def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """cache[slots] via index_select (~3.5x faster than advanced indexing for whole rows),
-    in the query's dtype (the cache may be stored narrower)."""
-    rows = cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
-    return rows.to(dtype)

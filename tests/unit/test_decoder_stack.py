@@ -13,6 +13,7 @@ from pagoda.models.llama import LlamaForCausalLM
 from pagoda.models.loader import _fill_dummy
 from pagoda.ops import OPS, AttentionMetadata
 from pagoda.ops.cpu_decoder import MAX_CHUNK, decoder_layers_c
+from pagoda.ops.kv_quant import quantize_rows
 from pagoda.ops.registry import DECLINE
 from tests.unit.test_quant import needs_c_quant
 
@@ -41,7 +42,8 @@ def _decode_inputs(model: LlamaForCausalLM, context_lens: list[int], kv_dtype=to
     kv = KVPool(cfg.num_hidden_layers, 64, PAGE, cfg.num_key_value_heads, cfg.head_dim, kv_dtype, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     for cache in kv.k + kv.v:
-        cache[PAGE:].copy_(torch.randn(cache[PAGE:].shape, generator=g))
+        rows = torch.randn(cache.shape[0] - PAGE, cfg.num_key_value_heads, cfg.head_dim, generator=g)
+        cache[PAGE:].copy_(quantize_rows(rows) if kv_dtype == torch.int8 else rows)
     pages, slots, next_page = [], [], 60
     for length in context_lens:  # pages from the top down, not in order
         own = [next_page - i for i in range(length // PAGE + 1)]
@@ -80,15 +82,18 @@ def test_stack_matches_the_per_op_path_bit_for_bit(arch, quantization, context_l
 
 
 @needs_c_quant
-def test_stack_serves_float32_caches_and_leaves_its_input_alone():
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.int8])
+def test_stack_serves_float32_and_int8_caches_and_leaves_its_input_alone(kv_dtype):
     model = _model("LlamaForCausalLM", "int4")
-    x, rope, meta, kv = _decode_inputs(model, [3, 11], kv_dtype=torch.float32)
+    x, rope, meta, kv = _decode_inputs(model, [3, 11], kv_dtype=kv_dtype)
     before = x.clone()
     kv_ref = _clone_kv(kv)
     got = decoder_layers_c(model.layers, x, rope, meta, kv)
     want = OPS["decoder_layers"].reference(model.layers, x, rope, meta, kv_ref)
     assert torch.equal(x, before)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for a, b in zip(kv.k + kv.v, kv_ref.k + kv_ref.v):
+        assert torch.equal(a, b)
 
 
 def test_stack_declines_long_prompt_chunks_and_unquantized_models():

@@ -35,3 +35,35 @@ def test_bf16_cache_decodes_close_to_float32(tiny_config_path) -> None:
 def test_unknown_kv_cache_dtype_is_refused(tiny_config_path) -> None:
     with pytest.raises(ConfigError, match="kv_cache_dtype must be one of"):
         _llm(tiny_config_path, kv_cache_dtype="fp8")
+    with pytest.raises(ConfigError, match="int8"):  # the message lists it
+        _llm(tiny_config_path, kv_cache_dtype="int4")
+
+
+def test_int8_cache_stores_a_scale_per_token_and_head_and_decodes_close(tiny_config_path) -> None:
+    from pagoda.cache.kv_pool import KVPool
+
+    dense = _llm(tiny_config_path)
+    narrow = _llm(tiny_config_path, kv_cache_dtype="int8")
+    k = narrow.engine.kv_pool.k[0]
+    assert k.dtype == torch.int8 and k.shape[1:] == (2, 16 + 4)  # head_dim bytes, then a float32 scale
+    assert KVPool.bytes_per_token(2, 2, 16, torch.int8) == 2 * 2 * 2 * 20
+    ids = list(range(5, 45))
+    exact = prefill_logits(dense.engine.runner, ids)
+    for got in (incremental_logits(narrow.engine.runner, ids, chunk=1), prefill_logits(narrow.engine.runner, ids)):
+        assert not torch.equal(got, exact)
+        assert torch.nn.functional.cosine_similarity(got, exact, dim=-1).min() > 0.999
+        assert (got - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_int8_cache_serves_a_batch_and_frees_its_pages(tiny_config_path) -> None:
+    from pagoda import SamplingParams
+
+    llm = _llm(tiny_config_path, kv_cache_dtype="int8", quantization="int4")
+    free = llm.engine.stats().kv_pages_free
+    outs = llm.generate([[7] * n for n in (3, 40, 17)], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                        use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [24, 24, 24]
+    alone = llm.generate([[7] * 40], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    assert alone[0].outputs[0].token_ids == outs[1].outputs[0].token_ids  # batching changes nothing
+    stats = llm.engine.stats()  # every page is free again or held only by the prefix cache
+    assert stats.kv_pages_free + stats.kv_pages_cached == free

@@ -7,6 +7,7 @@ import torch
 
 from pagoda import ops
 from pagoda.ops.attention_metadata import AttentionMetadata
+from pagoda.ops.kv_quant import dequantize_rows, quantize_rows
 from pagoda.ops.registry import OPS, Op, register_kernel
 from pagoda.platforms import get_platform
 
@@ -26,8 +27,11 @@ def _attention_inputs(
         table[b, :n] = perm[i : i + n]
         i += n
     num_slots = (int(perm.max()) + 1) * page_size
-    k_cache = torch.randn(num_slots, hk, d, generator=g).to(kv_dtype)
-    v_cache = torch.randn(num_slots, hk, d, generator=g).to(kv_dtype)
+    k_cache, v_cache = (torch.randn(num_slots, hk, d, generator=g) for _ in range(2))
+    if kv_dtype == torch.int8:  # a scale per token and head, as the model stores them
+        k_cache, v_cache = quantize_rows(k_cache), quantize_rows(v_cache)
+    else:
+        k_cache, v_cache = k_cache.to(kv_dtype), v_cache.to(kv_dtype)
     slots = []
     for b, (ql, sl) in enumerate(zip(query_lens, seq_lens)):
         pos = torch.arange(sl - ql, sl)
@@ -56,9 +60,10 @@ def _inputs(name: str):
         slots = torch.tensor([9, 2, 30, 31, 0, 17, 5])
         cases = []
         for src, cache, out in ((torch.float32, torch.float32, None), (bf16, bf16, torch.float32),
-                                (bf16, torch.float32, None), (torch.float32, bf16, bf16)):
+                                (bf16, torch.float32, None), (torch.float32, bf16, bf16),
+                                (torch.float32, torch.int8, None), (bf16, torch.int8, bf16)):
             q, k, v = qkv.to(src).split([96, 32, 32], dim=-1)
-            caches = [torch.zeros(32, 2, 16, dtype=cache) for _ in range(2)]
+            caches = [torch.zeros(32, 2, 16 + (4 if cache == torch.int8 else 0), dtype=cache) for _ in range(2)]
             cases.append((q.view(7, 6, 16), k.view(7, 2, 16), v.view(7, 2, 16), cos, sin, *caches, slots, out))
         q, k, v = qkv[:1].split([96, 32, 32], dim=-1)  # one token: views' row strides differ (moot)
         caches = [torch.zeros(32, 2, 16) for _ in range(2)]
@@ -69,6 +74,8 @@ def _inputs(name: str):
         cos64, sin64 = torch.cat((angles64.cos(), angles64.cos()), -1), torch.cat((angles64.sin(), angles64.sin()), -1)
         caches = [torch.zeros(32, 2, 64, dtype=bf16) for _ in range(2)]
         cases.append((q.view(7, 6, 64), k.view(7, 2, 64), v.view(7, 2, 64), cos64, sin64, *caches, slots, torch.float32))
+        caches = [torch.zeros(32, 2, 68, dtype=torch.int8) for _ in range(2)]
+        cases.append((q.view(7, 6, 64), k.view(7, 2, 64), v.view(7, 2, 64), cos64, sin64, *caches, slots))
         q, k, v = qkv[:, :64].split([32, 16, 16], dim=-1)  # one kv head (MQA)
         caches = [torch.zeros(32, 1, 16) for _ in range(2)]
         cases.append((q.view(7, 2, 16), k.view(7, 1, 16), v.view(7, 1, 16), cos, sin, *caches, slots))
@@ -92,6 +99,12 @@ def _inputs(name: str):
             _attention_inputs([1, 1], [40, 17], page_size=16, hq=10, hk=1, d=64, kv_dtype=torch.bfloat16),
             _attention_inputs([1, 1], [40, 3], d=8),  # head_dim off the 16-wide vector path
             _attention_inputs([1] * 5, [20, 1, 33, 16, 17], d=144, kv_dtype=torch.bfloat16),  # > 8 vectors
+            # int8 KV rows: decodes only (float32 either side), then with prefill chunks and bf16 output
+            _attention_inputs([1, 1, 1], [50, 7, 129], page_size=16, hq=9, hk=3, d=64, kv_dtype=torch.int8),
+            (*_attention_inputs([1, 3, 1], [50, 9, 20], page_size=16, hq=9, hk=3, d=64, kv_dtype=torch.int8),
+             torch.bfloat16),
+            _attention_inputs([1, 1], [40, 17], page_size=16, hq=10, hk=1, d=64, kv_dtype=torch.int8),  # group 10
+            _attention_inputs([1, 1], [40, 3], d=8, kv_dtype=torch.int8),  # the plain loops
         ]
     if name == "argmax_rows":
         ties = torch.zeros(3, 200)
@@ -122,7 +135,13 @@ def test_kernel_matches_reference(name: str, kernel) -> None:
                 continue
             torch.testing.assert_close(got, op.reference(*ref_args), rtol=1e-5, atol=1e-5)
             for mine, theirs in ((args[5], ref_args[5]), (args[6], ref_args[6])):
-                if mine.dtype == torch.bfloat16:
+                if mine.dtype == torch.int8:  # C's rotation may differ in the last bit (FMA): one step
+                    assert (mine[..., :-4].int() - theirs[..., :-4].int()).abs().max() <= 1
+                    assert (mine[..., :-4] != theirs[..., :-4]).float().mean() < 0.01
+                    step = theirs[..., -4:].contiguous().view(torch.float32).max().item()
+                    torch.testing.assert_close(dequantize_rows(mine, torch.float32),
+                                               dequantize_rows(theirs, torch.float32), rtol=1e-5, atol=step)
+                elif mine.dtype == torch.bfloat16:
                     torch.testing.assert_close(mine, theirs)
                 else:
                     torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
@@ -132,13 +151,18 @@ def test_kernel_matches_reference(name: str, kernel) -> None:
         if got is ops.DECLINE:
             continue
         for a, b in zip(got if isinstance(got, tuple) else (got,), ref if isinstance(ref, tuple) else (ref,)):
-            if name == "paged_attention" and args[1].dtype == torch.bfloat16:  # queries rounded to bf16
+            if name == "paged_attention" and _bf16_math(*args[1:4]):  # queries rounded to bf16
                 assert a.dtype == b.dtype
                 torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
             elif a.dtype == torch.bfloat16:  # one rounding each, possibly one ulp apart
                 torch.testing.assert_close(a, b)
             else:
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _bf16_math(k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
+    """Attention computed with bf16 products: a bf16 cache, or prefill chunks over an int8 one."""
+    return k_cache.dtype == torch.bfloat16 or (k_cache.dtype == torch.int8 and not meta.is_decode_only)
 
 
 def test_c_decode_attention_is_built_and_used() -> None:

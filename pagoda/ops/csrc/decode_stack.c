@@ -37,7 +37,7 @@ static void matmul(const int64_t *w, int bits, const float *x, float *out, int64
 
 void decode_stack(const int64_t *table, int num_layers, int bits, float *x, float *residual, int64_t t,
                   int64_t hidden, int hq, int hk, int d, int64_t inter, float eps, int jiutian, const float *cos,
-                  const float *sin, int kv_bf16, const int64_t *slots, const int64_t *block_table,
+                  const float *sin, int kv_kind, const int64_t *slots, const int64_t *block_table,
                   int64_t bt_stride, const int64_t *rows, int page_size, float scale, int max_len,
                   int num_threads) {
     const int64_t q_size = (int64_t)hq * d, qkv_size = q_size + 2 * (int64_t)hk * d;
@@ -61,8 +61,8 @@ void decode_stack(const int64_t *table, int num_layers, int bits, float *x, floa
             for (int64_t i = 0; i < t * qkv_size; i++) qkv[i] += ((const float *)w[QKV_BIAS])[i % qkv_size];
         void *k_cache = (void *)w[K_CACHE], *v_cache = (void *)w[V_CACHE];
         rotary_store_kv(qkv, qkv + q_size, qkv + q_size + (int64_t)hk * d, 0, qkv_size, cos, sin, q, 0, k_cache,
-                        v_cache, kv_bf16, slots, t, hq, hk, d, num_threads);
-        paged_decode_attention(q, q_size, k_cache, v_cache, kv_bf16, block_table, bt_stride, rows, t, att, 0, q_size,
+                        v_cache, kv_kind, slots, t, hq, hk, d, num_threads);
+        paged_decode_attention(q, q_size, k_cache, v_cache, kv_kind, block_table, bt_stride, rows, t, att, 0, q_size,
                                hq, hk, d, page_size, scale, max_len, num_threads);
         matmul(w + O, bits, att, x, t, hidden, q_size, num_threads);
         add_rms_norm(x, 0, residual, (const float *)w[POST_NORM], h, 0, residual, t, hidden, eps, jiutian,

@@ -170,18 +170,57 @@ static inline void rotate_head(const void *x, int x_bf16, int64_t x_off, const f
 #endif
 }
 
+/* One head's row of an int8 cache: round(x * (1 / max|x|) * 127) as d bytes, ties to even,
+ * then the float32 scale max|x| * (1 / 127) (an all-zero head: scale 0); the same float32
+ * operations as kv_quant.py's quantize_rows, so both write the same bytes. */
+static void quantize_head(const float *x, int d, int8_t *row) {
+#ifdef __AVX512F__
+    __m512 m = _mm512_setzero_ps();
+    for (int e = 0; e < d; e += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail(d - e), x + e)));
+    const float amax = _mm512_reduce_max_ps(m);
+    const __m512 inv = _mm512_set1_ps(amax > 0.f ? (1.f / amax) * 127.f : 0.f);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    for (int e = 0; e < d; e += 16) {
+        const __mmask16 k = tail(d - e);
+        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + e), inv)); /* ties to even */
+        q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+        _mm_mask_storeu_epi8(row + e, k, _mm512_cvtepi32_epi8(q));
+    }
+#else
+    float amax = 0.f;
+    for (int e = 0; e < d; e++) amax = fmaxf(amax, fabsf(x[e]));
+    const float inv = amax > 0.f ? (1.f / amax) * 127.f : 0.f;
+    for (int e = 0; e < d; e++) row[e] = (int8_t)fminf(fmaxf(nearbyintf(x[e] * inv), -127.f), 127.f);
+#endif
+    const float scale = amax * (float)(1.0 / 127.0);
+    memcpy(row + d, &scale, sizeof scale);
+}
+
 /* The step after the QKV projection, per token: rotate the query heads into q_out
  * [T, Hq, D]; rotate the key heads straight into their cache slot; copy the values into
- * theirs. q/k/v are views into the fused QKV output (rows of `row_stride` elements). */
+ * theirs (each in the cache's kv_kind). q/k/v are views into the fused QKV output (rows of
+ * `row_stride` elements). */
 void rotary_store_kv(const void *q, const void *k, const void *v, int x_bf16, int64_t row_stride, const float *cos,
-                     const float *sin, void *q_out, int q_out_bf16, void *k_cache, void *v_cache, int cache_bf16,
+                     const float *sin, void *q_out, int q_out_bf16, void *k_cache, void *v_cache, int cache_kind,
                      const int64_t *slots, int64_t tokens, int hq, int hk, int d, int num_threads) {
-    const int64_t width = (int64_t)hk * d; /* elements per token in the cache */
+    const int64_t width = (int64_t)hk * d; /* elements per token in a float cache */
+    const int cache_bf16 = cache_kind == KV_BF16;
     _Pragma("omp parallel for num_threads(num_threads) if(tokens * (hq + 2 * hk) * d >= PARALLEL_MIN_ELEMENTS)")
     for (int64_t t = 0; t < tokens; t++) {
         const float *ct = cos + t * d, *st = sin + t * d;
         for (int h = 0; h < hq; h++)
             rotate_head(q, x_bf16, t * row_stride + (int64_t)h * d, ct, st, q_out, q_out_bf16, (t * hq + h) * (int64_t)d, d);
+        if (cache_kind == KV_INT8) {
+            const int64_t hd = d + KV_INT8_SCALE_BYTES; /* bytes per head row */
+            float head[d];
+            for (int h = 0; h < hk; h++) {
+                rotate_head(k, x_bf16, t * row_stride + (int64_t)h * d, ct, st, head, 0, 0, d);
+                quantize_head(head, d, (int8_t *)k_cache + (slots[t] * hk + h) * hd);
+                load(v, x_bf16, t * row_stride + (int64_t)h * d, d, head);
+                quantize_head(head, d, (int8_t *)v_cache + (slots[t] * hk + h) * hd);
+            }
+            continue;
+        }
         for (int h = 0; h < hk; h++)
             rotate_head(k, x_bf16, t * row_stride + (int64_t)h * d, ct, st, k_cache, cache_bf16,
                         slots[t] * width + (int64_t)h * d, d);

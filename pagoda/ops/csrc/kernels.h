@@ -5,16 +5,24 @@
 #define PAGODA_KERNELS_H
 #include <stdint.h>
 
+/* How a KV cache stores each token's head (pagoda/ops/kv_quant.py for the int8 rows). */
+enum kv_kind {
+    KV_F32 = 0,
+    KV_BF16 = 1,
+    KV_INT8 = 2, /* head_dim signed bytes, then a float32 scale: value = byte * scale */
+};
+#define KV_INT8_SCALE_BYTES 4
+
 void rms_norm(const float *x, const float *w, void *out, int out_bf16, int64_t rows, int64_t cols, float eps,
               int jiutian, int num_threads);
 void add_rms_norm(const void *x, int x_bf16, const float *residual, const float *w, void *out, int out_bf16,
                   float *summed, int64_t rows, int64_t cols, float eps, int jiutian, int num_threads);
 void rotary_store_kv(const void *q, const void *k, const void *v, int x_bf16, int64_t row_stride, const float *cos,
-                     const float *sin, void *q_out, int q_out_bf16, void *k_cache, void *v_cache, int cache_bf16,
+                     const float *sin, void *q_out, int q_out_bf16, void *k_cache, void *v_cache, int cache_kind,
                      const int64_t *slots, int64_t tokens, int hq, int hk, int d, int num_threads);
 void silu_and_mul(const void *x, int x_bf16, void *out, int out_bf16, int64_t rows, int64_t n, int num_threads);
 void paged_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
-                            int kv_bf16, const int64_t *block_table, int64_t bt_stride, const int64_t *rows,
+                            int kv_kind, const int64_t *block_table, int64_t bt_stride, const int64_t *rows,
                             int64_t n, void *out, int out_bf16, int64_t out_stride, int hq, int hk, int d,
                             int page_size, float scale, int max_len, int num_threads);
 void int4_matmul(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const void *x, int x_bf16, void *out,

@@ -8,9 +8,12 @@
  * (two-pass softmax), so each key and value row is read from memory once and reused
  * from cache by the query heads of its group.
  *
- * Keys/values are float32 or bfloat16; softmax and accumulation are float32. With a
- * bfloat16 cache on a CPU with AVX512-BF16, scores are bf16 dot products (the query
- * is rounded to bfloat16 once, as bf16 attention kernels do); otherwise float32 FMAs.
+ * Keys/values are float32, bfloat16 or int8 rows with a scale per token and head (kv_kind,
+ * kernels.h); softmax and accumulation are float32. With a bfloat16 cache on a CPU with
+ * AVX512-BF16, scores are bf16 dot products (the query is rounded to bfloat16 once, as
+ * bf16 attention kernels do); otherwise float32 FMAs. An int8 cache is read as its bytes
+ * (a quarter of float32's traffic, which is what decode attention waits on): key scales
+ * multiply the finished scores, value scales each value row as it is summed.
  *
  * Built by pagoda/ops/native.py with -O3 -march=native -fopenmp; called through ctypes.
  */
@@ -31,7 +34,7 @@
 
 /* ---- portable float32 loops (any head_dim, any CPU) ------------------------------- */
 
-#define DEFINE_PLAIN(SUFFIX, KV_T, LOAD)                                                       \
+#define DEFINE_PLAIN(SUFFIX, KV_T, LOAD, ROW_SCALE)                                            \
 static void scores_plain_##SUFFIX(const float *q, const void *k_, int64_t h, const int64_t *off, \
                                   int64_t len, int g, int d, float scale, float *scores, int64_t stride, int pf) { \
     (void)pf;                                                                                  \
@@ -52,23 +55,36 @@ static void values_plain_##SUFFIX(const void *v_, int64_t h, const int64_t *off,
     memset(out, 0, sizeof(float) * (size_t)g * (size_t)d);                                     \
     for (int64_t t = 0; t < len; t++) {                                                        \
         const KV_T *vr = v + off[t];                                                           \
+        const float rs = ROW_SCALE(vr, d);                                                     \
         for (int j = 0; j < g; j++) {                                                          \
-            const float p = probs[j * stride + t];                                             \
+            const float p = probs[j * stride + t] * rs;                                        \
             _Pragma("omp simd")                                                                \
             for (int e = 0; e < d; e++) out[j * d + e] += p * LOAD(vr[e]);                     \
         }                                                                                      \
     }                                                                                          \
 }
+/* The float32 scale after a head's bytes in an int8 row (memcpy: rows are 4-byte aligned
+ * only when head_dim is). */
+static inline float row_scale(const int8_t *row, int d) {
+    float s;
+    memcpy(&s, row + d, sizeof s);
+    return s;
+}
+
 #define LOAD_F32(x) (x)
 #define LOAD_BF16(x) bf16_to_f32(x)
-DEFINE_PLAIN(f32, float, LOAD_F32)
-DEFINE_PLAIN(bf16, uint16_t, LOAD_BF16)
+#define LOAD_I8(x) ((float)(x))
+#define UNSCALED(row, d) 1.f
+DEFINE_PLAIN(f32, float, LOAD_F32, UNSCALED)
+DEFINE_PLAIN(bf16, uint16_t, LOAD_BF16, UNSCALED)
+DEFINE_PLAIN(i8, int8_t, LOAD_I8, row_scale)
 
 /* ---- AVX-512 (head_dim a multiple of 16 [32 for bf16 dot products], group <= 8) ------ */
 
 #ifdef __AVX512F__
 static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
 static inline __m512 load16_bf16(const uint16_t *p) { return bf16x16_to_f32(_mm256_loadu_si256((const __m256i *)p)); }
+static inline __m512 load16_i8(const int8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))); }
 static inline void prefetch_row(const void *p, size_t bytes) {
     for (size_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)p + b, _MM_HINT_T0);
 }
@@ -128,9 +144,13 @@ static void NAME(const float *q, const void *k_, int64_t h, const int64_t *off, 
 #define DOT_BF16_FMA(a, qc, kr, c) _mm512_fmadd_ps(qc, load16_bf16((kr) + (c)), a)
 DEFINE_SCORES(scores_vec_f32, float, __m512, QPREP_F32, DOT_F32, 16)
 DEFINE_SCORES(scores_vec_bf16, uint16_t, __m512, QPREP_F32, DOT_BF16_FMA, 16)
+#define DOT_I8(a, qc, kr, c) _mm512_fmadd_ps(qc, load16_i8((kr) + (c)), a)
+DEFINE_SCORES(scores_vec_i8, int8_t, __m512, QPREP_F32, DOT_I8, 16)
 
-/* out[j] = sum_t p_j[t] v[t], 16 columns at a time with the group's sums in registers. */
-#define DEFINE_VALUES_VEC(SUFFIX, KV_T)                                                        \
+/* out[j] = sum_t p_j[t] v[t], 16 columns at a time with the group's sums in registers. An
+ * int8 row's scale is applied as the row is read: here its first touch, behind the prefetch
+ * (a separate pass over the scales beforehand waited on DRAM row by row). */
+#define DEFINE_VALUES_VEC(SUFFIX, KV_T, SCALE)                                                 \
 static void values_vec_##SUFFIX(const void *v_, int64_t h, const int64_t *off, int64_t len, \
                                 int g, int d, const float *probs, int64_t stride, float *out, int pf) { \
     const KV_T *v = (const KV_T *)v_ + h;                                                        \
@@ -139,15 +159,18 @@ static void values_vec_##SUFFIX(const void *v_, int64_t h, const int64_t *off, i
         for (int j = 0; j < MAX_GROUP; j++) acc[j] = _mm512_setzero_ps();                      \
         for (int64_t t = 0; t < len; t++) {                                                    \
             if (c == 0 && pf && t + PREFETCH < len) prefetch_row(v + off[t + PREFETCH], pf * sizeof(KV_T));        \
-            const __m512 vv = load16_##SUFFIX(v + off[t] + c);                                 \
+            const __m512 vv = SCALE(load16_##SUFFIX(v + off[t] + c), v + off[t], d);          \
             for (int j = 0; j < MAX_GROUP; j++)                                                \
                 if (j < g) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(probs[j * stride + t]), vv, acc[j]); \
         }                                                                                      \
         for (int j = 0; j < g; j++) _mm512_storeu_ps(out + j * d + c, acc[j]);                 \
     }                                                                                          \
 }
-DEFINE_VALUES_VEC(f32, float)
-DEFINE_VALUES_VEC(bf16, uint16_t)
+#define AS_IS(x, row, d) (x)
+#define ROW_SCALED(x, row, d) _mm512_mul_ps(x, _mm512_set1_ps(row_scale(row, d)))
+DEFINE_VALUES_VEC(f32, float, AS_IS)
+DEFINE_VALUES_VEC(bf16, uint16_t, AS_IS)
+DEFINE_VALUES_VEC(i8, int8_t, ROW_SCALED)
 #endif
 
 #ifdef __AVX512BF16__
@@ -165,32 +188,38 @@ typedef void (*scores_fn)(const float *, const void *, int64_t, const int64_t *,
 typedef void (*values_fn)(const void *, int64_t, const int64_t *, int64_t, int, int, const float *, int64_t, float *,
                           int);
 
-static void pick_kernels(int kv_bf16, int g, int d, scores_fn *scores, values_fn *values) {
-    *scores = kv_bf16 ? scores_plain_bf16 : scores_plain_f32;
-    *values = kv_bf16 ? values_plain_bf16 : values_plain_f32;
+static void pick_kernels(int kv_kind, int g, int d, scores_fn *scores, values_fn *values) {
+    const scores_fn plain_scores[] = {scores_plain_f32, scores_plain_bf16, scores_plain_i8};
+    const values_fn plain_values[] = {values_plain_f32, values_plain_bf16, values_plain_i8};
+    *scores = plain_scores[kv_kind];
+    *values = plain_values[kv_kind];
 #ifdef __AVX512F__
-    if (d % 16 == 0 && d <= 128) *scores = kv_bf16 ? scores_vec_bf16 : scores_vec_f32;
-    if (g <= MAX_GROUP && d % 16 == 0) *values = kv_bf16 ? values_vec_bf16 : values_vec_f32;
+    const scores_fn vec_scores[] = {scores_vec_f32, scores_vec_bf16, scores_vec_i8};
+    const values_fn vec_values[] = {values_vec_f32, values_vec_bf16, values_vec_i8};
+    if (d % 16 == 0 && d <= 128) *scores = vec_scores[kv_kind];
+    if (g <= MAX_GROUP && d % 16 == 0) *values = vec_values[kv_kind];
 #endif
 #ifdef __AVX512BF16__
-    if (kv_bf16 && d % 32 == 0 && d <= 128) *scores = scores_dot_bf16;
+    if (kv_kind == KV_BF16 && d % 32 == 0 && d <= 128) *scores = scores_dot_bf16;
 #endif
 }
+
 
 /* rows[i] = {token index in q/out, block-table row, context length}; q float32, out float32
  * or (out_bf16) bfloat16, ready for a bf16 output projection. */
 void paged_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
-                            int kv_bf16, const int64_t *block_table, int64_t bt_stride, const int64_t *rows,
+                            int kv_kind, const int64_t *block_table, int64_t bt_stride, const int64_t *rows,
                             int64_t n, void *out, int out_bf16, int64_t out_stride, int hq, int hk, int d,
                             int page_size, float scale, int max_len, int num_threads) {
     const int g = hq / hk;
     /* few sequences: one item per kv head, so every thread has work */
     const int heads_per_item = n >= 2 * num_threads ? hk : 1;
     const int items_per_row = hk / heads_per_item;
-    const int64_t row_stride = (int64_t)hk * d; /* elements per token in the pool */
+    const int hd = kv_kind == KV_INT8 ? d + KV_INT8_SCALE_BYTES : d; /* elements per head row */
+    const int64_t row_stride = (int64_t)hk * hd;                     /* elements per token in the pool */
     scores_fn scores_of;
     values_fn values_of;
-    pick_kernels(kv_bf16, g, d, &scores_of, &values_of);
+    pick_kernels(kv_kind, g, d, &scores_of, &values_of);
     _Pragma("omp parallel num_threads(num_threads)")
     {
         float *probs = malloc(sizeof(float) * (size_t)g * (size_t)max_len);
@@ -208,8 +237,14 @@ void paged_decode_attention(const float *q, int64_t q_stride, const void *k_cach
                 const float *qh = q + tok * q_stride + (int64_t)kh * g * d;
                 const int64_t o = tok * out_stride + (int64_t)kh * g * d;
                 float *oh = out_bf16 ? acc : (float *)out + o;
-                const int pf = kh == h0 ? heads_per_item * d : 0; /* the item's whole rows, once */
-                scores_of(qh, k_cache, (int64_t)kh * d, off, len, g, d, scale, probs, max_len, pf);
+                const int pf = kh == h0 ? heads_per_item * hd : 0; /* the item's whole rows, once */
+                const int64_t head = (int64_t)kh * hd;
+                scores_of(qh, k_cache, head, off, len, g, d, scale, probs, max_len, pf);
+                if (kv_kind == KV_INT8) /* the keys' scales (their rows are in cache now) */
+                    for (int64_t t = 0; t < len; t++) {
+                        const float ks = row_scale((const int8_t *)k_cache + off[t] + head, d);
+                        for (int j = 0; j < g; j++) probs[j * max_len + t] *= ks;
+                    }
                 for (int j = 0; j < g; j++) {
                     float *pj = probs + j * max_len, m = -FLT_MAX, sum = 0.f;
                     for (int64_t t = 0; t < len; t++) m = pj[t] > m ? pj[t] : m;
@@ -219,7 +254,7 @@ void paged_decode_attention(const float *q, int64_t q_stride, const void *k_cach
                     _Pragma("omp simd")
                     for (int64_t t = 0; t < len; t++) pj[t] *= inv;
                 }
-                values_of(v_cache, (int64_t)kh * d, off, len, g, d, probs, max_len, oh, pf);
+                values_of(v_cache, head, off, len, g, d, probs, max_len, oh, pf);
                 if (out_bf16)
                     for (int e = 0; e < g * d; e++) ((uint16_t *)out)[o + e] = f32_to_bf16(acc[e]);
             }
