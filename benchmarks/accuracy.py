@@ -1,6 +1,9 @@
 """Accuracy of pagoda's fast paths against float32 on the same model file.
 
-    python benchmarks/accuracy.py --quantization bf16 int4
+    python benchmarks/accuracy.py --quantization bf16 int4 int4:int8
+
+A mode is a --quantization value, optionally with a --kv-cache-dtype after a colon
+(``int4:int8``: int4 linears over an int8 KV cache).
 
 For each mode: mean KL(float32 || mode) of next-token distributions and top-1 agreement
 over a fixed text (this repo's README, first 1,024 tokens), perplexity of that text, and
@@ -41,7 +44,7 @@ def text_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--quantization", nargs="+", default=["bf16", "int4"])
+    ap.add_argument("--quantization", nargs="+", default=["bf16", "int4"], help="modes: QUANTIZATION[:KV_CACHE_DTYPE]")
     args = ap.parse_args()
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     greedy = SamplingParams(temperature=0, max_tokens=48)
@@ -56,7 +59,8 @@ def main() -> None:
              "perplexity": round(torch.exp(-ref_lp[:-1].gather(1, targets[:, None]).mean()).item(), 3),
              "greedy_identical": f"{len(CHATS)}/{len(CHATS)}"}]
     for mode in args.quantization:
-        llm = LLM(model=args.model, dtype="float32", quantization=mode)
+        quantization, _, kv = mode.partition(":")
+        llm = LLM(model=args.model, dtype="float32", quantization=quantization, kv_cache_dtype=kv or "auto")
         lp = torch.log_softmax(text_logits(llm, ids), -1)
         kl = F.kl_div(lp, ref_lp, log_target=True, reduction="batchmean").item()
         outs = [o.outputs[0].token_ids for o in llm.chat(CHATS, greedy, use_tqdm=False)]
@@ -70,9 +74,9 @@ def main() -> None:
         del llm
     for row in rows:
         print(json.dumps({"bench": "accuracy", **row}))
-    print(f"\n  {'mode':<8} {'mean KL':>10} {'top-1 agree':>12} {'perplexity':>11} {'greedy same':>12}")
+    print(f"\n  {'mode':<10} {'mean KL':>10} {'top-1 agree':>12} {'perplexity':>11} {'greedy same':>12}")
     for r in rows:
-        print(f"  {r['mode']:<8} {r['mean_kl']:>10} {r['top1_agreement']:>12} {r['perplexity']:>11} {r['greedy_identical']:>12}")
+        print(f"  {r['mode']:<10} {r['mean_kl']:>10} {r['top1_agreement']:>12} {r['perplexity']:>11} {r['greedy_identical']:>12}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--quantization", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--load-format", default="auto", help="dummy: random weights from --model-config's shape")
     ap.add_argument("--model-config", default=None, help="config.json of the shape to build (with dummy)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
@@ -36,7 +37,8 @@ def main() -> None:
     args = ap.parse_args()
 
     llm = LLM(model=args.model, quantization=args.quantization, device=args.device, dtype=args.dtype,
-              load_format=args.load_format, model_config=args.model_config, max_running_requests=max(args.batch))
+              kv_cache_dtype=args.kv_cache_dtype, load_format=args.load_format, model_config=args.model_config,
+              max_running_requests=max(args.batch))
     engine = llm.engine
     device = engine.platform.describe()
     vocab = engine.model_config.vocab_size
@@ -55,7 +57,8 @@ def main() -> None:
         for _ in range(args.steps):
             engine.step()
         step_ms = (time.perf_counter() - t) / args.steps * 1000
-        print(json.dumps({"bench": "step", "device": device, "quantization": args.quantization, "batch": batch,
+        print(json.dumps({"bench": "step", "device": device, "quantization": args.quantization,
+                          "kv_cache_dtype": str(engine.kv_pool.k[0].dtype).removeprefix("torch."), "batch": batch,
                           "context": args.context, "step_ms": round(step_ms, 2),
                           "tok_s": round(batch * 1000 / step_ms, 1)}))
         if args.profile:
