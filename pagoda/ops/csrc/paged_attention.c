@@ -12,8 +12,8 @@
  * kernels.h); softmax and accumulation are float32. With a bfloat16 cache on a CPU with
  * AVX512-BF16, scores are bf16 dot products (the query is rounded to bfloat16 once, as
  * bf16 attention kernels do); otherwise float32 FMAs. An int8 cache is read as its bytes
- * (a quarter of float32's traffic, which is what decode attention waits on): key scales
- * multiply the finished scores, value scales each value row as it is summed.
+ * (a quarter of float32's traffic, which is what decode attention waits on), each row
+ * times its scale as it is converted to float32.
  *
  * Built by pagoda/ops/native.py with -O3 -march=native -fopenmp; called through ctypes.
  */
@@ -42,9 +42,10 @@ static void scores_plain_##SUFFIX(const float *q, const void *k_, int64_t h, con
     for (int j = 0; j < g; j++)                                                                \
         for (int64_t t = 0; t < len; t++) {                                                    \
             const KV_T *kr = k + off[t];                                                       \
+            const float rs = ROW_SCALE(kr, d);                                                 \
             float s = 0.f;                                                                     \
             _Pragma("omp simd reduction(+:s)")                                                 \
-            for (int e = 0; e < d; e++) s += q[j * d + e] * LOAD(kr[e]);                       \
+            for (int e = 0; e < d; e++) s += q[j * d + e] * (LOAD(kr[e]) * rs);                \
             scores[j * stride + t] = s * scale;                                                \
         }                                                                                      \
 }                                                                                              \
@@ -144,8 +145,40 @@ static void NAME(const float *q, const void *k_, int64_t h, const int64_t *off, 
 #define DOT_BF16_FMA(a, qc, kr, c) _mm512_fmadd_ps(qc, load16_bf16((kr) + (c)), a)
 DEFINE_SCORES(scores_vec_f32, float, __m512, QPREP_F32, DOT_F32, 16)
 DEFINE_SCORES(scores_vec_bf16, uint16_t, __m512, QPREP_F32, DOT_BF16_FMA, 16)
-#define DOT_I8(a, qc, kr, c) _mm512_fmadd_ps(qc, load16_i8((kr) + (c)), a)
-DEFINE_SCORES(scores_vec_i8, int8_t, __m512, QPREP_F32, DOT_I8, 16)
+/* int8 keys, scales included: 16 rows at a time become float32 (times each row's scale) once,
+ * in L1, and every query head of the group takes its dot products from there (converting
+ * per head, as the macro above would, costs a group of 3 three times the conversions). */
+static inline __attribute__((always_inline)) void scores_vec_i8_d(const float *q, const void *k_, int64_t h,
+        const int64_t *off, int64_t len, int g, const int d, float scale, float *scores, int64_t stride, int pf) {
+    const int8_t *k = (const int8_t *)k_ + h;
+    const __m512 sc = _mm512_set1_ps(scale);
+    float kf[16 * 128] __attribute__((aligned(64))); /* head_dim <= 128 */
+    for (int64_t t = 0; t < len; t += 16) {
+        const int n = len - t < 16 ? (int)(len - t) : 16;
+        for (int u = 0; u < n; u++) {
+            const int8_t *kr = k + off[t + u];
+            if (pf && t + 16 + u < len) prefetch_row(k + off[t + 16 + u], (size_t)pf);
+            const __m512 s = _mm512_set1_ps(row_scale(kr, d));
+            for (int c = 0; c < d; c += 16) _mm512_store_ps(kf + u * d + c, _mm512_mul_ps(load16_i8(kr + c), s));
+        }
+        for (int j = 0; j < g; j++) {
+            const float *qj = q + j * d;
+            __m512 acc[16];
+            for (int u = 0; u < 16; u++) {
+                acc[u] = _mm512_setzero_ps();
+                if (u >= n) continue;
+                for (int c = 0; c < d; c += 16)
+                    acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(qj + c), _mm512_load_ps(kf + u * d + c), acc[u]);
+            }
+            _mm512_mask_storeu_ps(scores + j * stride + t, (__mmask16)((1u << n) - 1), _mm512_mul_ps(reduce16(acc), sc));
+        }
+    }
+}
+static void scores_vec_i8(const float *q, const void *k_, int64_t h, const int64_t *off, int64_t len, int g, int d,
+                          float scale, float *scores, int64_t stride, int pf) {
+    if (d == 64) scores_vec_i8_d(q, k_, h, off, len, g, 64, scale, scores, stride, pf);
+    else scores_vec_i8_d(q, k_, h, off, len, g, d, scale, scores, stride, pf);
+}
 
 /* out[j] = sum_t p_j[t] v[t], 16 columns at a time with the group's sums in registers. An
  * int8 row's scale is applied as the row is read: here its first touch, behind the prefetch
@@ -240,11 +273,6 @@ void paged_decode_attention(const float *q, int64_t q_stride, const void *k_cach
                 const int pf = kh == h0 ? heads_per_item * hd : 0; /* the item's whole rows, once */
                 const int64_t head = (int64_t)kh * hd;
                 scores_of(qh, k_cache, head, off, len, g, d, scale, probs, max_len, pf);
-                if (kv_kind == KV_INT8) /* the keys' scales (their rows are in cache now) */
-                    for (int64_t t = 0; t < len; t++) {
-                        const float ks = row_scale((const int8_t *)k_cache + off[t] + head, d);
-                        for (int j = 0; j < g; j++) probs[j * max_len + t] *= ks;
-                    }
                 for (int j = 0; j < g; j++) {
                     float *pj = probs + j * max_len, m = -FLT_MAX, sum = 0.f;
                     for (int64_t t = 0; t < len; t++) m = pj[t] > m ? pj[t] : m;
