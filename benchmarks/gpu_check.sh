@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The CUDA check of issue 5, in one call on a GPU machine (each part time-boxed, logs in OUTDIR):
 #   1. model parity on the GPU: the float32 logit tests against transformers and the Jiutian
-#      reference (both computed on the CPU), with pagoda's model, KV pool and kernels on cuda;
+#      reference (both computed on the CPU), with pagoda's model, KV pool and kernels on cuda,
+#      and the KV-cache dtype tests (bf16 and int8 pages) on the default device;
 #   2. engine decode throughput (benchmarks/bench_step.py) at 1 / 32 / 256 streams, bfloat16,
-#      dummy weights in the default model's shape and in Llama-3-8B's;
+#      dummy weights in the default model's shape (also over an int8 KV cache) and in
+#      Llama-3-8B's;
 #   3. serving through HTTP (benchmarks/bench_serving.py) at 1 / 32 / 256 clients on the default
 #      model's shape, when a tokenizer directory is given (dummy weights carry none).
 #
@@ -25,7 +27,8 @@ $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_na
 
 echo "== parity on $dev"
 PAGODA_TEST_DEVICE=$dev timeout 150 $py -m pytest -q -p no:cacheprovider \
-    tests/unit/test_model_parity.py tests/unit/test_jiutian.py 2>&1 | tail -15 | tee "$out/parity.txt"
+    tests/unit/test_model_parity.py tests/unit/test_jiutian.py tests/unit/test_kv_cache_dtype.py 2>&1 | tail -15 \
+    | tee "$out/parity.txt"
 
 for shape in $shapes; do
     echo "== bench_step $shape"
@@ -33,6 +36,9 @@ for shape in $shapes; do
         --model-config "$shape" --batch $batches --steps 64 2>&1 | grep -v "^generating" | tail -6 \
         | tee -a "$out/step.txt"
 done
+echo "== bench_step $smol, int8 KV cache"
+timeout 200 $py benchmarks/bench_step.py --device "$dev" --dtype bfloat16 --kv-cache-dtype int8 --load-format dummy \
+    --model-config "$smol" --batch $batches --steps 64 2>&1 | grep -v "^generating" | tail -6 | tee -a "$out/step.txt"
 
 if [ -n "$tok" ]; then
     echo "== serving $smol"
