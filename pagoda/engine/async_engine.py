@@ -145,8 +145,7 @@ class AsyncEngine:
                 log.exception("engine step failed; aborting the requests in flight")
                 self._fail_all(PagodaError(f"internal engine error: {e}"))
                 continue
-            for output in outputs:
-                self._deliver(output.request_id, output, output.finished)
+            self._deliver_all([(output.request_id, output, output.finished) for output in outputs])
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -179,12 +178,25 @@ class AsyncEngine:
             self._deliver(request_id, error, True)
 
     def _deliver(self, request_id: str, item: Any, last: bool) -> None:
+        self._deliver_all([(request_id, item, last)])
+
+    def _deliver_all(self, deliveries: list[tuple[str, Any, bool]]) -> None:
+        """Put each (request id, output or error, last) on its request's queue: one wake-up per
+        event loop for a whole step, not one per request (each call_soon_threadsafe writes to
+        the loop's self-pipe: at 32 streams that was 3% of the engine thread)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
         with self._lock:
-            entry = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
-        if entry is None:
-            return
-        loop, stream = entry
-        try:
-            loop.call_soon_threadsafe(stream._queue.put_nowait, item)
-        except RuntimeError:  # the client's event loop is gone
-            pass
+            for request_id, item, last in deliveries:
+                entry = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
+                if entry is not None:
+                    by_loop.setdefault(entry[0], []).append((entry[1]._queue, item))
+        for loop, puts in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, puts)
+            except RuntimeError:  # the clients' event loop is gone
+                pass
+
+
+def _put_all(puts: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in puts:
+        q.put_nowait(item)
