@@ -147,7 +147,8 @@ def _fill_dummy(model: torch.nn.Module, seed: int) -> None:
         if isinstance(module, Linear):
             for row0 in range(0, module.out_features, rows_per_block):
                 rows = min(rows_per_block, module.out_features - row0)
-                module.load_rows(row0, torch.empty(rows, module.in_features, device=device).normal_(0.0, 0.02, generator=gen))
+                block = torch.empty(rows, module.in_features, device=device)
+                module.load_rows(row0, block.normal_(0.0, 0.02, generator=gen))
             if isinstance(getattr(module, "weight", None), torch.Tensor):
                 done.add(id(module.weight))
     for name, param in model.named_parameters():
