@@ -2,41 +2,68 @@
 
 Decode attention reads every cached key and value once per step, from DRAM once the
 contexts outgrow the caches, so its time follows the cache's bytes. An int8 cache stores
-each token's head as ``head_dim`` signed bytes followed by one float32 scale (the bytes of
-the cache tensor's last dimension, ``head_dim + 4``): value = q * scale, scale = max|x| / 127
-per token and head. That is 0.53x the bytes of a bfloat16 cache at head_dim 64. The C
-kernels (pagoda/ops/csrc) read and write the same rows and round the same way.
+each token's head as ``head_dim`` signed bytes in groups of 32 (GGUF Q8_0's block), then
+one float16 scale per group: value = q * scale, scale = max|x| / 127 over the group. At
+head_dim 64 a head is 68 bytes, 0.53x a bfloat16 cache. A scale per 32 values rather
+than per head halves the error a per-head scale adds (an outlier channel of a rotated key
+no longer coarsens the whole head): on SmolLM2 the KL the cache adds to int4's fell from
+0.0007 to 0.0003 at the same size. The C kernels (pagoda/ops/csrc) read and write the same
+rows and round the same way.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-SCALE_BYTES = 4  # a float32 scale after each head's bytes
+GROUP = 32  # values per scale, or the largest power of two dividing head_dim if smaller
+F16_MAX = 65504.0
+
+
+def group_size(head_dim: int) -> int:
+    return math.gcd(head_dim, GROUP)
 
 
 def cache_row_width(head_dim: int, dtype: torch.dtype) -> int:
-    """Elements of the cache's last dimension for one head."""
-    return head_dim + SCALE_BYTES if dtype == torch.int8 else head_dim
+    """Elements of the cache's last dimension for one head (int8: the bytes, scales included)."""
+    return head_dim + 2 * (head_dim // group_size(head_dim)) if dtype == torch.int8 else head_dim
 
 
 def quantize_rows(x: torch.Tensor) -> torch.Tensor:
-    """[..., D] floats -> [..., D + 4] int8 rows: round(x * (1 / max|x|) * 127), ties to even,
-    then the scale max|x| * float32(1 / 127); an all-zero row gets scale 0. Written as products
-    and a reciprocal, which torch and the C kernels compute identically (torch turns a
-    division by a scalar into a product, so a quotient would differ in the last bit)."""
+    """[..., D] floats -> [..., D + 2 D/G] int8 rows. Per group of G values: the scale
+    s = float16(max|x| * float32(1 / 127)); q = round(x * (1 / s)), ties to even, clamped to
+    +-127 (0 where s is 0); then the float16 scales. Written as products and a reciprocal,
+    which torch and the C kernels compute identically (torch turns a division by a scalar
+    into a product, so a quotient could differ in the last bit)."""
     xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True)
-    inv = torch.where(amax > 0, amax.reciprocal() * 127.0, torch.zeros_like(amax))
-    q = torch.round(xf * inv).clamp(-127, 127).to(torch.int8)
-    scale = (amax * (1.0 / 127.0)).contiguous().view(torch.int8)  # the float32's 4 bytes
-    return torch.cat((q, scale), dim=-1)
+    d = xf.shape[-1]
+    g = group_size(d)
+    groups = xf.reshape(*xf.shape[:-1], d // g, g)
+    amax = groups.abs().amax(dim=-1, keepdim=True)
+    scale = (amax * (1.0 / 127.0)).clamp(max=F16_MAX).half()
+    s = scale.float()
+    inv = torch.where(s > 0, s.reciprocal(), torch.zeros_like(s))
+    q = torch.round(groups * inv).clamp(-127, 127).to(torch.int8).reshape(xf.shape)
+    return torch.cat((q, scale.squeeze(-1).contiguous().view(torch.int8)), dim=-1)
 
 
 def dequantize_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[..., D + 4] int8 rows -> [..., D] in dtype."""
-    scale = rows[..., -SCALE_BYTES:].contiguous().view(torch.float32)
-    return (rows[..., :-SCALE_BYTES].float() * scale).to(dtype)
+    """[..., D + 2 D/G] int8 rows -> [..., D] in dtype."""
+    d = _head_dim(rows.shape[-1])
+    g = group_size(d)
+    scale = rows[..., d:].contiguous().view(torch.float16).float()
+    q = rows[..., :d].float().reshape(*rows.shape[:-1], d // g, g)
+    return (q * scale[..., None]).reshape(*rows.shape[:-1], d).to(dtype)
+
+
+def _head_dim(width: int) -> int:
+    """The head_dim whose int8 rows are `width` bytes (cache_row_width's inverse)."""
+    for g in (32, 16, 8, 4, 2, 1):
+        d, rest = divmod(width * g, g + 2)
+        if rest == 0 and group_size(d) == g:
+            return d
+    raise ValueError(f"{width} bytes is no int8 KV row")
 
 
 def store_rows(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:

@@ -40,14 +40,14 @@ def test_unknown_kv_cache_dtype_is_refused(tiny_config_path) -> None:
         _llm(tiny_config_path, kv_cache_dtype="int4")
 
 
-def test_int8_cache_stores_a_scale_per_token_and_head_and_decodes_close(tiny_config_path) -> None:
+def test_int8_cache_stores_a_scale_per_group_and_decodes_close(tiny_config_path) -> None:
     from pagoda.cache.kv_pool import KVPool
 
     dense = _llm(tiny_config_path)
     narrow = _llm(tiny_config_path, kv_cache_dtype="int8")
     k = narrow.engine.kv_pool.k[0]
-    assert k.dtype == torch.int8 and k.shape[1:] == (2, 16 + 4)  # head_dim bytes, then a float32 scale
-    assert KVPool.bytes_per_token(2, 2, 16, torch.int8) == 2 * 2 * 2 * 20
+    assert k.dtype == torch.int8 and k.shape[1:] == (2, 16 + 2)  # head_dim bytes, then a float16 scale
+    assert KVPool.bytes_per_token(2, 2, 64, torch.int8) == 2 * 2 * 2 * (64 + 4)  # a scale per 32 values
     ids = list(range(5, 45))
     exact = prefill_logits(dense.engine.runner, ids)
     for got in (incremental_logits(narrow.engine.runner, ids, chunk=1), prefill_logits(narrow.engine.runner, ids)):

@@ -1,8 +1,24 @@
-/* bfloat16 <-> float32 for the CPU C kernels (one definition, shared by every source). */
+/* bfloat16 and float16 <-> float32 for the CPU C kernels (one definition, shared by every
+ * source). float16 goes through the compiler's _Float16 (GCC 12, Clang 15): IEEE rounding
+ * to nearest even, as torch's .half() does. */
 #ifndef PAGODA_BF16_H
 #define PAGODA_BF16_H
 
 #include <stdint.h>
+#include <string.h>
+
+static inline float f16_to_f32(uint16_t h) {
+    _Float16 x;
+    memcpy(&x, &h, sizeof h);
+    return (float)x;
+}
+
+static inline uint16_t f32_to_f16(float f) {
+    const _Float16 x = (_Float16)f;
+    uint16_t h;
+    memcpy(&h, &x, sizeof h);
+    return h;
+}
 
 static inline float bf16_to_f32(uint16_t h) {
     union { uint32_t u; float f; } x;

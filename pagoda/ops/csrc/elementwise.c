@@ -170,30 +170,31 @@ static inline void rotate_head(const void *x, int x_bf16, int64_t x_off, const f
 #endif
 }
 
-/* One head's row of an int8 cache: round(x * (1 / max|x|) * 127) as d bytes, ties to even,
- * then the float32 scale max|x| * (1 / 127) (an all-zero head: scale 0); the same float32
- * operations as kv_quant.py's quantize_rows, so both write the same bytes. */
+/* One head's row of an int8 cache (kv_quant.py's quantize_rows, the same float32
+ * operations, so both write the same bytes): per group of kv_int8_group(d) values, the
+ * scale s = float16(max|x| * (1 / 127)) and the bytes round(x * (1 / s)), ties to even,
+ * clamped to +-127 (0 where s is 0); the float16 scales after the d bytes. */
 static void quantize_head(const float *x, int d, int8_t *row) {
+    const int gs = kv_int8_group(d);
+    for (int g0 = 0; g0 < d; g0 += gs) {
+        float amax = 0.f;
+        for (int e = g0; e < g0 + gs; e++) amax = fmaxf(amax, fabsf(x[e]));
+        const uint16_t sh = f32_to_f16(fminf(amax * (float)(1.0 / 127.0), 65504.f));
+        const float s = f16_to_f32(sh), inv = s > 0.f ? 1.f / s : 0.f;
 #ifdef __AVX512F__
-    __m512 m = _mm512_setzero_ps();
-    for (int e = 0; e < d; e += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail(d - e), x + e)));
-    const float amax = _mm512_reduce_max_ps(m);
-    const __m512 inv = _mm512_set1_ps(amax > 0.f ? (1.f / amax) * 127.f : 0.f);
-    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
-    for (int e = 0; e < d; e += 16) {
-        const __mmask16 k = tail(d - e);
-        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + e), inv)); /* ties to even */
-        q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
-        _mm_mask_storeu_epi8(row + e, k, _mm512_cvtepi32_epi8(q));
-    }
+        const __m512 vinv = _mm512_set1_ps(inv);
+        const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+        for (int e = g0; e < g0 + gs; e += 16) {
+            const __mmask16 k = tail(g0 + gs - e);
+            __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + e), vinv)); /* ties to even */
+            q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+            _mm_mask_storeu_epi8(row + e, k, _mm512_cvtepi32_epi8(q));
+        }
 #else
-    float amax = 0.f;
-    for (int e = 0; e < d; e++) amax = fmaxf(amax, fabsf(x[e]));
-    const float inv = amax > 0.f ? (1.f / amax) * 127.f : 0.f;
-    for (int e = 0; e < d; e++) row[e] = (int8_t)fminf(fmaxf(nearbyintf(x[e] * inv), -127.f), 127.f);
+        for (int e = g0; e < g0 + gs; e++) row[e] = (int8_t)fminf(fmaxf(nearbyintf(x[e] * inv), -127.f), 127.f);
 #endif
-    const float scale = amax * (float)(1.0 / 127.0);
-    memcpy(row + d, &scale, sizeof scale);
+        memcpy(row + d + 2 * (g0 / gs), &sh, sizeof sh);
+    }
 }
 
 /* The step after the QKV projection, per token: rotate the query heads into q_out
@@ -211,7 +212,7 @@ void rotary_store_kv(const void *q, const void *k, const void *v, int x_bf16, in
         for (int h = 0; h < hq; h++)
             rotate_head(q, x_bf16, t * row_stride + (int64_t)h * d, ct, st, q_out, q_out_bf16, (t * hq + h) * (int64_t)d, d);
         if (cache_kind == KV_INT8) {
-            const int64_t hd = d + KV_INT8_SCALE_BYTES; /* bytes per head row */
+            const int64_t hd = kv_int8_row_bytes(d);
             float head[d];
             for (int h = 0; h < hk; h++) {
                 rotate_head(k, x_bf16, t * row_stride + (int64_t)h * d, ct, st, head, 0, 0, d);

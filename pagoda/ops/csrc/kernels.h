@@ -9,9 +9,21 @@
 enum kv_kind {
     KV_F32 = 0,
     KV_BF16 = 1,
-    KV_INT8 = 2, /* head_dim signed bytes, then a float32 scale: value = byte * scale */
+    KV_INT8 = 2, /* head_dim signed bytes, then a float16 scale per group: value = byte * scale */
 };
-#define KV_INT8_SCALE_BYTES 4
+
+/* Values per scale in an int8 row: 32, or the largest power of two dividing head_dim
+ * (bit arithmetic, no division: kernels ask per value read). */
+static inline int kv_int8_group(int d) {
+    const int low = d & -d;
+    return low < 32 ? low : 32;
+}
+
+/* Which group value e of an int8 row belongs to. */
+static inline int kv_int8_group_of(int d, int e) { return e >> __builtin_ctz((unsigned)kv_int8_group(d)); }
+
+/* Bytes of one head's int8 row, scales included. */
+static inline int kv_int8_row_bytes(int d) { return d + 2 * (d / kv_int8_group(d)); }
 
 void rms_norm(const float *x, const float *w, void *out, int out_bf16, int64_t rows, int64_t cols, float eps,
               int jiutian, int num_threads);

@@ -8,8 +8,8 @@
  * (two-pass softmax), so each key and value row is read from memory once and reused
  * from cache by the query heads of its group.
  *
- * Keys/values are float32, bfloat16 or int8 rows with a scale per token and head (kv_kind,
- * kernels.h); softmax and accumulation are float32. With a bfloat16 cache on a CPU with
+ * Keys/values are float32, bfloat16 or int8 rows with a float16 scale per 32 values
+ * (kv_kind, kernels.h); softmax and accumulation are float32. With a bfloat16 cache on a CPU with
  * AVX512-BF16, scores are bf16 dot products (the query is rounded to bfloat16 once, as
  * bf16 attention kernels do); otherwise float32 FMAs. An int8 cache is read as its bytes
  * (a quarter of float32's traffic, which is what decode attention waits on), each row
@@ -34,7 +34,7 @@
 
 /* ---- portable float32 loops (any head_dim, any CPU) ------------------------------- */
 
-#define DEFINE_PLAIN(SUFFIX, KV_T, LOAD, ROW_SCALE)                                            \
+#define DEFINE_PLAIN(SUFFIX, KV_T, LOAD, SCALE)                                                \
 static void scores_plain_##SUFFIX(const float *q, const void *k_, int64_t h, const int64_t *off, \
                                   int64_t len, int g, int d, float scale, float *scores, int64_t stride, int pf) { \
     (void)pf;                                                                                  \
@@ -42,10 +42,9 @@ static void scores_plain_##SUFFIX(const float *q, const void *k_, int64_t h, con
     for (int j = 0; j < g; j++)                                                                \
         for (int64_t t = 0; t < len; t++) {                                                    \
             const KV_T *kr = k + off[t];                                                       \
-            const float rs = ROW_SCALE(kr, d);                                                 \
             float s = 0.f;                                                                     \
             _Pragma("omp simd reduction(+:s)")                                                 \
-            for (int e = 0; e < d; e++) s += q[j * d + e] * (LOAD(kr[e]) * rs);                \
+            for (int e = 0; e < d; e++) s += q[j * d + e] * (LOAD(kr[e]) * SCALE(kr, d, e));   \
             scores[j * stride + t] = s * scale;                                                \
         }                                                                                      \
 }                                                                                              \
@@ -56,29 +55,27 @@ static void values_plain_##SUFFIX(const void *v_, int64_t h, const int64_t *off,
     memset(out, 0, sizeof(float) * (size_t)g * (size_t)d);                                     \
     for (int64_t t = 0; t < len; t++) {                                                        \
         const KV_T *vr = v + off[t];                                                           \
-        const float rs = ROW_SCALE(vr, d);                                                     \
         for (int j = 0; j < g; j++) {                                                          \
-            const float p = probs[j * stride + t] * rs;                                        \
+            const float p = probs[j * stride + t];                                             \
             _Pragma("omp simd")                                                                \
-            for (int e = 0; e < d; e++) out[j * d + e] += p * LOAD(vr[e]);                     \
+            for (int e = 0; e < d; e++) out[j * d + e] += p * (LOAD(vr[e]) * SCALE(vr, d, e)); \
         }                                                                                      \
     }                                                                                          \
 }
-/* The float32 scale after a head's bytes in an int8 row (memcpy: rows are 4-byte aligned
- * only when head_dim is). */
-static inline float row_scale(const int8_t *row, int d) {
-    float s;
-    memcpy(&s, row + d, sizeof s);
-    return s;
+/* The scale of value e's group in an int8 row: float16s after the row's d bytes. */
+static inline float group_scale(const int8_t *row, int d, int e) {
+    uint16_t h;
+    memcpy(&h, row + d + 2 * kv_int8_group_of(d, e), sizeof h);
+    return f16_to_f32(h);
 }
 
 #define LOAD_F32(x) (x)
 #define LOAD_BF16(x) bf16_to_f32(x)
 #define LOAD_I8(x) ((float)(x))
-#define UNSCALED(row, d) 1.f
+#define UNSCALED(row, d, e) 1.f
 DEFINE_PLAIN(f32, float, LOAD_F32, UNSCALED)
 DEFINE_PLAIN(bf16, uint16_t, LOAD_BF16, UNSCALED)
-DEFINE_PLAIN(i8, int8_t, LOAD_I8, row_scale)
+DEFINE_PLAIN(i8, int8_t, LOAD_I8, group_scale)
 
 /* ---- AVX-512 (head_dim a multiple of 16 [32 for bf16 dot products], group <= 8) ------ */
 
@@ -158,8 +155,11 @@ static inline __attribute__((always_inline)) void scores_vec_i8_d(const float *q
         for (int u = 0; u < n; u++) {
             const int8_t *kr = k + off[t + u];
             if (pf && t + 16 + u < len) prefetch_row(k + off[t + 16 + u], (size_t)pf);
-            const __m512 s = _mm512_set1_ps(row_scale(kr, d));
-            for (int c = 0; c < d; c += 16) _mm512_store_ps(kf + u * d + c, _mm512_mul_ps(load16_i8(kr + c), s));
+            const int gs = kv_int8_group(d); /* 16 or 32 here: whole 16-wide parts */
+            for (int c0 = 0; c0 < d; c0 += gs) {
+                const __m512 sv = _mm512_set1_ps(group_scale(kr, d, c0));
+                for (int c = c0; c < c0 + gs; c += 16) _mm512_store_ps(kf + u * d + c, _mm512_mul_ps(load16_i8(kr + c), sv));
+            }
         }
         for (int j = 0; j < g; j++) {
             const float *qj = q + j * d;
@@ -181,7 +181,7 @@ static void scores_vec_i8(const float *q, const void *k_, int64_t h, const int64
 }
 
 /* out[j] = sum_t p_j[t] v[t], 16 columns at a time with the group's sums in registers. An
- * int8 row's scale is applied as the row is read: here its first touch, behind the prefetch
+ * int8 row's scales are applied as the row is read: here its first touch, behind the prefetch
  * (a separate pass over the scales beforehand waited on DRAM row by row). */
 #define DEFINE_VALUES_VEC(SUFFIX, KV_T, SCALE)                                                 \
 static void values_vec_##SUFFIX(const void *v_, int64_t h, const int64_t *off, int64_t len, \
@@ -192,18 +192,49 @@ static void values_vec_##SUFFIX(const void *v_, int64_t h, const int64_t *off, i
         for (int j = 0; j < MAX_GROUP; j++) acc[j] = _mm512_setzero_ps();                      \
         for (int64_t t = 0; t < len; t++) {                                                    \
             if (c == 0 && pf && t + PREFETCH < len) prefetch_row(v + off[t + PREFETCH], pf * sizeof(KV_T));        \
-            const __m512 vv = SCALE(load16_##SUFFIX(v + off[t] + c), v + off[t], d);          \
+            const __m512 vv = SCALE(load16_##SUFFIX(v + off[t] + c), v + off[t], d, c);       \
             for (int j = 0; j < MAX_GROUP; j++)                                                \
                 if (j < g) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(probs[j * stride + t]), vv, acc[j]); \
         }                                                                                      \
         for (int j = 0; j < g; j++) _mm512_storeu_ps(out + j * d + c, acc[j]);                 \
     }                                                                                          \
 }
-#define AS_IS(x, row, d) (x)
-#define ROW_SCALED(x, row, d) _mm512_mul_ps(x, _mm512_set1_ps(row_scale(row, d)))
+#define AS_IS(x, row, d, c) (x)
+#define GROUP_SCALED(x, row, d, c) _mm512_mul_ps(x, _mm512_set1_ps(group_scale(row, d, c)))
 DEFINE_VALUES_VEC(f32, float, AS_IS)
 DEFINE_VALUES_VEC(bf16, uint16_t, AS_IS)
-DEFINE_VALUES_VEC(i8, int8_t, ROW_SCALED)
+DEFINE_VALUES_VEC(i8, int8_t, GROUP_SCALED)
+
+#define I8_64_GROUP 6 /* query heads per kv head for values_i8_64: 24 sums + a row in registers */
+/* int8 values at head_dim 64 (two groups of 32): a row's four 16-wide parts at once, every
+ * head's sums in registers, each probability times its group's scale once per row (the
+ * general kernel above pays a scale conversion per part and head). */
+static void values_i8_64(const void *v_, int64_t h, const int64_t *off, int64_t len, int g, int d,
+                         const float *probs, int64_t stride, float *out, int pf) {
+    (void)d;
+    const int8_t *v = (const int8_t *)v_ + h;
+    __m512 acc[I8_64_GROUP][4];
+    for (int j = 0; j < I8_64_GROUP; j++)
+        for (int c = 0; c < 4; c++) acc[j][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < len; t++) {
+        const int8_t *vr = v + off[t];
+        if (pf && t + PREFETCH < len) prefetch_row(v + off[t + PREFETCH], (size_t)pf);
+        __m512 x[4];
+        for (int c = 0; c < 4; c++) x[c] = load16_i8(vr + 16 * c);
+        const float s0 = group_scale(vr, 64, 0), s1 = group_scale(vr, 64, 32);
+        for (int j = 0; j < I8_64_GROUP; j++) {
+            if (j >= g) break;
+            const float p = probs[j * stride + t];
+            const __m512 a = _mm512_set1_ps(p * s0), b = _mm512_set1_ps(p * s1);
+            acc[j][0] = _mm512_fmadd_ps(a, x[0], acc[j][0]);
+            acc[j][1] = _mm512_fmadd_ps(a, x[1], acc[j][1]);
+            acc[j][2] = _mm512_fmadd_ps(b, x[2], acc[j][2]);
+            acc[j][3] = _mm512_fmadd_ps(b, x[3], acc[j][3]);
+        }
+    }
+    for (int j = 0; j < g; j++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(out + j * 64 + 16 * c, acc[j][c]);
+}
 #endif
 
 #ifdef __AVX512BF16__
@@ -231,6 +262,7 @@ static void pick_kernels(int kv_kind, int g, int d, scores_fn *scores, values_fn
     const values_fn vec_values[] = {values_vec_f32, values_vec_bf16, values_vec_i8};
     if (d % 16 == 0 && d <= 128) *scores = vec_scores[kv_kind];
     if (g <= MAX_GROUP && d % 16 == 0) *values = vec_values[kv_kind];
+    if (kv_kind == KV_INT8 && d == 64 && g <= I8_64_GROUP) *values = values_i8_64;
 #endif
 #ifdef __AVX512BF16__
     if (kv_kind == KV_BF16 && d % 32 == 0 && d <= 128) *scores = scores_dot_bf16;
@@ -248,7 +280,7 @@ void paged_decode_attention(const float *q, int64_t q_stride, const void *k_cach
     /* few sequences: one item per kv head, so every thread has work */
     const int heads_per_item = n >= 2 * num_threads ? hk : 1;
     const int items_per_row = hk / heads_per_item;
-    const int hd = kv_kind == KV_INT8 ? d + KV_INT8_SCALE_BYTES : d; /* elements per head row */
+    const int hd = kv_kind == KV_INT8 ? kv_int8_row_bytes(d) : d; /* elements per head row */
     const int64_t row_stride = (int64_t)hk * hd;                     /* elements per token in the pool */
     scores_fn scores_of;
     values_fn values_of;
