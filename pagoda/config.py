@@ -47,7 +47,7 @@ class EngineConfig:
     kv_cache_memory: float | None = _opt(None, "GiB of KV cache (default: sized from free memory)")
     kv_cache_dtype: str = _opt(
         "auto", "KV-cache storage dtype; auto is bfloat16 with quantized linears (half the bytes attention "
-        "reads), else the compute dtype; int8 stores a scale per token and head (a quarter of float32's "
+        "reads), else the compute dtype; int8 stores a float16 scale per 32 values (a quarter of float32's "
         "bytes); attention math stays float32", choices=KV_CACHE_DTYPES,
     )
     page_size: int = _opt(16, "tokens per KV-cache page")
