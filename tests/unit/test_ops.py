@@ -105,6 +105,7 @@ def _inputs(name: str):
              torch.bfloat16),
             _attention_inputs([1, 1], [40, 17], page_size=16, hq=10, hk=1, d=64, kv_dtype=torch.int8),  # group 10
             _attention_inputs([1, 1, 1], [1, 9, 17], kv_dtype=torch.int8),  # head_dim 16: one group of 16
+            _attention_inputs([1, 1], [33, 70], page_size=16, hq=8, hk=2, d=128, kv_dtype=torch.int8),  # 2 blocks of 64
             _attention_inputs([1, 1], [40, 3], d=8, kv_dtype=torch.int8),  # the plain loops, groups of 8
         ]
     if name == "argmax_rows":

@@ -205,35 +205,38 @@ DEFINE_VALUES_VEC(f32, float, AS_IS)
 DEFINE_VALUES_VEC(bf16, uint16_t, AS_IS)
 DEFINE_VALUES_VEC(i8, int8_t, GROUP_SCALED)
 
-#define I8_64_GROUP 6 /* query heads per kv head for values_i8_64: 24 sums + a row in registers */
-/* int8 values at head_dim 64 (two groups of 32): a row's four 16-wide parts at once, every
- * head's sums in registers, each probability times its group's scale once per row (the
- * general kernel above pays a scale conversion per part and head). */
-static void values_i8_64(const void *v_, int64_t h, const int64_t *off, int64_t len, int g, int d,
-                         const float *probs, int64_t stride, float *out, int pf) {
-    (void)d;
+#define I8_64_GROUP 6 /* query heads per kv head for values_i8_x64: 24 sums + a row part in registers */
+/* int8 values, head_dim a multiple of 64, 64 columns (two groups of 32) at a time: a row's
+ * four 16-wide parts at once, every head's sums in registers, each probability times its
+ * group's scale once per row and block (the general kernel above converts a scale per part
+ * and head, 20-40% slower). Rows wider than 64 are read once per block, from cache after
+ * the first. */
+static void values_i8_x64(const void *v_, int64_t h, const int64_t *off, int64_t len, int g, int d,
+                          const float *probs, int64_t stride, float *out, int pf) {
     const int8_t *v = (const int8_t *)v_ + h;
-    __m512 acc[I8_64_GROUP][4];
-    for (int j = 0; j < I8_64_GROUP; j++)
-        for (int c = 0; c < 4; c++) acc[j][c] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < len; t++) {
-        const int8_t *vr = v + off[t];
-        if (pf && t + PREFETCH < len) prefetch_row(v + off[t + PREFETCH], (size_t)pf);
-        __m512 x[4];
-        for (int c = 0; c < 4; c++) x[c] = load16_i8(vr + 16 * c);
-        const float s0 = group_scale(vr, 64, 0), s1 = group_scale(vr, 64, 32);
-        for (int j = 0; j < I8_64_GROUP; j++) {
-            if (j >= g) break;
-            const float p = probs[j * stride + t];
-            const __m512 a = _mm512_set1_ps(p * s0), b = _mm512_set1_ps(p * s1);
-            acc[j][0] = _mm512_fmadd_ps(a, x[0], acc[j][0]);
-            acc[j][1] = _mm512_fmadd_ps(a, x[1], acc[j][1]);
-            acc[j][2] = _mm512_fmadd_ps(b, x[2], acc[j][2]);
-            acc[j][3] = _mm512_fmadd_ps(b, x[3], acc[j][3]);
+    for (int c0 = 0; c0 < d; c0 += 64) {
+        __m512 acc[I8_64_GROUP][4];
+        for (int j = 0; j < I8_64_GROUP; j++)
+            for (int c = 0; c < 4; c++) acc[j][c] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < len; t++) {
+            const int8_t *vr = v + off[t];
+            if (c0 == 0 && pf && t + PREFETCH < len) prefetch_row(v + off[t + PREFETCH], (size_t)pf);
+            __m512 x[4];
+            for (int c = 0; c < 4; c++) x[c] = load16_i8(vr + c0 + 16 * c);
+            const float s0 = group_scale(vr, d, c0), s1 = group_scale(vr, d, c0 + 32);
+            for (int j = 0; j < I8_64_GROUP; j++) {
+                if (j >= g) break;
+                const float p = probs[j * stride + t];
+                const __m512 a = _mm512_set1_ps(p * s0), b = _mm512_set1_ps(p * s1);
+                acc[j][0] = _mm512_fmadd_ps(a, x[0], acc[j][0]);
+                acc[j][1] = _mm512_fmadd_ps(a, x[1], acc[j][1]);
+                acc[j][2] = _mm512_fmadd_ps(b, x[2], acc[j][2]);
+                acc[j][3] = _mm512_fmadd_ps(b, x[3], acc[j][3]);
+            }
         }
+        for (int j = 0; j < g; j++)
+            for (int c = 0; c < 4; c++) _mm512_storeu_ps(out + j * d + c0 + 16 * c, acc[j][c]);
     }
-    for (int j = 0; j < g; j++)
-        for (int c = 0; c < 4; c++) _mm512_storeu_ps(out + j * 64 + 16 * c, acc[j][c]);
 }
 #endif
 
@@ -262,7 +265,7 @@ static void pick_kernels(int kv_kind, int g, int d, scores_fn *scores, values_fn
     const values_fn vec_values[] = {values_vec_f32, values_vec_bf16, values_vec_i8};
     if (d % 16 == 0 && d <= 128) *scores = vec_scores[kv_kind];
     if (g <= MAX_GROUP && d % 16 == 0) *values = vec_values[kv_kind];
-    if (kv_kind == KV_INT8 && d == 64 && g <= I8_64_GROUP) *values = values_i8_64;
+    if (kv_kind == KV_INT8 && d % 64 == 0 && g <= I8_64_GROUP) *values = values_i8_x64;
 #endif
 #ifdef __AVX512BF16__
     if (kv_kind == KV_BF16 && d % 32 == 0 && d <= 128) *scores = scores_dot_bf16;
