@@ -65,4 +65,3 @@ def attend_per_sequence(
             mask = torch.arange(klen, device=q.device)[None, :] <= qpos
             ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start : start + qlen] = ob[0].transpose(0, 1)  # in out's dtype
-

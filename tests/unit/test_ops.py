@@ -28,7 +28,7 @@ def _attention_inputs(
         i += n
     num_slots = (int(perm.max()) + 1) * page_size
     k_cache, v_cache = (torch.randn(num_slots, hk, d, generator=g) for _ in range(2))
-    if kv_dtype == torch.int8:  # a scale per token and head, as the model stores them
+    if kv_dtype == torch.int8:  # Q8_0-style rows with their scales, as the model stores them
         k_cache, v_cache = quantize_rows(k_cache), quantize_rows(v_cache)
     else:
         k_cache, v_cache = k_cache.to(kv_dtype), v_cache.to(kv_dtype)

@@ -193,7 +193,7 @@ static void quantize_head(const float *x, int d, int8_t *row) {
 #else
         for (int e = g0; e < g0 + gs; e++) row[e] = (int8_t)fminf(fmaxf(nearbyintf(x[e] * inv), -127.f), 127.f);
 #endif
-        memcpy(row + d + 2 * (g0 / gs), &sh, sizeof sh);
+        memcpy(row + d + 2 * kv_int8_group_of(d, g0), &sh, sizeof sh);
     }
 }
 

@@ -150,12 +150,12 @@ static inline __attribute__((always_inline)) void scores_vec_i8_d(const float *q
     const int8_t *k = (const int8_t *)k_ + h;
     const __m512 sc = _mm512_set1_ps(scale);
     float kf[16 * 128] __attribute__((aligned(64))); /* head_dim <= 128 */
+    const int gs = kv_int8_group(d); /* 16 or 32 here: whole 16-wide parts */
     for (int64_t t = 0; t < len; t += 16) {
         const int n = len - t < 16 ? (int)(len - t) : 16;
         for (int u = 0; u < n; u++) {
             const int8_t *kr = k + off[t + u];
             if (pf && t + 16 + u < len) prefetch_row(k + off[t + 16 + u], (size_t)pf);
-            const int gs = kv_int8_group(d); /* 16 or 32 here: whole 16-wide parts */
             for (int c0 = 0; c0 < d; c0 += gs) {
                 const __m512 sv = _mm512_set1_ps(group_scale(kr, d, c0));
                 for (int c = c0; c < c0 + gs; c += 16) _mm512_store_ps(kf + u * d + c, _mm512_mul_ps(load16_i8(kr + c), sv));
@@ -271,7 +271,6 @@ static void pick_kernels(int kv_kind, int g, int d, scores_fn *scores, values_fn
     if (kv_kind == KV_BF16 && d % 32 == 0 && d <= 128) *scores = scores_dot_bf16;
 #endif
 }
-
 
 /* rows[i] = {token index in q/out, block-table row, context length}; q float32, out float32
  * or (out_bf16) bfloat16, ready for a bf16 output projection. */
