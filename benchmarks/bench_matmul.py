@@ -6,7 +6,7 @@ Loads the model (a small KV cache), takes one layer's q/k/v, output, gate/up and
 projections and the output head, and times `ops.int4_linear` / `ops.int8_linear` on random
 bfloat16 activations: best of --repeats calls after warm-up, so the weights are warm in
 cache (a decode step streams them from memory instead). Shows which kernel path a row count
-takes (FMA below 10 rows, exact AMX to 16, rounded AMX beyond, where the CPU has AMX).
+takes (FMA below 5 rows, exact AMX to 16, rounded AMX beyond, where the CPU has AMX).
 Prints one JSON line per (projection, rows) and a table of microseconds and GMAC/s.
 """
 

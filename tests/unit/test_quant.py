@@ -115,8 +115,8 @@ def test_c_kernel_serves_by_default_and_a_row_does_not_depend_on_its_batch() -> 
     packed = ops.int4_prepack(q)
     assert isinstance(packed.packed, Int4Tiles)
     x = torch.randn(56, 96)
-    few = ops.int4_linear(x[:16], packed)  # FMA passes of eight rows, or exact AMX: the same sums
-    for lo, hi in ((0, 1), (3, 9), (5, 16)):
+    few = ops.int4_linear(x[:16], packed)  # FMA passes, or exact AMX in blocks of 8 or 16: the same sums
+    for lo, hi in ((0, 1), (0, 4), (3, 9), (8, 16), (5, 16)):
         assert torch.equal(ops.int4_linear(x[lo:hi], packed), few[lo:hi])
     many = ops.int4_linear(x, packed)  # rounded AMX: two- and one-block passes, padded last block
     for lo, hi in ((0, 19), (5, 56), (21, 54)):
