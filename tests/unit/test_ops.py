@@ -95,6 +95,10 @@ def _inputs(name: str):
             # bf16 output for a bf16 output projection, decodes and a prefill chunk
             (*_attention_inputs([1, 3, 1], [50, 9, 20], page_size=16, hq=9, hk=3, d=64, kv_dtype=torch.bfloat16),
              torch.bfloat16),
+            # pages of 4 tokens: runs of 16 rows evenly spaced only where pages happen to be adjacent
+            _attention_inputs([1, 1], [300, 45], page_size=4, hq=9, hk=3, d=64, kv_dtype=torch.bfloat16),
+            _attention_inputs([1, 1], [33, 70], page_size=16, hq=8, hk=2, d=128, kv_dtype=torch.bfloat16),
+            _attention_inputs([1, 1, 1], [16, 32, 31], page_size=32, hq=4, hk=2, d=32, kv_dtype=torch.bfloat16),
             # a group of 10 query heads (> 8): vector scores, plain value sums
             _attention_inputs([1, 1], [40, 17], page_size=16, hq=10, hk=1, d=64, kv_dtype=torch.bfloat16),
             _attention_inputs([1, 1], [40, 3], d=8),  # head_dim off the 16-wide vector path

@@ -26,16 +26,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "amx.h"
 #include "bf16.h"
 #include "kernels.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
-#endif
-
-#if defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define HAVE_AMX 1
-#else
-#define HAVE_AMX 0
 #endif
 
 #define ROWS 8      /* activation rows per pass over a tile's weights */
@@ -166,27 +161,10 @@ static float *float_rows(const void *x, int x_bf16, int64_t rows, int64_t k, int
  *   64, 2.5-3x at 512; the price is each weight's bfloat16 rounding (relative 2^-9, about
  *   what rounding the activations already costs). With one block the exact form is
  *   faster: making these weights costs more than the rescaling it saves. */
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #define AMX_MIN_ROWS 5
 #define EXACT_MAX_ROWS 16
 #define CHUNK_BYTES (1 << 20) /* the rounded form's activation rows per span (bf16 bytes) */
-
-static int amx_ready(void) { /* Linux hands out the tile registers on request, once per process */
-    static int state = 0; /* 0 unknown, 1 yes, -1 no */
-    if (state == 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
-    return state > 0;
-}
-
-typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config;
-
-static void load_tile_config(int tiles) { /* tiles 0..tiles-1 of 16 rows x 64 bytes */
-    tile_config cfg = {0};
-    cfg.palette = 1;
-    for (int i = 0; i < tiles; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
-    _tile_loadconfig(&cfg);
-}
 
 /* float32 w0, w1 rounded to bfloat16 (nearest even) as 16 (w0[j], w1[j]) pairs: a B tile row */
 static inline __m512i bf16_pairs(__m512 w0, __m512 w1) {
