@@ -294,12 +294,15 @@ static void rounded_weights(const uint8_t *qp, const uint16_t *d16, const uint16
  * group by group; c gets the sums as [RB][NT][16 x 16]. */
 static inline __attribute__((always_inline)) void rounded_pass(const uint16_t *x0, const uint16_t *x1,
                                                                 const uint32_t *b, int64_t groups, int64_t k,
-                                                                const int RB, const int NT, float *c) {
+                                                                const int RB, const int NT, float *c,
+                                                                const char *next, int64_t next_bytes) {
     _tile_zero(0);
     if (NT > 1) _tile_zero(1);
     if (RB > 1) _tile_zero(2);
     if (RB > 1 && NT > 1) _tile_zero(3);
+    const int64_t ahead = next ? (next_bytes + groups - 1) / groups : 0; /* bytes fetched per group */
     for (int64_t g = 0; g < groups; g++) {
+        for (int64_t l = 0; l < ahead; l += 64) _mm_prefetch(next + g * ahead + l, _MM_HINT_T0);
         _tile_loadd(4, x0 + g * GROUP, k * 2);
         _tile_loadd(6, b + g * NT * 256, 64);
         _tile_dpbf16ps(0, 4, 6);
@@ -322,7 +325,8 @@ static inline __attribute__((always_inline)) void rounded_pass(const uint16_t *x
 /* The rounded form: rows > 16, x float32 or bfloat16 as given. */
 static void amx_rounded(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const void *x, int x_bf16,
                         void *out, int out_bf16, int64_t rows, int64_t n, int64_t k, int bits, int num_threads) {
-    const int64_t groups = k / GROUP, blocks = (rows + 15) / 16, tiles = n / 16, full = x_bf16 ? rows / 16 : 0;
+    const int64_t groups = k / GROUP, blocks = (rows + 15) / 16, tiles = n / 16, full = x_bf16 ? rows / 16 : 0,
+                  group_bytes = GROUP * 16 * bits / 8;
     /* bf16 rows: bfloat16 x in place but for its last partial block, which is copied with zero
      * padding; float32 x rounded here */
     const int64_t copied = rows - full * 16; /* rows in xb, then zeros to the block's end */
@@ -348,14 +352,20 @@ static void amx_rounded(const uint8_t *qp, const uint16_t *d16, const uint16_t *
             for (int64_t t = 0; t < tiles; t += 2) {
                 const int nt = tiles - t < 2 ? 1 : 2;
                 for (int j = 0; j < nt; j++) rounded_weights(qp, d16, m16, t + j, groups, bits, b + j * 256, nt * 256);
+                /* the next output tiles' weights, fetched while the first pass multiplies: the
+                 * weights are read in bursts otherwise, and memory idles during the tile products */
+                const int64_t next_t = t + 2 < tiles ? t + 2 : -1, next_n = tiles - t - 2 < 2 ? tiles - t - 2 : 2;
+                const char *next = next_t >= 0 ? (const char *)(qp + next_t * groups * group_bytes) : NULL;
                 for (int64_t rb = rb0; rb < rb1; rb += 2) {
                     const int rbn = rb1 - rb < 2 ? 1 : 2;
+                    const char *pf = rb == rb0 ? next : NULL;
+                    const int64_t pf_bytes = next_n * groups * group_bytes;
                     const uint16_t *x0 = rb < full ? (const uint16_t *)x + rb * 16 * k : xb + (rb - full) * 16 * k;
                     const uint16_t *x1 = rb + 1 < full ? x0 + 16 * k : xb + (rb + 1 - full) * 16 * k;
-                    if (rbn == 2 && nt == 2) rounded_pass(x0, x1, b, groups, k, 2, 2, c);
-                    else if (rbn == 2) rounded_pass(x0, x1, b, groups, k, 2, 1, c);
-                    else if (nt == 2) rounded_pass(x0, x1, b, groups, k, 1, 2, c);
-                    else rounded_pass(x0, x1, b, groups, k, 1, 1, c);
+                    if (rbn == 2 && nt == 2) rounded_pass(x0, x1, b, groups, k, 2, 2, c, pf, pf_bytes);
+                    else if (rbn == 2) rounded_pass(x0, x1, b, groups, k, 2, 1, c, pf, pf_bytes);
+                    else if (nt == 2) rounded_pass(x0, x1, b, groups, k, 1, 2, c, pf, pf_bytes);
+                    else rounded_pass(x0, x1, b, groups, k, 1, 1, c, pf, pf_bytes);
                     for (int i = 0; i < rbn; i++)
                         for (int j = 0; j < nt; j++)
                             for (int r = 0; r < 16 && (rb + i) * 16 + r < rows; r++)
