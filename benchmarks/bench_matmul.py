@@ -8,6 +8,11 @@ bfloat16 activations: best of --repeats calls after warm-up, so the weights are 
 cache (a decode step streams them from memory instead). Shows which kernel path a row count
 takes (FMA below 5 rows, exact AMX to 16, rounded AMX beyond, where the CPU has AMX).
 Prints one JSON line per (projection, rows) and a table of microseconds and GMAC/s.
+
+    python benchmarks/bench_matmul.py --stack --rows 8 16 32 64
+
+--stack times what a decode step does instead: every layer's four projections and the
+head back to back (median of --repeats passes), so the weights stream from memory.
 """
 
 from __future__ import annotations
@@ -35,6 +40,26 @@ def best_us(fn, repeats: int) -> float:
     return best * 1e6
 
 
+def stack_times(model, rows_list: list[int], repeats: int) -> None:
+    weights = [layer.get_submodule(name).qweight for layer in model.layers for name in PROJECTIONS]
+    weights.append(model.lm_head.qweight)
+    print(f"\nwhole stack ({len(model.layers)} layers x {len(PROJECTIONS)} projections + head), ms per pass")
+    for rows in rows_list:
+        xs = [torch.randn(rows, w.in_features).bfloat16() for w in weights]
+        ops_ = [ops.int4_linear if isinstance(w, Int4Weight) else ops.int8_linear for w in weights]
+        times = []
+        for _ in range(repeats + 3):
+            t = time.perf_counter()
+            for op, x, w in zip(ops_, xs, weights):
+                op(x, w)
+            times.append(time.perf_counter() - t)
+        times = sorted(times[3:])
+        ms = times[len(times) // 2] * 1e3
+        print(json.dumps({"bench": "matmul_stack", "rows": rows, "median_ms": round(ms, 2),
+                          "min_ms": round(times[0] * 1e3, 2)}))
+        print(f"  {rows:>5} rows  {ms:8.2f} ms (min {times[0] * 1e3:.2f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -42,6 +67,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 32, 64, 512, 2048])
     ap.add_argument("--layer", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--stack", action="store_true", help="all layers back to back, weights streamed from memory")
     args = ap.parse_args()
     if min(args.rows) < 1 or args.repeats < 1:
         ap.error("--rows and --repeats must be positive")
@@ -49,6 +75,9 @@ def main() -> None:
     model = LLM(model=args.model, quantization=args.quantization, kv_cache_memory=0.05).engine.runner.model
     if not 0 <= args.layer < len(model.layers):
         ap.error(f"--layer must be in 0..{len(model.layers) - 1}")
+    if args.stack:
+        stack_times(model, args.rows, args.repeats)
+        return
     linears = {name: model.layers[args.layer].get_submodule(name) for name in PROJECTIONS}
     linears["lm_head"] = model.lm_head
     results = []
