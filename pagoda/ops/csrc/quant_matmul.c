@@ -58,9 +58,10 @@ static inline void store_row(__m512 y, void *out, int out_bf16, int64_t o) {
 static inline __attribute__((always_inline)) void pair_weights(const uint8_t *qg, int p, const int bits, __m512 *w0,
                                                                 __m512 *w1) {
     if (bits == 4) {
+        const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qg + p * 16)));
-        *w0 = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(0xF)));
-        *w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+        *w0 = _mm512_permutexvar_ps(b, values); /* the low nibble indexes (the rest is ignored) */
+        *w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), values);
     } else {
         *w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + p * 32))));
         *w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + p * 32 + 16))));
