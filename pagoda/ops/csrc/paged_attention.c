@@ -9,17 +9,16 @@
  * from cache by the query heads of its group.
  *
  * Keys/values are float32, bfloat16 or int8 rows with a float16 scale per 32 values
- * (kv_kind, kernels.h); softmax and accumulation are float32. With a bfloat16 cache on a CPU with
- * AVX512-BF16, scores are bf16 dot products (the query is rounded to bfloat16 once, as
- * bf16 attention kernels do), or AMX tile products where the CPU has AMX; otherwise float32
- * FMAs. int8 keys are scored by AMX too where the CPU has it (rows converted to bf16 in L1,
- * a tile product per 32-value group, each part times its row's scale), else FMAs on rows
- * converted to float32. Value sums for head_dim a multiple of 64 keep a row's 64 columns and every head's
- * sums in registers. At 32 sequences x 192 tokens over 30 layers (bf16 cache on huge pages,
- * streamed from memory): 12.0 ms with the 16-column value passes and dot-product scores,
- * 10.5 with the 64-column passes, 9.0 with AMX scores as well. An int8 cache is read as its bytes
- * (a quarter of float32's traffic, which is what decode attention waits on), each row
- * times its scale as it is converted to float32.
+ * (kv_kind, kernels.h); softmax and accumulation are float32. Scores: where the CPU has AMX,
+ * tile products for bf16 and int8 keys (the query rounded to bfloat16 once, as bf16
+ * attention kernels do; int8 rows become bf16 exactly, each group's part times its scale);
+ * else bf16 dot products for a bf16 cache on AVX512-BF16, and float32 FMAs otherwise. Value
+ * sums, for head_dim a multiple of 64, keep a row's 64 columns and every head's sums in
+ * registers; an int8 row's scales are folded into the probabilities. At 32 sequences x 192
+ * tokens over 30 layers (bf16 cache on huge pages, streamed from memory): 12.5 ms with
+ * 16-column value passes and dot-product scores, 9.8 ms with both changes
+ * (benchmarks/bench_attention.py). An int8 cache reads half a bf16 cache's bytes, which is
+ * what decode attention waits on.
  *
  * Built by pagoda/ops/native.py with -O3 -march=native -fopenmp; called through ctypes.
  */
@@ -258,12 +257,9 @@ DEFINE_SCORES(scores_dot_bf16, uint16_t, __m512bh, QPREP_BF16, DOT_BF16, 32)
 #endif
 
 #if HAVE_AMX
-/* bf16 keys on AMX: 16 rows of a page are one tile (a row stride apart), and one tile product
- * with the group's queries (rounded to bf16 once, as above) gives all of the group's scores
- * for them: no horizontal sums. Runs of 16 rows that are not evenly spaced (pages shorter
- * than 16 tokens) and the context's last partial run take the dot-product kernel. The caller
- * has loaded the tile configuration (AMX_SCORE_TILES) in this thread. */
+/* AMX scores: the caller has loaded this tile configuration in its thread. */
 #define AMX_SCORE_TILES 3 /* 0: scores [16 rows][16 heads]; 1: 16 key rows x 32 dims; 2: queries */
+
 /* The group's queries (g <= 16 heads, rounded to bf16) as B tiles, one per 32 dims: row r holds
  * dims 2r, 2r+1 of each head, heads beyond g zero. */
 static void query_tiles(const float *q, int g, int d, uint32_t b[4][256]) {
@@ -273,6 +269,10 @@ static void query_tiles(const float *q, int g, int d, uint32_t b[4][256]) {
             b[e / 32][(e % 32) / 2 * 16 + j] = f32_to_bf16(q[j * d + e]) | (uint32_t)f32_to_bf16(q[j * d + e + 1]) << 16;
 }
 
+/* bf16 keys: 16 rows of a page are one tile (a row stride apart), and one tile product with
+ * the group's queries gives all of the group's scores for them: no horizontal sums. Runs of
+ * 16 rows that are not evenly spaced (pages shorter than 16 tokens) and the context's last
+ * partial run take the dot-product kernel. */
 static void scores_amx_bf16(const float *q, const void *k_, int64_t h, const int64_t *off, int64_t len, int g, int d,
                             float scale, float *scores, int64_t stride, int pf) {
     const uint16_t *k = (const uint16_t *)k_ + h;
