@@ -337,7 +337,7 @@ def paged_attention_cpu(q, k_cache, v_cache, meta, scale, out_dtype=None):
         lib is not None and len(rows) > 0 and q.dtype == torch.float32 and k_cache.dtype in KV_KIND
         and out_dtype in _BF16 and q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
     )
-    compute = torch.bfloat16 if k_cache.dtype in (torch.bfloat16, torch.int8) and _HAS_AMX else q.dtype
+    compute = torch.bfloat16 if k_cache.dtype in (torch.bfloat16, torch.int8) and HAS_AMX else q.dtype
     if not decode_in_c and compute == q.dtype:
         return DECLINE  # exactly what the portable SDPA kernel does
     out = torch.empty(q.shape, dtype=out_dtype)
@@ -356,5 +356,5 @@ def paged_attention_cpu(q, k_cache, v_cache, meta, scale, out_dtype=None):
     return out
 
 
-_HAS_AMX = "amx_bf16" in native.cpu_flags().split()
+HAS_AMX = "amx_bf16" in native.cpu_flags().split()  # the C kernels' AMX paths apply
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pagoda import ops
-from pagoda.ops import native
 from pagoda.ops.attention_metadata import AttentionMetadata
+from pagoda.ops.cpu import HAS_AMX
 from pagoda.ops.kv_quant import cache_row_width, dequantize_rows, quantize_rows
 from pagoda.ops.registry import OPS, Op, register_kernel
 from pagoda.platforms import get_platform
@@ -175,7 +175,7 @@ def _bf16_math(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, me
     if k_cache.dtype == torch.bfloat16:
         return True
     d = q.shape[-1]
-    amx_scored = "amx_bf16" in native.cpu_flags().split() and d % 32 == 0 and d <= 128
+    amx_scored = HAS_AMX and d % 32 == 0 and d <= 128
     return k_cache.dtype == torch.int8 and (not meta.is_decode_only or amx_scored)
 
 

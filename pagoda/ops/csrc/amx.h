@@ -22,10 +22,16 @@ static inline int amx_ready(void) {
 
 typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config;
 
-static inline void load_tile_config(int tiles) { /* tiles 0..tiles-1 of 16 rows x 64 bytes */
+/* Tiles 0..tiles-1 of 16 rows x 64 bytes (a caller may shorten some before loading it). */
+static inline tile_config tile_config_of(int tiles) {
     tile_config cfg = {0};
     cfg.palette = 1;
     for (int i = 0; i < tiles; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+    return cfg;
+}
+
+static inline void load_tile_config(int tiles) {
+    const tile_config cfg = tile_config_of(tiles);
     _tile_loadconfig(&cfg);
 }
 #else

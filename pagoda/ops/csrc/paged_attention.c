@@ -189,7 +189,7 @@ static void scores_vec_i8(const float *q, const void *k_, int64_t h, const int64
 /* out[j] = sum_t p_j[t] v[t], 16 columns at a time with the group's sums in registers. An
  * int8 row's scales are applied as the row is read: here its first touch, behind the prefetch
  * (a separate pass over the scales beforehand waited on DRAM row by row). */
-#define DEFINE_VALUES_VEC(SUFFIX, KV_T, SCALE)                                                 \
+#define DEFINE_VALUES_VEC(SUFFIX, KV_T, SCALE_OF)                                              \
 static void values_vec_##SUFFIX(const void *v_, int64_t h, const int64_t *off, int64_t len, \
                                 int g, int d, const float *probs, int64_t stride, float *out, int pf) { \
     const KV_T *v = (const KV_T *)v_ + h;                                                        \
@@ -198,18 +198,20 @@ static void values_vec_##SUFFIX(const void *v_, int64_t h, const int64_t *off, i
         for (int j = 0; j < MAX_GROUP; j++) acc[j] = _mm512_setzero_ps();                      \
         for (int64_t t = 0; t < len; t++) {                                                    \
             if (c == 0 && pf && t + PREFETCH < len) prefetch_row(v + off[t + PREFETCH], pf * sizeof(KV_T));        \
-            const __m512 vv = SCALE(load16_##SUFFIX(v + off[t] + c), v + off[t], d, c);       \
+            const KV_T *vr = v + off[t];                                                       \
+            const __m512 vv = _mm512_mul_ps(load16_##SUFFIX(vr + c), _mm512_set1_ps(SCALE_OF(vr, d, c))); \
             for (int j = 0; j < MAX_GROUP; j++)                                                \
                 if (j < g) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(probs[j * stride + t]), vv, acc[j]); \
         }                                                                                      \
         for (int j = 0; j < g; j++) _mm512_storeu_ps(out + j * d + c, acc[j]);                 \
     }                                                                                          \
 }
-#define AS_IS(x, row, d, c) (x)
-#define GROUP_SCALED(x, row, d, c) _mm512_mul_ps(x, _mm512_set1_ps(group_scale(row, d, c)))
-DEFINE_VALUES_VEC(f32, float, AS_IS)
-DEFINE_VALUES_VEC(bf16, uint16_t, AS_IS)
-DEFINE_VALUES_VEC(i8, int8_t, GROUP_SCALED)
+/* SCALE_OF(row, d, c): the scale of a row's values from column c on. An int8 row passes
+ * group_scale; float rows have none, so 1 (the product by 1 folds away). */
+#define NO_SCALE(row, d, c) 1.f
+DEFINE_VALUES_VEC(f32, float, NO_SCALE)
+DEFINE_VALUES_VEC(bf16, uint16_t, NO_SCALE)
+DEFINE_VALUES_VEC(i8, int8_t, group_scale)
 
 #define X64_GROUP 6 /* query heads per kv head for values_x64: 24 sums + a row part in registers */
 /* head_dim a multiple of 64, 64 columns at a time: a row's four 16-wide parts at once, every
@@ -243,7 +245,6 @@ static void values_x64_##SUFFIX(const void *v_, int64_t h, const int64_t *off, i
             for (int c = 0; c < 4; c++) _mm512_storeu_ps(out + j * d + c0 + 16 * c, acc[j][c]); \
     }                                                                                          \
 }
-#define NO_SCALE(row, d, c) 1.f
 DEFINE_VALUES_X64(f32, float, NO_SCALE)
 DEFINE_VALUES_X64(bf16, uint16_t, NO_SCALE)
 DEFINE_VALUES_X64(i8, int8_t, group_scale)
@@ -259,6 +260,12 @@ DEFINE_SCORES(scores_dot_bf16, uint16_t, __m512bh, QPREP_BF16, DOT_BF16, 32)
 #if HAVE_AMX
 /* AMX scores: the caller has loaded this tile configuration in its thread. */
 #define AMX_SCORE_TILES 3 /* 0: scores [16 rows][16 heads]; 1: 16 key rows x 32 dims; 2: queries */
+
+/* Column j of a stored [16 rows][16 heads] score tile: head j's scores of the 16 rows. */
+static inline __m512 tile_column(const float *c, int j) {
+    const __m512i rows = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
+    return _mm512_i32gather_ps(rows, c + j, 4);
+}
 
 /* The group's queries (g <= 16 heads, rounded to bf16) as B tiles, one per 32 dims: row r holds
  * dims 2r, 2r+1 of each head, heads beyond g zero. */
@@ -280,7 +287,6 @@ static void scores_amx_bf16(const float *q, const void *k_, int64_t h, const int
     uint32_t b[4][256] __attribute__((aligned(64)));
     float c[256] __attribute__((aligned(64)));
     query_tiles(q, g, d, b);
-    const __m512i column = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
     const __m512 sc = _mm512_set1_ps(scale);
     int64_t t = 0;
     for (; t + 16 <= len; t += 16) {
@@ -301,7 +307,7 @@ static void scores_amx_bf16(const float *q, const void *k_, int64_t h, const int
         }
         _tile_stored(0, c, 64);
         for (int j = 0; j < g; j++)
-            _mm512_storeu_ps(scores + j * stride + t, _mm512_mul_ps(_mm512_i32gather_ps(column, c + j, 4), sc));
+            _mm512_storeu_ps(scores + j * stride + t, _mm512_mul_ps(tile_column(c, j), sc));
     }
     if (t < len) scores_dot_bf16(q, k_, h, off + t, len - t, g, d, scale, scores + t, stride, pf);
 }
@@ -321,7 +327,6 @@ static void scores_amx_i8(const float *q, const void *k_, int64_t h, const int64
     query_tiles(q, g, d, b);
     memset(a, 0, sizeof a); /* rows past a short context's end stay finite */
     memset(gs, 0, sizeof gs);
-    const __m512i column = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
     const __m512 sc = _mm512_set1_ps(scale);
     for (int64_t t = 0; t < len; t += 16) {
         const int n = len - t < 16 ? (int)(len - t) : 16;
@@ -345,7 +350,7 @@ static void scores_amx_i8(const float *q, const void *k_, int64_t h, const int64
         for (int j = 0; j < g; j++) {
             __m512 s = _mm512_setzero_ps();
             for (int blk = 0; blk < blocks; blk++)
-                s = _mm512_fmadd_ps(_mm512_i32gather_ps(column, c[blk] + j, 4), _mm512_load_ps(gs[blk]), s);
+                s = _mm512_fmadd_ps(tile_column(c[blk], j), _mm512_load_ps(gs[blk]), s);
             _mm512_mask_storeu_ps(scores + j * stride + t, (__mmask16)((1u << n) - 1), _mm512_mul_ps(s, sc));
         }
     }

@@ -201,11 +201,8 @@ static inline __attribute__((always_inline)) void amx_exact_block(
     const int64_t groups = k / GROUP, group_bytes = GROUP * 16 * bits / 8;
     _Pragma("omp parallel num_threads(num_threads)")
     {
-        tile_config cfg = {0}; /* C tile 0 and A tile 1: R rows; B tile 2: 16 rows of 64 bytes */
-        cfg.palette = 1;
-        cfg.colsb[0] = cfg.colsb[1] = cfg.colsb[2] = 64;
+        tile_config cfg = tile_config_of(3); /* C tile 0 and A tile 1: R rows; B tile 2: 16 */
         cfg.rows[0] = cfg.rows[1] = (uint8_t)R;
-        cfg.rows[2] = 16;
         _tile_loadconfig(&cfg);
         __attribute__((aligned(64))) float c[16 * 16];
         __attribute__((aligned(64))) uint32_t b[256];
