@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
@@ -22,6 +21,7 @@ from pagoda import ops
 from pagoda.ops import AttentionMetadata, huge_pages
 from pagoda.ops.kv_quant import quantize_rows
 from pagoda.platforms import get_platform
+from timing import median_and_min_ms  # benchmarks/timing.py, beside this script
 
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
@@ -67,16 +67,10 @@ def main() -> None:
                     for k, v in layers:
                         ops.paged_attention(q, k, v, meta, d**-0.5, torch.bfloat16)
 
-                times = []
-                for _ in range(args.repeats + 3):
-                    t = time.perf_counter()
-                    step()
-                    times.append(time.perf_counter() - t)
-                times = sorted(times[3:])
-                ms = times[len(times) // 2] * 1e3
+                ms, best = median_and_min_ms(step, args.repeats)
                 kv_bytes = 2 * args.layers * batch * context * layers[0][0][0].numel() * layers[0][0].itemsize
                 row = {"bench": "decode_attention", "kv_cache_dtype": kv_dtype, "batch": batch, "context": context,
-                       "layers": args.layers, "median_ms": round(ms, 3), "min_ms": round(times[0] * 1e3, 3),
+                       "layers": args.layers, "median_ms": round(ms, 3), "min_ms": round(best, 3),
                        "kv_gb_s": round(kv_bytes / ms / 1e6, 1)}
                 print(json.dumps(row))
                 results.append(row)

@@ -19,25 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 from pagoda import LLM, ops
 from pagoda.ops.quant import Int4Weight
+from timing import median_and_min_ms  # benchmarks/timing.py, beside this script
 
 PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-
-
-def best_us(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e6
 
 
 def stack_times(model, rows_list: list[int], repeats: int) -> None:
@@ -47,17 +36,14 @@ def stack_times(model, rows_list: list[int], repeats: int) -> None:
     for rows in rows_list:
         xs = [torch.randn(rows, w.in_features).bfloat16() for w in weights]
         ops_ = [ops.int4_linear if isinstance(w, Int4Weight) else ops.int8_linear for w in weights]
-        times = []
-        for _ in range(repeats + 3):
-            t = time.perf_counter()
+
+        def stack() -> None:
             for op, x, w in zip(ops_, xs, weights):
                 op(x, w)
-            times.append(time.perf_counter() - t)
-        times = sorted(times[3:])
-        ms = times[len(times) // 2] * 1e3
-        print(json.dumps({"bench": "matmul_stack", "rows": rows, "median_ms": round(ms, 2),
-                          "min_ms": round(times[0] * 1e3, 2)}))
-        print(f"  {rows:>5} rows  {ms:8.2f} ms (min {times[0] * 1e3:.2f})")
+
+        ms, best = median_and_min_ms(stack, repeats)
+        print(json.dumps({"bench": "matmul_stack", "rows": rows, "median_ms": round(ms, 2), "min_ms": round(best, 2)}))
+        print(f"  {rows:>5} rows  {ms:8.2f} ms (min {best:.2f})")
 
 
 def main() -> None:
@@ -86,7 +72,7 @@ def main() -> None:
         op = ops.int4_linear if isinstance(w, Int4Weight) else ops.int8_linear
         for rows in args.rows:
             x = torch.randn(rows, w.in_features).bfloat16()
-            us = best_us(lambda: op(x, w), args.repeats)
+            us = median_and_min_ms(lambda: op(x, w), args.repeats)[1] * 1e3  # the best call
             row = {"bench": "matmul", "projection": name, "kind": op.name, "rows": rows, "n": w.out_features,
                    "k": w.in_features, "us": round(us, 1), "gmac_s": round(rows * w.out_features * w.in_features / us / 1e3, 1)}
             print(json.dumps(row))
