@@ -19,7 +19,7 @@ import torch
 from pagoda.cache.kv_pool import KVPool
 from pagoda.cache.page_allocator import PageAllocator
 from pagoda.config import EngineConfig
-from pagoda.engine.model_runner import ModelRunner, SequenceChunk
+from pagoda.engine.model_runner import ModelRunner
 from pagoda.engine.output_processor import OutputProcessor
 from pagoda.engine.outputs import RequestOutput, TokenLogprob
 from pagoda.engine.request import Request
@@ -136,7 +136,7 @@ class Engine:
         self.allocator = PageAllocator(num_pages, cfg.page_size)
         self.kv_pool = KVPool(
             mc.num_hidden_layers, self.allocator.num_storage_pages, cfg.page_size, mc.num_key_value_heads,
-            mc.head_dim, dtype, self.platform.device(),
+            mc.head_dim, dtype, self.platform.device(), self.platform.alloc_streamed,
         )
         self.kv_tokens = num_pages * cfg.page_size
         self.runner = ModelRunner(self.loaded.model, self.kv_pool, self.platform.device())
@@ -276,16 +276,7 @@ class Engine:
         out = self.scheduler.schedule()
         if not out.chunks:
             return []
-        chunks = [
-            SequenceChunk(
-                c.request.all_ids[c.start : c.start + c.num_tokens],
-                c.start,
-                c.request.pages,
-                all_logits=c.request.params.prompt_logprobs is not None and c.request.in_prefill,
-            )
-            for c in out.chunks
-        ]
-        result = self.runner.run(chunks)
+        result = self.runner.run(out.chunks)
         self._record_prompt_logprobs(out, result.all_logits)
         sampled = self._sample(out, result.last_logits)
         logprob_of = {id(c.request): lp for c, (_, lp) in zip(out.chunks, sampled)}

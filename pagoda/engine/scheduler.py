@@ -41,6 +41,11 @@ class ScheduledChunk:
         """After this chunk the request's last known token is computed: sample its next one."""
         return self.start + self.num_tokens == self.request.num_tokens
 
+    @property
+    def wants_all_logits(self) -> bool:
+        """A prompt chunk of a request that asked for prompt logprobs: logits for every token."""
+        return self.request.params.prompt_logprobs is not None and self.request.in_prefill
+
 
 @dataclass
 class SchedulerOutput:

@@ -1,0 +1,4 @@
+"""The accelerator tier (CUDA, and MUSA through its CUDA-compatible libraries): vendor and
+Triton kernels over the paged cache. The CUDA and MUSA platforms register each module's
+kernels for their device type; a module whose library is missing fails to import and the
+tiers below serve."""
