@@ -75,9 +75,6 @@ class Scheduler:
         req.status = Status.WAITING
         bisect.insort(self.waiting, req, key=_order)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def pages_needed(self, num_tokens: int) -> int:
         return (num_tokens + self.page_size - 1) // self.page_size
 
