@@ -56,10 +56,13 @@ class EngineConfig:
     chunked_prefill_size: int = _opt(512, "longest prompt chunk prefilled in one step (0: no chunking)")
     disable_prefix_cache: bool = _opt(False, "turn off radix-tree prefix sharing")
     max_queued_requests: int = _opt(4096, "waiting requests beyond which new ones are refused")
+    disable_graphs: bool = _opt(False, "run decode steps eagerly instead of replaying captured graphs (CUDA/MUSA)")
+    graph_max_batch_size: int = _opt(256, "largest decode batch captured as a graph (larger ones run eagerly)")
     num_threads: int | None = _opt(None, "CPU threads for compute (default: all cores)")
 
     def __post_init__(self) -> None:
-        positive = ("page_size", "max_running_requests", "max_batched_tokens", "max_queued_requests")
+        positive = ("page_size", "max_running_requests", "max_batched_tokens", "max_queued_requests",
+                    "graph_max_batch_size")
         for name in positive:
             value = getattr(self, name)
             if value is None and name == "max_batched_tokens":

@@ -126,6 +126,21 @@ class Engine:
             "KV cache: %d tokens in %d pages (%.2f GiB, %s)", self.kv_tokens, size.num_pages,
             size.num_pages * size.bytes_per_page / GiB, str(size.dtype).removeprefix("torch."),
         )
+        if self._graph_max_batch():
+            self._capture_graphs()
+
+    def _graph_max_batch(self) -> int:
+        """The largest decode batch to capture as a graph; 0: none (no graphs on this platform,
+        or --disable-graphs)."""
+        if self.config.disable_graphs or not self.platform.capabilities.graph_capture:
+            return 0
+        return min(self.config.graph_max_batch_size, self.config.max_running_requests)
+
+    def _capture_graphs(self) -> None:
+        free = self.platform.free_memory()
+        self.runner.capture_graphs(self._graph_max_batch(), self.scheduler.pages_needed(self.context_length),
+                                   self.platform.new_graph)
+        log.info("decode graphs take %.2f GiB", (free - self.platform.free_memory()) / GiB)
 
     def _size_kv_cache(self) -> KVCacheSize:
         """As many pages as the memory budget holds, but no more than the running requests can use."""
@@ -134,8 +149,8 @@ class Engine:
         per_token = KVPool.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, dtype)
         if cfg.kv_cache_memory is not None:
             budget = int(cfg.kv_cache_memory * GiB)
-        else:
-            budget = self.platform.kv_cache_budget()
+        else:  # what the free memory holds once the decode graphs have taken theirs
+            budget = self.platform.kv_cache_budget() - self._graph_memory_estimate()
         per_page = per_token * cfg.page_size
         max_useful = cfg.max_running_requests * self.context_length + cfg.page_size
         num_pages = min(budget, max_useful * per_token) // per_page
@@ -145,6 +160,13 @@ class Engine:
                 f"({per_page} bytes each); raise --kv-cache-memory"
             )
         return KVCacheSize(num_pages, per_page, dtype)
+
+    def _graph_memory_estimate(self) -> int:
+        """Bytes the decode graphs' shared memory pool will hold: the largest bucket's logits
+        and, generously, a dozen activations of its widest layer."""
+        mc, batch = self.model_config, self._graph_max_batch()
+        widest = max(mc.hidden_size, 2 * mc.intermediate_size, mc.q_size + 2 * mc.kv_size)
+        return batch * (mc.vocab_size + 12 * widest) * 4
 
     def _build_kv_pool(self, size: KVCacheSize) -> None:
         """The page allocator and the KV tensors it hands out pages of."""

@@ -2,17 +2,19 @@
 
 It owns the model and the KV pool; it fills the step's ForwardBatch from the scheduler's
 chunks, runs one forward over prefill chunks and decodes together (no padding), and
-returns the logits the sampler needs.
+returns the logits the sampler needs. Where the platform captures graphs, decode-only
+steps replay a captured graph instead (graph_runner.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from pagoda.cache.kv_pool import KVPool
+from pagoda.engine.graph_runner import DecodeGraphRunner, DeviceGraph
 from pagoda.engine.scheduler import ScheduledChunk
 from pagoda.ops.forward_batch import ForwardBatch
 
@@ -27,6 +29,15 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_pool: KVPool, device: torch.device) -> None:
         self.model, self.kv, self.device = model, kv_pool, device
         self.page_size = kv_pool.page_size
+        self.graphs: DecodeGraphRunner | None = None
+
+    def capture_graphs(self, max_batch: int, max_pages: int, new_graph: Callable[[], DeviceGraph]) -> None:
+        """Capture decode steps of up to max_batch sequences of up to max_pages pages each."""
+        graphs = DecodeGraphRunner(self._logits_of_every_token, self.kv.layers, self.page_size, max_pages, max_batch,
+                                   self.device, new_graph)
+        with torch.inference_mode():
+            graphs.capture()
+        self.graphs = graphs
 
     def run(self, chunks: Sequence[ScheduledChunk]) -> StepOutput:
         seqs = [(c.request.all_ids[c.start : c.start + c.num_tokens], c.start, c.request.pages) for c in chunks]
@@ -38,6 +49,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> StepOutput:
+        if self.graphs is not None and self.graphs.serves(batch):
+            return StepOutput(last_logits=self.graphs.run(batch))
         hidden = self.model(batch)
         ends = torch.tensor([s - 1 for s in batch.query_starts[1:]], device=self.device)
         out = StepOutput(last_logits=self.model.compute_logits(hidden[ends]))
@@ -45,3 +58,6 @@ class ModelRunner:
             lo, hi = batch.query_starts[b], batch.query_starts[b + 1]
             out.all_logits[b] = self.model.compute_logits(hidden[lo:hi])
         return out
+
+    def _logits_of_every_token(self, batch: ForwardBatch) -> torch.Tensor:
+        return self.model.compute_logits(self.model(batch))

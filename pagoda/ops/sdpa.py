@@ -18,13 +18,17 @@ from pagoda.ops.registry import kernel
 
 
 def padded_context_slots(batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """[batch, max_len] slots (padding repeats slot 0) and a [batch, max_len] validity mask."""
-    max_len = max(batch.seq_lens)
+    """[batch, max_len] slots (padding repeats slot 0) and a [batch, max_len] validity mask.
+    A static batch (a graph's) spans its whole block table, masked by the device's context
+    lengths, so the shapes do not follow the step being captured."""
     ps = batch.page_size
+    if batch.static:
+        max_len, lens = batch.block_table.shape[1] * ps, batch.context_lens
+    else:
+        max_len, lens = max(batch.seq_lens), torch.tensor(batch.seq_lens, device=batch.block_table.device)
     pages = batch.block_table[:, : (max_len + ps - 1) // ps]
     offsets = torch.arange(ps, device=pages.device)
     slots = (pages[:, :, None] * ps + offsets).reshape(batch.batch_size, -1)[:, :max_len]
-    lens = torch.tensor(batch.seq_lens, device=pages.device)
     valid = torch.arange(max_len, device=pages.device)[None, :] < lens[:, None]
     return torch.where(valid, slots, torch.zeros_like(slots)), valid
 

@@ -18,7 +18,7 @@ from pagoda.ops.registry import register_module
 
 @dataclass(frozen=True)
 class Capabilities:
-    graph_capture: bool = False
+    graph_capture: bool = False  # new_graph() captures decode steps
     supports_bfloat16: bool = True
 
 
@@ -32,7 +32,7 @@ class Platform:
     portable_kernel_modules: ClassVar[tuple[str, ...]] = ("pagoda.ops.sdpa",)
     _HOOKS: ClassVar[tuple[str, ...]] = (
         "is_available", "device", "default_dtype", "total_memory", "free_memory", "synchronize", "seed",
-        "kv_cache_budget", "step_token_budget", "alloc_streamed",
+        "kv_cache_budget", "step_token_budget", "alloc_streamed", "new_graph",
     )
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -83,6 +83,11 @@ class Platform:
     def alloc_streamed(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Uninitialised memory for a buffer every step streams whole (the KV cache)."""
         return torch.empty(shape, dtype=dtype, device=self.device())
+
+    def new_graph(self):
+        """A graph to capture one decode step into (pagoda/engine/graph_runner.py's DeviceGraph),
+        where capabilities.graph_capture says the platform has them."""
+        raise NotImplementedError(f"{self.name} has no graph capture")
 
     def load_kernels(self) -> None:
         """Register the kernels of this platform's modules for its device type (idempotent)."""

@@ -7,6 +7,29 @@ import torch
 from pagoda.platforms.base import Capabilities, Platform
 
 
+class DeviceGraph:
+    """One decode step captured on torch.cuda's graph API (torch.musa mirrors it)."""
+
+    def __init__(self, api, graph_class: str) -> None:
+        self.api, self.graph = api, getattr(api, graph_class)()
+
+    def capture(self, fn, pool=None):
+        side = self.api.Stream()
+        side.wait_stream(self.api.current_stream())
+        with self.api.stream(side):
+            fn()  # warm-up outside the capture: lazy set-up (workspaces, autotuning) must not be recorded
+        self.api.current_stream().wait_stream(side)
+        with self.api.graph(self.graph, pool=pool):
+            out = fn()
+        return out
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+    def pool(self):
+        return self.graph.pool()
+
+
 class CudaPlatform(Platform):
     name = "cuda"
     device_type = "cuda"
@@ -18,9 +41,14 @@ class CudaPlatform(Platform):
     def is_available(cls) -> bool:
         return torch.cuda.is_available()
 
+    _graph_class = "CUDAGraph"
+
     @property
     def _api(self):  # torch.cuda; MusaPlatform swaps in torch.musa
         return torch.cuda
+
+    def new_graph(self) -> DeviceGraph:
+        return DeviceGraph(self._api, self._graph_class)
 
     def total_memory(self) -> int:
         return self._api.get_device_properties(self.index).total_memory

@@ -21,6 +21,7 @@ class MusaPlatform(CudaPlatform):
     device_type = "musa"
     dist_backend = "mccl"
     capabilities = Capabilities(graph_capture=True)
+    _graph_class = "MUSAGraph"  # torch_musa's name for torch.cuda.CUDAGraph
 
     @classmethod
     def is_available(cls) -> bool:

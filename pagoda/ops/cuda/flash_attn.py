@@ -18,9 +18,10 @@ def paged_attention_flash(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch, scale: float,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Varlen attention straight over the paged pool (pages must be multiples of 256 tokens)."""
+    """Varlen attention straight over the paged pool (pages must be multiples of 256 tokens);
+    not inside a captured graph (its launch reads the step's lengths on the host)."""
     if (
-        batch.page_size % 256 != 0 or q.dtype not in (torch.float16, torch.bfloat16) or out_dtype not in (None, q.dtype)
+        batch.static or batch.page_size % 256 != 0 or q.dtype not in (torch.float16, torch.bfloat16) or out_dtype not in (None, q.dtype)
         or k_cache.dtype != q.dtype
     ):
         return DECLINE
