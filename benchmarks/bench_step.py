@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import time
 
@@ -34,11 +35,13 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--disable-graphs", action="store_true", help="decode eagerly (graphs: CUDA/MUSA only)")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the engine's set-up lines (graphs' capture)
 
     llm = LLM(model=args.model, quantization=args.quantization, device=args.device, dtype=args.dtype,
               kv_cache_dtype=args.kv_cache_dtype, load_format=args.load_format, model_config=args.model_config,
-              max_running_requests=max(args.batch))
+              max_running_requests=max(args.batch), disable_graphs=args.disable_graphs)
     engine = llm.engine
     device = engine.platform.describe()
     vocab = engine.model_config.vocab_size
@@ -57,7 +60,8 @@ def main() -> None:
         for _ in range(args.steps):
             engine.step()
         step_ms = (time.perf_counter() - t) / args.steps * 1000
-        print(json.dumps({"bench": "step", "device": device, "quantization": args.quantization,
+        print(json.dumps({"bench": "step", "device": device, "graphs": engine.runner.graphs is not None,
+                          "quantization": args.quantization,
                           "kv_cache_dtype": str(engine.kv_pool.k[0].dtype).removeprefix("torch."), "batch": batch,
                           "context": args.context, "step_ms": round(step_ms, 2),
                           "tok_s": round(batch * 1000 / step_ms, 1)}))

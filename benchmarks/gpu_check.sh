@@ -4,6 +4,7 @@
 #      reference (both computed on the CPU), with pagoda's model, KV pool and kernels on cuda,
 #      and the KV-cache dtype tests (bf16 and int8 pages) on the default device;
 #   2. engine decode throughput (benchmarks/bench_step.py) at 1 / 32 / 256 streams, bfloat16,
+#      with decode graphs and without (their capture time and memory from the engine's log),
 #      dummy weights in the default model's shape (also over an int8 KV cache) and in
 #      Llama-3-8B's;
 #   3. serving through HTTP (benchmarks/bench_serving.py) at 1 / 32 / 256 clients on the default
@@ -31,10 +32,12 @@ PAGODA_TEST_DEVICE=$dev timeout 150 $py -m pytest -q -p no:cacheprovider \
     | tee "$out/parity.txt"
 
 for shape in $shapes; do
-    echo "== bench_step $shape"
-    timeout 200 $py benchmarks/bench_step.py --device "$dev" --dtype bfloat16 --load-format dummy \
-        --model-config "$shape" --batch $batches --steps 64 2>&1 | grep -v "^generating" | tail -6 \
-        | tee -a "$out/step.txt"
+    for graphs in "" --disable-graphs; do
+        echo "== bench_step $shape ${graphs:-(graphs)}"
+        timeout 200 $py benchmarks/bench_step.py --device "$dev" --dtype bfloat16 --load-format dummy \
+            --model-config "$shape" --batch $batches --steps 64 $graphs 2>&1 \
+            | grep -E "^\{|captured|graphs take" | tee -a "$out/step.txt"
+    done
 done
 echo "== bench_step $smol, int8 KV cache"
 timeout 200 $py benchmarks/bench_step.py --device "$dev" --dtype bfloat16 --kv-cache-dtype int8 --load-format dummy \
@@ -57,6 +60,8 @@ if [ -n "$tok" ]; then
 fi
 
 echo "== step profile, batch 32, $smol"
-timeout 120 $py benchmarks/bench_step.py --device "$dev" --dtype bfloat16 --load-format dummy \
-    --model-config "$smol" --batch 32 --steps 16 --profile >"$out/profile.txt" 2>&1
-grep -E "tok_s|time total" "$out/profile.txt"
+for graphs in "" --disable-graphs; do  # the step's host time against its GPU time
+    timeout 120 $py benchmarks/bench_step.py --device "$dev" --dtype bfloat16 --load-format dummy \
+        --model-config "$smol" --batch 32 --steps 16 --profile $graphs >"$out/profile$graphs.txt" 2>&1
+    grep -E "tok_s|time total" "$out/profile$graphs.txt"
+done
