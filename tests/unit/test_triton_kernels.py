@@ -32,7 +32,7 @@ bf16 = torch.bfloat16
 
 def _close(got: torch.Tensor, want: torch.Tensor, loose: bool) -> None:
     assert got.dtype == want.dtype and got.shape == want.shape
-    if loose:  # bf16 products / roundings on either side
+    if loose:  # bf16 products / roundings on either side (the interpreter rounds to bf16 by truncating)
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     else:
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-5, atol=2e-5)
@@ -159,3 +159,143 @@ def test_attention_declines_what_it_does_not_handle() -> None:
     qd, kd, vd, table = _on_device(q, k_cache, v_cache, meta.block_table)
     assert ta.decode_attention(qd.to(torch.int32), kd, vd, table, lens, 4, scale) is DECLINE
     assert ta.decode_attention(qd, kd, vd.to(bf16), table, lens, 4, scale) is DECLINE
+
+
+# ---------------------------------------------------------------------------------------
+# Norms, SiLU-and-mul
+
+
+NORM_CASES = [
+    # (shape, x dtype, residual dtype or None, variant, out_dtype, eps)
+    ((5, 32), torch.float32, None, "llama", None, 1e-6),
+    ((5, 32), torch.float32, None, "jiutian", None, 1e-6),
+    ((3, 40), bf16, None, "llama", torch.float32, 1e-5),  # width off a power of two
+    ((2, 3, 48), torch.float32, None, "jiutian", bf16, 1e-6),  # leading dims folded
+    ((4, 32), torch.float32, torch.float32, "llama", None, 1e-6),
+    ((4, 32), bf16, torch.float32, "jiutian", bf16, 1e-6),  # bf16 x onto a float32 residual stream
+    ((3, 40), bf16, bf16, "llama", None, 1e-5),
+    ((2, 4100), bf16, torch.float32, "llama", bf16, 1e-5),  # longer than one block: the two-pass path
+    ((2, 4100), torch.float32, None, "jiutian", None, 1e-6),
+]
+
+
+@pytest.mark.parametrize("case", NORM_CASES, ids=[f"norm{i}" for i in range(len(NORM_CASES))])
+def test_rms_norm(case) -> None:
+    shape, x_dtype, r_dtype, variant, out_dtype, eps = case
+    g = torch.Generator().manual_seed(len(shape) + shape[-1])
+    x = (torch.randn(shape, generator=g) * 3).to(x_dtype)
+    w = torch.randn(shape[-1], generator=g)
+    loose = bf16 in (x_dtype, r_dtype, out_dtype)
+    if r_dtype is None:
+        want = reference.rms_norm.reference(x, w, eps, variant, out_dtype)
+        got = te.rms_norm(*_on_device(x, w), eps, variant, out_dtype)
+        _close(got.cpu(), want, loose)
+        return
+    r = torch.randn(shape, generator=g).to(r_dtype)
+    want, want_sum = reference.add_rms_norm.reference(x, r, w, eps, variant, out_dtype)
+    got, got_sum = te.fused_add_rms_norm(*_on_device(x, r, w), eps, variant, out_dtype)
+    if want_sum.dtype == bf16 and te.interpreting():  # the interpreter truncates to bf16: one ulp
+        torch.testing.assert_close(got_sum.cpu(), want_sum)
+    else:
+        assert torch.equal(got_sum.cpu(), want_sum)  # one rounding of the same sum
+    _close(got.cpu(), want, loose)
+
+
+def test_norm_reads_row_strided_views() -> None:
+    x = torch.randn(4, 64)[:, :32]  # rows 64 apart
+    w = torch.randn(32)
+    got = te.rms_norm(*_on_device(x, w), 1e-6)
+    _close(got.cpu(), reference.rms_norm.reference(x, w, 1e-6), False)
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 80), torch.float32), ((2, 2, 64), bf16), ((1, 2 * 1100), torch.float32)])
+def test_silu_and_mul(shape, dtype) -> None:
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 4).to(dtype)
+    got = te.silu_and_mul(x.to(DEVICE))
+    _close(got.cpu(), reference.silu_and_mul.reference(x), dtype == bf16)
+
+
+def test_elementwise_declines_what_it_does_not_handle() -> None:
+    x, w = _on_device(torch.randn(2, 8), torch.ones(8))
+    assert te.rms_norm(x, w, 1e-6, "gemma") is DECLINE
+    assert te.rms_norm(x.to(torch.int32), w, 1e-6) is DECLINE
+    assert te.silu_and_mul(x[:, :3]) is DECLINE  # odd width: no [gate | up] halves
+
+
+# ---------------------------------------------------------------------------------------
+# Rotary + KV store
+
+
+def _rotary_inputs(tokens, hq, hk, d, src_dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(tokens, (hq + 2 * hk) * d, generator=g).to(src_dtype)  # views into a fused projection
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    pos = torch.randint(0, 1000, (tokens,), generator=g)
+    angles = pos[:, None] * (10000.0 ** (-torch.arange(d // 2) / (d // 2)))[None, :]
+    cos, sin = torch.cat((angles.cos(), angles.cos()), -1), torch.cat((angles.sin(), angles.sin()), -1)
+    slots = torch.randperm(4 * tokens, generator=g)[:tokens]
+    return q.view(tokens, hq, d), k.view(tokens, hk, d), v.view(tokens, hk, d), cos, sin, slots
+
+
+ROTARY_CASES = [
+    # (tokens, hq, hk, d, src dtype, cache dtype, out_dtype)
+    (5, 4, 1, 16, torch.float32, torch.float32, None),
+    (5, 4, 4, 16, bf16, bf16, torch.float32),
+    (3, 2, 1, 32, bf16, torch.float32, None),
+    (4, 4, 1, 32, torch.float32, torch.int8, None),  # int8: one scale per 32
+    (3, 2, 2, 24, bf16, torch.int8, bf16),  # head_dim 24: three groups of 8
+    (2, 2, 1, 64, torch.float32, torch.float16, bf16),
+]
+
+
+@pytest.mark.parametrize("case", ROTARY_CASES, ids=[f"rotary{i}" for i in range(len(ROTARY_CASES))])
+def test_rotary_store_kv(case) -> None:
+    tokens, hq, hk, d, src, cache_dtype, out_dtype = case
+    q, k, v, cos, sin, slots = _rotary_inputs(tokens, hq, hk, d, src)
+    width = cache_row_width(d, cache_dtype)
+    ref_caches = [torch.zeros(4 * tokens, hk, width, dtype=cache_dtype) for _ in range(2)]
+    want = reference.rotary_store_kv.reference(q, k, v, cos, sin, *ref_caches, slots, out_dtype)
+    caches = [torch.zeros(4 * tokens, hk, width, dtype=cache_dtype, device=DEVICE) for _ in range(2)]
+    got = te.rotary_store_kv(*_on_device(q, k, v, cos, sin), *caches, slots.to(DEVICE), out_dtype)
+    assert got is not DECLINE
+    _close(got.cpu(), want, bf16 in (src, out_dtype))
+    for mine, theirs in zip(caches, ref_caches):
+        mine = mine.cpu()
+        if cache_dtype == torch.int8:  # a fused multiply-add may move a value across a rounding tie: one step
+            assert (mine[..., :d].int() - theirs[..., :d].int()).abs().max() <= 1
+            torch.testing.assert_close(mine[..., d:].view(torch.float16), theirs[..., d:].view(torch.float16),
+                                       rtol=1e-3, atol=0)
+            step = theirs[..., d:].contiguous().view(torch.float16).float().max().item()
+            torch.testing.assert_close(dequantize_rows(mine, torch.float32), dequantize_rows(theirs, torch.float32),
+                                       rtol=1e-3, atol=step)
+        else:
+            _close(mine, theirs, cache_dtype == bf16 or cache_dtype == torch.float16)
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling
+
+
+def test_argmax_rows_first_maximum() -> None:
+    ties = torch.zeros(3, 200)
+    for row, ids in enumerate([[150, 7, 42, 199], [3, 2, 1, 0], [16, 32, 48]]):
+        ties[row, ids] = 5.0
+    low = torch.full((2, 40), -1e30)
+    low[1, 23] = -1e29
+    inf = torch.full((1, 9), float("-inf"))  # every token banned: index 0, as torch's max
+    rand = torch.randn(4, 3000, generator=torch.Generator().manual_seed(1))  # several blocks
+    for x in (ties, low, inf, rand, rand.to(bf16), rand[:, 5:1029]):
+        got = te.argmax_rows(x.to(DEVICE))
+        assert got.dtype == torch.int64 and got.device.type == DEVICE
+        assert torch.equal(got.cpu(), sampling.argmax_rows.reference(x))
+
+
+def test_sample_from_probs_is_the_exponential_race() -> None:
+    g = torch.Generator().manual_seed(2)
+    probs = torch.softmax(torch.randn(6, 1500, generator=g) * 3, dim=-1)
+    probs[0] = 0.0
+    probs[0, 777] = 1.0  # a certain token
+    noise = torch.empty_like(probs).exponential_(generator=g)
+    got = te.sample_from_probs(*_on_device(probs, noise))
+    assert torch.equal(got.cpu(), sampling.sample_from_probs.reference(probs, noise))
+    assert got[0].item() == 777

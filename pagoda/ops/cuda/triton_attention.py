@@ -317,7 +317,7 @@ def decode_attention(
     )
     _decode_reduce_kernel[(batch, hq)](
         m, l_part, acc, out, out.stride(0), out.stride(1),
-        NUM_SPLITS=num_splits, S_PAD=_next_pow2(num_splits), HEAD_DIM=head_dim, D_PAD=d_pad,
+        NUM_SPLITS=num_splits, S_PAD=max(2, _next_pow2(num_splits)), HEAD_DIM=head_dim, D_PAD=d_pad,
     )
     return out
 
