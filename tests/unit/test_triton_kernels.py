@@ -299,3 +299,51 @@ def test_sample_from_probs_is_the_exponential_race() -> None:
     got = te.sample_from_probs(*_on_device(probs, noise))
     assert torch.equal(got.cpu(), sampling.sample_from_probs.reference(probs, noise))
     assert got[0].item() == 777
+
+
+# ---------------------------------------------------------------------------------------
+# Without triton; on a GPU, under graph capture
+
+
+def test_modules_import_without_triton() -> None:
+    """The platform can import the kernel modules unconditionally: without triton they say
+    so (AVAILABLE) and every launcher declines."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from pagoda.ops.cuda import triton_attention as ta, triton_elementwise as te\n"
+        "from pagoda.ops.registry import DECLINE\n"
+        "x = torch.ones(2, 8)\n"
+        "assert not ta.AVAILABLE and not te.AVAILABLE and not ta.interpreting()\n"
+        "assert te.rms_norm(x, torch.ones(8), 1e-6) is DECLINE and te.silu_and_mul(x) is DECLINE\n"
+        "assert te.argmax_rows(x) is DECLINE\n"
+        "q, c = torch.ones(1, 2, 8), torch.ones(4, 1, 8)\n"
+        "assert ta.decode_attention(q, c, c, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long), 4, 1.0) is DECLINE\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=root, timeout=120)
+
+
+@pytest.mark.skipif(not GPU, reason="graph capture needs a GPU")
+def test_decode_attention_replays_in_a_cuda_graph() -> None:
+    """Captured once at a batch's shapes, replayed as the contexts grow: the grid does not
+    depend on the lengths, which the kernel reads on the device."""
+    seq_lens = [40, 3]
+    q, k_cache, v_cache, meta, scale = _attention_inputs([1, 1], [64, 64], 16, 8, 2, 64, bf16, bf16)
+    qd, kd, vd, table = _on_device(q, k_cache, v_cache, meta.block_table)
+    lens = torch.tensor(seq_lens, device=DEVICE)
+    ta.decode_attention(qd, kd, vd, table, lens, 16, scale)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ta.decode_attention(qd, kd, vd, table, lens, 16, scale)
+    for new_lens in ([40, 3], [41, 4], [64, 1]):
+        lens.copy_(torch.tensor(new_lens))
+        graph.replay()
+        ref_meta = AttentionMetadata([1, 1], new_lens, meta.slot_mapping, meta.block_table, 16)
+        want = reference.paged_attention.reference(q, k_cache, v_cache, ref_meta, scale)
+        _close(out.cpu(), want, True)

@@ -294,8 +294,8 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
         return DECLINE
     if any(t.stride(-1) != 1 for t in (q, k, v, cos, sin, k_cache, v_cache)):
         return DECLINE
-    if int8 and any(s % 2 for s in (*k_cache.stride()[:2], *v_cache.stride()[:2])):
-        return DECLINE
+    if int8 and any(s % 2 for s in (*k_cache.stride()[:2], *v_cache.stride()[:2], k_cache.data_ptr(), v_cache.data_ptr())):
+        return DECLINE  # the float16 scales are written through a float16 view
     q_out = torch.empty((tokens, hq, head_dim), dtype=out_dtype, device=q.device)
     if tokens == 0:
         return q_out
