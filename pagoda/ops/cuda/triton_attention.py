@@ -108,6 +108,12 @@ def _scale_view(cache: torch.Tensor) -> torch.Tensor:
     return cache.view(torch.float16) if cache.dtype == torch.int8 else cache
 
 
+def _block_n(dot_dtype) -> int:
+    """Keys per loop step: 32 with 16-bit products; 16 with float32 ones (an sm_90 build of
+    the float32 kernels spills registers at 32), and in the interpreter (faster there)."""
+    return 16 if interpreting() or dot_dtype == tl.float32 else 32
+
+
 def default_num_splits(batch: int, num_kv_heads: int, capacity: int) -> int:
     """Splits for a decode over block tables holding `capacity` tokens per sequence: a
     function of the shapes only (not of the lengths), so a captured graph stays valid."""
@@ -119,15 +125,18 @@ def default_num_splits(batch: int, num_kv_heads: int, capacity: int) -> int:
 if AVAILABLE:
 
     @triton.jit
-    def _load_rows(ptr, scale_ptr, row_off, d, row_mask, d_mask, HEAD_DIM: tl.constexpr, QUANT_GROUP: tl.constexpr,
-                   INT8: tl.constexpr):
-        """[rows, D_PAD] K or V rows at element offsets row_off, as float32 if int8 (dequantized)."""
-        mask = row_mask[:, None] & d_mask[None, :]
-        x = tl.load(ptr + row_off[:, None] + d[None, :], mask=mask, other=0)
+    def _load_rows(ptr, scale_ptr, row_off, d, row_mask, d_mask, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                   QUANT_GROUP: tl.constexpr, INT8: tl.constexpr):
+        """[rows, D_PAD] K or V rows at element offsets row_off; int8 rows dequantized to float32
+        (each row's scales loaded once, as [rows, groups], and broadcast over their groups)."""
+        x = tl.load(ptr + row_off[:, None] + d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0)
         if INT8:
-            scale = tl.load(scale_ptr + (row_off[:, None] + HEAD_DIM) // 2 + d[None, :] // QUANT_GROUP,
-                            mask=mask, other=0.0)
-            x = x.to(tl.float32) * scale.to(tl.float32)
+            NUM_GROUPS: tl.constexpr = D_PAD // QUANT_GROUP  # D_PAD and QUANT_GROUP are powers of two
+            gi = tl.arange(0, NUM_GROUPS)
+            scale = tl.load(scale_ptr + (row_off[:, None] + HEAD_DIM) // 2 + gi[None, :],
+                            mask=row_mask[:, None] & (gi[None, :] * QUANT_GROUP < HEAD_DIM), other=0.0)
+            x = tl.reshape(x.to(tl.float32), [x.shape[0], NUM_GROUPS, QUANT_GROUP]) * scale.to(tl.float32)[:, :, None]
+            x = tl.reshape(x, [x.shape[0], D_PAD])
         return x
 
     @triton.jit
@@ -166,7 +175,7 @@ if AVAILABLE:
             page = tl.load(table + pos // page_size, mask=valid, other=0).to(tl.int64)
             slot = page * page_size + pos % page_size
             k = _load_rows(k_ptr, ks_ptr, slot * stride_kslot + kvh * stride_khead, d, valid, d_mask,
-                           HEAD_DIM, QUANT_GROUP, INT8)
+                           HEAD_DIM, D_PAD, QUANT_GROUP, INT8)
             s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * qk_scale
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -174,7 +183,7 @@ if AVAILABLE:
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = _load_rows(v_ptr, vs_ptr, slot * stride_vslot + kvh * stride_vhead, d, valid, d_mask,
-                           HEAD_DIM, QUANT_GROUP, INT8)
+                           HEAD_DIM, D_PAD, QUANT_GROUP, INT8)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
             m_i = m_new
 
@@ -249,7 +258,7 @@ if AVAILABLE:
                 page = tl.load(table + pos // page_size, mask=valid, other=0).to(tl.int64)
                 slot = page * page_size + pos % page_size
                 k = _load_rows(k_ptr, ks_ptr, slot * stride_kslot + kvh * stride_khead, d, valid, d_mask,
-                               HEAD_DIM, QUANT_GROUP, INT8)
+                               HEAD_DIM, D_PAD, QUANT_GROUP, INT8)
                 s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * qk_scale
                 keep = valid[None, :]
                 if CAUSAL:
@@ -261,7 +270,7 @@ if AVAILABLE:
                 p = tl.exp2(s - m_safe[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 v = _load_rows(v_ptr, vs_ptr, slot * stride_vslot + kvh * stride_vhead, d, valid, d_mask,
-                               HEAD_DIM, QUANT_GROUP, INT8)
+                               HEAD_DIM, D_PAD, QUANT_GROUP, INT8)
                 acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
                 m_i = m_new
 
@@ -312,7 +321,7 @@ def decode_attention(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         block_table.stride(0), page_size, scale * _LOG2E,
         NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), HEAD_DIM=head_dim, D_PAD=d_pad,
-        BLOCK_N=16 if interpreting() else 32, QUANT_GROUP=group_size(head_dim), INT8=int8,
+        BLOCK_N=_block_n(dot_dtype), QUANT_GROUP=group_size(head_dim), INT8=int8,
         DOT_DTYPE=dot_dtype, PRECISION=precision,
     )
     _decode_reduce_kernel[(batch, hq)](
@@ -357,18 +366,16 @@ def prefill_attention(
     if block_table.stride(-1) != 1:
         block_table = block_table.contiguous()
     group_pad = _next_pow2(group)
-    rows = 16 if interpreting() else 64  # query rows (tokens x group heads) per program
-    block_q = max(1, rows // group_pad)
-    if block_q * group_pad < 16:  # tl.dot wants at least 16 rows
-        block_q = 16 // group_pad
     dot_dtype, precision = _compute_dtype(q)
+    rows = 16 if interpreting() or dot_dtype == tl.float32 else 64  # query rows (tokens x group heads)
+    block_q = max(1, rows // group_pad)  # a group wider than `rows` still gets one token's rows
     grid = (triton.cdiv(max_query_len, block_q), batch, hk)
     _prefill_kernel[grid](
         q, k_cache, v_cache, _scale_view(k_cache), _scale_view(v_cache), out, block_table, query_starts, seq_lens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), block_table.stride(0), page_size, scale * _LOG2E,
         CAUSAL=bool(causal), GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim,
-        D_PAD=max(16, _next_pow2(head_dim)), BLOCK_N=16 if interpreting() else 32,
+        D_PAD=max(16, _next_pow2(head_dim)), BLOCK_N=_block_n(dot_dtype),
         QUANT_GROUP=group_size(head_dim), INT8=k_cache.dtype == torch.int8,
         DOT_DTYPE=dot_dtype, PRECISION=precision,
     )
