@@ -328,6 +328,24 @@ def test_modules_import_without_triton() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=root, timeout=120)
 
 
+@pytest.mark.skipif(GPU, reason="on a GPU the kernels above ran compiled")
+def test_kernels_compile_for_sm90() -> None:
+    """The interpreter checks the arithmetic; Triton's GPU compiler is stricter (types, block
+    shapes, tl.dot's sizes): build each kernel's main variants for sm_90 ahead of time, in a
+    process without the interpreter (tests/triton_compile_check.py)."""
+    import subprocess
+    import sys
+
+    ptxas = os.path.join(os.path.dirname(ta.triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = subprocess.run([sys.executable, "-m", "tests.triton_compile_check"], env=env, cwd=root, timeout=300,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
 @pytest.mark.skipif(not GPU, reason="graph capture needs a GPU")
 def test_decode_attention_replays_in_a_cuda_graph() -> None:
     """Captured once at a batch's shapes, replayed as the contexts grow: the grid does not

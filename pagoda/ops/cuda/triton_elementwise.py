@@ -48,6 +48,11 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def _warps(block: int) -> int:
+    """Warps for a kernel that holds `block` elements of a row: 8 per thread, 1 to 16 warps."""
+    return max(1, min(16, block // 256))
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor | None:
     """x as [rows, last] with a unit last stride (a view where possible), or None."""
     if x.dim() == 0:
@@ -242,6 +247,7 @@ def _norm(x, residual, weight, eps, variant, out_dtype):
         _rms_norm_kernel[(rows,)](
             x2, r2, weight, out2, sum2, x2.stride(0), r2.stride(0), out2.stride(0), sum2.stride(0), n_cols, float(eps),
             HAS_RESIDUAL=residual is not None, JIUTIAN=variant == "jiutian", BLOCK=block, ONE_BLOCK=block >= n_cols,
+            num_warps=_warps(block),
         )
     return out if residual is None else (out, summed)
 
@@ -334,7 +340,7 @@ def _argmax(x, noise):
         block = min(_next_pow2(x.shape[1]), 1024)
         _argmax_kernel[(x.shape[0],)](
             x, x if noise is None else noise, out, x.stride(0), 0 if noise is None else noise.stride(0), x.shape[1],
-            HAS_NOISE=noise is not None, BLOCK=block,
+            HAS_NOISE=noise is not None, BLOCK=block, num_warps=_warps(block),
         )
     return out
 
