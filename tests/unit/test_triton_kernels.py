@@ -119,6 +119,7 @@ PREFILL_CASES = [
     ([9, 2], [30, 2], 16, 8, 2, 32, bf16, bf16, None),  # bf16, pages of 16
     ([4, 1], [21, 9], 16, 4, 1, 32, torch.int8, torch.float32, bf16),  # int8 rows
     ([3], [10], 4, 3, 1, 24, torch.int8, bf16, None),  # group of 3, head_dim 24
+    ([2], [6], 4, 2, 1, 16, torch.float32, bf16, None),  # bf16 queries over a float32 cache: float32 products
 ]
 
 
@@ -354,11 +355,11 @@ def test_decode_attention_replays_in_a_cuda_graph() -> None:
     q, k_cache, v_cache, meta, scale = _attention_inputs([1, 1], [64, 64], 16, 8, 2, 64, bf16, bf16)
     qd, kd, vd, table = _on_device(q, k_cache, v_cache, meta.block_table)
     lens = torch.tensor(seq_lens, device=DEVICE)
-    ta.decode_attention(qd, kd, vd, table, lens, 16, scale)  # compile outside the capture
+    ta.decode_attention(qd, kd, vd, table, lens, 16, scale, num_splits=3)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = ta.decode_attention(qd, kd, vd, table, lens, 16, scale)
+        out = ta.decode_attention(qd, kd, vd, table, lens, 16, scale, num_splits=3)
     for new_lens in ([40, 3], [41, 4], [64, 1]):
         lens.copy_(torch.tensor(new_lens))
         graph.replay()

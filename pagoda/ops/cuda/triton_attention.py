@@ -9,11 +9,11 @@ kernels dequantize as they load. One program serves a whole GQA group: the group
 heads are rows of one tile, so each K/V load is shared by all of them.
 
 Arithmetic: scores and softmax in float32 (exp2 with log2(e) folded into the scale); the
-two products run in the compute dtype, the query's when it is bfloat16/float16 (keys,
-dequantized int8 included, and the probabilities are rounded to it, as FlashAttention
-does) and float32 otherwise (IEEE, not TF32). Under Triton's interpreter (CPU tensors,
-TRITON_INTERPRET=1) bfloat16 products are taken in float32: the interpreter's bfloat16
-dot is wrong.
+two products run in the compute dtype: the query's when it is bfloat16/float16 and the
+cache holds the same dtype or int8 (dequantized keys and values, and the probabilities,
+are rounded to it, as FlashAttention does), float32 otherwise (IEEE, not TF32). Under
+Triton's interpreter (CPU tensors, TRITON_INTERPRET=1) bfloat16 products are taken in
+float32: the interpreter's bfloat16 dot is wrong (Triton 3.9).
 
 Decode (one query per sequence) is flash-decoding: the grid is (batch, kv heads,
 num_splits) with num_splits fixed from the block table's capacity, so it does not depend
@@ -94,11 +94,13 @@ def _check_caches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor)
     return _runnable(q) and q.device == k_cache.device == v_cache.device
 
 
-def _compute_dtype(q: torch.Tensor):
-    """The products' dtype (as a triton dtype) and their input precision."""
-    if q.dtype == torch.float16:
+def _compute_dtype(q: torch.Tensor, cache: torch.Tensor):
+    """The products' dtype (a triton dtype) and input precision: the query's 16-bit dtype when
+    the cache holds the same one or int8; float32 (IEEE, not TF32) otherwise, so a float32
+    cache is not rounded, nor a bfloat16 one squeezed into float16's range."""
+    if q.dtype == torch.float16 and cache.dtype in (torch.float16, torch.int8):
         return tl.float16, None
-    if q.dtype == torch.bfloat16 and not interpreting():
+    if q.dtype == torch.bfloat16 and cache.dtype in (torch.bfloat16, torch.int8) and not interpreting():
         return tl.bfloat16, None
     return tl.float32, "ieee"
 
@@ -314,7 +316,7 @@ def decode_attention(
     m = torch.empty((batch, hq, num_splits), dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m)
     acc = torch.empty((batch, hq, num_splits, d_pad), dtype=torch.float32, device=q.device)
-    dot_dtype, precision = _compute_dtype(q)
+    dot_dtype, precision = _compute_dtype(q, k_cache)
     int8 = k_cache.dtype == torch.int8
     _decode_split_kernel[(batch, hk, num_splits)](
         q, k_cache, v_cache, _scale_view(k_cache), _scale_view(v_cache), block_table, seq_lens, m, l_part, acc,
@@ -366,7 +368,7 @@ def prefill_attention(
     if block_table.stride(-1) != 1:
         block_table = block_table.contiguous()
     group_pad = _next_pow2(group)
-    dot_dtype, precision = _compute_dtype(q)
+    dot_dtype, precision = _compute_dtype(q, k_cache)
     rows = 16 if interpreting() or dot_dtype == tl.float32 else 64  # query rows (tokens x group heads)
     block_q = max(1, rows // group_pad)  # a group wider than `rows` still gets one token's rows
     grid = (triton.cdiv(max_query_len, block_q), batch, hk)

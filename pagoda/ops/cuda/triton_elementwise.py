@@ -199,7 +199,7 @@ if AVAILABLE:
             x = tl.load(x_ptr + row * stride_x + c0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
             if HAS_NOISE:
                 e = tl.load(noise_ptr + row * stride_noise + c0 + cols, mask=mask, other=1.0).to(tl.float32)
-                x = x / e
+                x = tl.math.div_rn(x, e)  # correctly rounded, as torch's quotient: the same winner
             take = mask & ((x > best) | (best_idx == 2147483647))
             best = tl.where(take, x, best)
             best_idx = tl.where(take, c0 + cols, best_idx)
