@@ -38,7 +38,7 @@ def _signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]
     return sig
 
 
-def _attention(cache: str, dot, precision, int8_scales: bool) -> dict[str, str]:
+def _attention(cache: str, dot, int8_scales: bool) -> dict[str, str]:
     scale = "fp16" if int8_scales else cache
     q = "fp32" if dot == tl.float32 else "bf16"
     return {"q_ptr": q, "k_ptr": cache, "v_ptr": cache, "ks_ptr": scale, "vs_ptr": scale, "block_table_ptr": "i32",
@@ -50,10 +50,11 @@ def cases():
     out = []
     for cache, dot, prec, block_n, block_q in (("bf16", tl.bfloat16, None, 32, 16), ("i8", tl.bfloat16, None, 32, 16),
                                                ("fp32", tl.float32, "ieee", 16, 4)):
-        ptrs = _attention(cache, dot, prec, cache == "i8")
+        ptrs = _attention(cache, dot, cache == "i8")
         common = dict(HEAD_DIM=128, D_PAD=128, BLOCK_N=block_n, QUANT_GROUP=32, INT8=cache == "i8", DOT_DTYPE=dot,
                       PRECISION=prec)
-        out.append((f"decode {cache}", ta._decode_split_kernel, ptrs, dict(NUM_SPLITS=8, GROUP=4, GROUP_PAD=16, **common)))
+        out.append((f"decode {cache}", ta._decode_split_kernel, ptrs,
+                    dict(NUM_SPLITS=8, GROUP=4, GROUP_PAD=16, **common)))
         out.append((f"prefill {cache}", ta._prefill_kernel, ptrs,
                     dict(CAUSAL=True, GROUP=4, GROUP_PAD=4, BLOCK_Q=block_q, **common)))
     out.append(("decode reduce", ta._decode_reduce_kernel, {"m_ptr": "fp32", "l_ptr": "fp32", "acc_ptr": "fp32"},

@@ -322,7 +322,8 @@ def test_modules_import_without_triton() -> None:
         "assert te.rms_norm(x, torch.ones(8), 1e-6) is DECLINE and te.silu_and_mul(x) is DECLINE\n"
         "assert te.argmax_rows(x) is DECLINE\n"
         "q, c = torch.ones(1, 2, 8), torch.ones(4, 1, 8)\n"
-        "assert ta.decode_attention(q, c, c, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long), 4, 1.0) is DECLINE\n"
+        "table, lens = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long)\n"
+        "assert ta.decode_attention(q, c, c, table, lens, 4, 1.0) is DECLINE\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -29,11 +29,10 @@ not handle (the caller falls through to another kernel or the reference).
 
 from __future__ import annotations
 
-import math
 
 import torch
 
-from pagoda.ops.kv_quant import group_size
+from pagoda.ops.kv_quant import cache_row_width, group_size
 from pagoda.ops.registry import DECLINE
 
 try:
@@ -71,18 +70,16 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _head_dim_of(cache: torch.Tensor, head_dim: int) -> bool:
-    return cache.shape[-1] == (head_dim + 2 * (head_dim // group_size(head_dim)) if cache.dtype == torch.int8 else head_dim)
-
-
 def _check_caches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Shapes, dtypes and strides the kernels assume (False: decline)."""
     if q.dtype not in _FLOAT_DTYPES or k_cache.dtype not in _CACHE_DTYPES or v_cache.dtype != k_cache.dtype:
         return False
-    if q.dim() != 3 or k_cache.dim() != 3 or v_cache.shape[:2] != k_cache.shape[:2]:
+    if q.dim() != 3 or k_cache.dim() != 3:
         return False
     head_dim, hq, hk = q.shape[-1], q.shape[1], k_cache.shape[1]
-    if hk == 0 or hq % hk != 0 or not (_head_dim_of(k_cache, head_dim) and _head_dim_of(v_cache, head_dim)):
+    if hk == 0 or hq % hk != 0 or v_cache.shape != k_cache.shape:
+        return False
+    if k_cache.shape[-1] != cache_row_width(head_dim, k_cache.dtype):
         return False
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         return False

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.ops.kv_quant import group_size
+from pagoda.ops.kv_quant import cache_row_width, group_size
 from pagoda.ops.registry import DECLINE
 
 try:
@@ -295,12 +295,12 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
         return DECLINE
     int8 = k_cache.dtype == torch.int8
     g = group_size(head_dim)
-    width = head_dim + 2 * (head_dim // g) if int8 else head_dim
-    if k_cache.shape[2] != width:
+    if k_cache.shape[2] != cache_row_width(head_dim, k_cache.dtype):
         return DECLINE
     if any(t.stride(-1) != 1 for t in (q, k, v, cos, sin, k_cache, v_cache)):
         return DECLINE
-    if int8 and any(s % 2 for s in (*k_cache.stride()[:2], *v_cache.stride()[:2], k_cache.data_ptr(), v_cache.data_ptr())):
+    if int8 and any(s % 2 for s in (*k_cache.stride()[:2], *v_cache.stride()[:2], k_cache.data_ptr(),
+                                    v_cache.data_ptr())):
         return DECLINE  # the float16 scales are written through a float16 view
     q_out = torch.empty((tokens, hq, head_dim), dtype=out_dtype, device=q.device)
     if tokens == 0:
