@@ -62,8 +62,14 @@ def interpreting() -> bool:
 
 
 def _runnable(t: torch.Tensor) -> bool:
-    """Compiled Triton needs accelerator tensors; the interpreter needs host ones."""
-    return AVAILABLE and ((t.device.type == "cpu") == interpreting())
+    """Compiled Triton needs accelerator tensors; the interpreter needs host ones, and triton's
+    own library interpreted too (it is not when triton was imported before TRITON_INTERPRET
+    was set: then nothing runs)."""
+    if not AVAILABLE:
+        return False
+    if interpreting():
+        return t.device.type == "cpu" and not isinstance(tl.zeros, triton.runtime.JITFunction)
+    return t.device.type != "cpu"
 
 
 def _next_pow2(n: int) -> int:

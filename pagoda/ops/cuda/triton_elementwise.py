@@ -38,10 +38,12 @@ def interpreting() -> bool:
 
 
 def _runnable(*tensors: torch.Tensor) -> bool:
-    if not AVAILABLE:
+    """All on one device Triton can run on in this process (see triton_attention._runnable)."""
+    if not AVAILABLE or any(t.device != tensors[0].device for t in tensors):
         return False
-    host = interpreting()
-    return all((t.device.type == "cpu") == host and t.device == tensors[0].device for t in tensors)
+    if interpreting():
+        return tensors[0].device.type == "cpu" and not isinstance(tl.zeros, triton.runtime.JITFunction)
+    return tensors[0].device.type != "cpu"
 
 
 def _next_pow2(n: int) -> int:
