@@ -53,8 +53,9 @@ def cases():
         ptrs = _attention(cache, dot, cache == "i8")
         common = dict(HEAD_DIM=128, D_PAD=128, BLOCK_N=block_n, QUANT_GROUP=32, INT8=cache == "i8", DOT_DTYPE=dot,
                       PRECISION=prec)
-        out.append((f"decode {cache}", ta._decode_split_kernel, ptrs,
-                    dict(NUM_SPLITS=8, GROUP=4, GROUP_PAD=16, **common)))
+        for splits in (8, 1):
+            out.append((f"decode {cache} splits={splits}", ta._decode_split_kernel, ptrs,
+                        dict(NUM_SPLITS=splits, GROUP=4, GROUP_PAD=16, **common)))
         out.append((f"prefill {cache}", ta._prefill_kernel, ptrs,
                     dict(CAUSAL=True, GROUP=4, GROUP_PAD=4, BLOCK_Q=block_q, **common)))
     out.append(("decode reduce", ta._decode_reduce_kernel, {"m_ptr": "fp32", "l_ptr": "fp32", "acc_ptr": "fp32"},

@@ -87,6 +87,7 @@ DECODE_CASES = [
     ([20, 7], 16, 4, 1, 32, torch.int8, torch.float32, None, 2),  # int8 rows, one scale per 32
     ([12, 3], 4, 4, 4, 24, torch.int8, bf16, torch.float32, None),  # head_dim 24: groups of 8, padded
     ([18], 16, 3, 1, 16, torch.float16, torch.float32, bf16, 2),  # group of 3 (padded), fp16 cache
+    ([0, 6], 4, 2, 1, 16, torch.float32, torch.float32, None, 1),  # one split: no reduce, a padding row
 ]
 
 

@@ -19,9 +19,10 @@ Decode (one query per sequence) is flash-decoding: the grid is (batch, kv heads,
 num_splits) with num_splits fixed from the block table's capacity, so it does not depend
 on the context lengths and a CUDA graph can capture it; each split takes an equal share
 of its sequence's context (read on the device), writes a partial (max, sum, acc), and a
-small kernel combines the splits. Prefill handles any ragged batch (decodes included):
-query i of sequence b sits at position seq_len - query_len + i and sees keys 0..that
-position (or all seq_len keys when causal=False), online softmax, no score matrix.
+small kernel combines the splits (with one split the program writes the output itself).
+Prefill handles any ragged batch (decodes included): query i of sequence b sits at
+position seq_len - query_len + i and sees keys 0..that position (or all seq_len keys when
+causal=False), online softmax, no score matrix.
 
 Launchers take explicit tensors, register nothing, and return DECLINE for inputs they do
 not handle (the caller falls through to another kernel or the reference).
@@ -146,8 +147,8 @@ if AVAILABLE:
 
     @triton.jit
     def _decode_split_kernel(
-        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, block_table_ptr, seq_lens_ptr, m_ptr, l_ptr, acc_ptr,
-        stride_qb, stride_qh, stride_kslot, stride_khead, stride_vslot, stride_vhead, stride_bt,
+        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, block_table_ptr, seq_lens_ptr, m_ptr, l_ptr, acc_ptr, out_ptr,
+        stride_qb, stride_qh, stride_kslot, stride_khead, stride_vslot, stride_vhead, stride_bt, stride_ob, stride_oh,
         page_size, qk_scale,
         NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, QUANT_GROUP: tl.constexpr, INT8: tl.constexpr,
@@ -192,10 +193,15 @@ if AVAILABLE:
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
             m_i = m_new
 
-        row = (b * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split  # [B, Hq, S] partials
-        tl.store(m_ptr + row, m_i, mask=g_mask)
-        tl.store(l_ptr + row, l_i, mask=g_mask)
-        tl.store(acc_ptr + row.to(tl.int64)[:, None] * D_PAD + d[None, :], acc, mask=g_mask[:, None])
+        if NUM_SPLITS == 1:  # the whole context in this program: normalise and write the output
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a zero-length row: zeros
+            tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+        else:
+            row = (b * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split  # [B, Hq, S] partials
+            tl.store(m_ptr + row, m_i, mask=g_mask)
+            tl.store(l_ptr + row, l_i, mask=g_mask)
+            tl.store(acc_ptr + row.to(tl.int64)[:, None] * D_PAD + d[None, :], acc, mask=g_mask[:, None])
 
     @triton.jit
     def _decode_reduce_kernel(
@@ -316,23 +322,27 @@ def decode_attention(
         num_splits = default_num_splits(batch, hk, block_table.shape[1] * page_size)
     num_splits = max(1, int(num_splits))
     d_pad = max(16, _next_pow2(head_dim))
-    m = torch.empty((batch, hq, num_splits), dtype=torch.float32, device=q.device)
-    l_part = torch.empty_like(m)
-    acc = torch.empty((batch, hq, num_splits, d_pad), dtype=torch.float32, device=q.device)
+    if num_splits > 1:  # partial (max, sum, acc) per split, combined by _decode_reduce_kernel
+        m = torch.empty((batch, hq, num_splits), dtype=torch.float32, device=q.device)
+        l_part = torch.empty_like(m)
+        acc = torch.empty((batch, hq, num_splits, d_pad), dtype=torch.float32, device=q.device)
+    else:  # one split writes the output itself
+        m = l_part = acc = out
     dot_dtype, precision = _compute_dtype(q, k_cache)
     int8 = k_cache.dtype == torch.int8
     _decode_split_kernel[(batch, hk, num_splits)](
-        q, k_cache, v_cache, _scale_view(k_cache), _scale_view(v_cache), block_table, seq_lens, m, l_part, acc,
+        q, k_cache, v_cache, _scale_view(k_cache), _scale_view(v_cache), block_table, seq_lens, m, l_part, acc, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        block_table.stride(0), page_size, scale * _LOG2E,
+        block_table.stride(0), out.stride(0), out.stride(1), page_size, scale * _LOG2E,
         NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_N=_block_n(dot_dtype), QUANT_GROUP=group_size(head_dim), INT8=int8,
         DOT_DTYPE=dot_dtype, PRECISION=precision,
     )
-    _decode_reduce_kernel[(batch, hq)](
-        m, l_part, acc, out, out.stride(0), out.stride(1),
-        NUM_SPLITS=num_splits, S_PAD=max(2, _next_pow2(num_splits)), HEAD_DIM=head_dim, D_PAD=d_pad,
-    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, hq)](
+            m, l_part, acc, out, out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, S_PAD=_next_pow2(num_splits), HEAD_DIM=head_dim, D_PAD=d_pad,
+        )
     return out
 
 
