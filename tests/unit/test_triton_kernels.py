@@ -9,12 +9,12 @@ sizes here are tiny. Where torch sees a GPU they run compiled, on it.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 from pagoda.ops import reference, sampling
-from pagoda.ops.attention_metadata import AttentionMetadata
 from pagoda.ops.kv_quant import cache_row_width, dequantize_rows, quantize_rows
 from pagoda.ops.registry import DECLINE
 
@@ -46,6 +46,27 @@ def _close(got: torch.Tensor, want: torch.Tensor, loose: bool) -> None:
 # Attention
 
 
+@dataclass
+class _Batch:
+    """What reference.paged_attention reads of a step's batch (AttentionMetadata and its
+    successor ForwardBatch both have these), so this file follows neither."""
+
+    query_lens: list[int]
+    seq_lens: list[int]
+    block_table: torch.Tensor
+    page_size: int
+
+    @property
+    def query_starts(self) -> list[int]:
+        return [sum(self.query_lens[:b]) for b in range(len(self.query_lens) + 1)]
+
+    @property
+    def context_slots(self) -> list[torch.Tensor]:
+        offsets = torch.arange(self.page_size)
+        return [(self.block_table[b][:, None] * self.page_size + offsets).reshape(-1)[:n]
+                for b, n in enumerate(self.seq_lens)]
+
+
 def _attention_inputs(query_lens, seq_lens, page_size=4, hq=4, hk=1, d=16, kv_dtype=torch.float32,
                       q_dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed + sum(seq_lens))
@@ -62,11 +83,7 @@ def _attention_inputs(query_lens, seq_lens, page_size=4, hq=4, hk=1, d=16, kv_dt
         k_cache, v_cache = quantize_rows(k_cache), quantize_rows(v_cache)
     else:
         k_cache, v_cache = k_cache.to(kv_dtype), v_cache.to(kv_dtype)
-    slots = []
-    for b, (ql, sl) in enumerate(zip(query_lens, seq_lens)):
-        pos = torch.arange(sl - ql, sl)
-        slots.append(table[b, pos // page_size].long() * page_size + pos % page_size)
-    meta = AttentionMetadata(list(query_lens), list(seq_lens), torch.cat(slots), table.long(), page_size)
+    meta = _Batch(list(query_lens), list(seq_lens), table.long(), page_size)
     q = torch.randn(sum(query_lens), hq, d, generator=g).to(q_dtype)
     return q, k_cache, v_cache, meta, d**-0.5
 
@@ -369,6 +386,6 @@ def test_decode_attention_replays_in_a_cuda_graph() -> None:
     for new_lens in ([40, 3], [41, 4], [64, 1]):
         lens.copy_(torch.tensor(new_lens))
         graph.replay()
-        ref_meta = AttentionMetadata([1, 1], new_lens, meta.slot_mapping, meta.block_table, 16)
+        ref_meta = _Batch([1, 1], new_lens, meta.block_table, 16)
         want = reference.paged_attention.reference(q, k_cache, v_cache, ref_meta, scale)
         _close(out.cpu(), want, True)
