@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from pagoda import LLM, SamplingParams
-from pagoda.engine.model_runner import SequenceChunk
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -36,7 +35,7 @@ def text_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     runner = llm.engine.runner
     pages = llm.engine.allocator.alloc((len(ids) + runner.page_size - 1) // runner.page_size)
     try:
-        return runner.run([SequenceChunk(ids, 0, pages, all_logits=True)]).all_logits[0]
+        return runner.forward(runner.prepare([(ids, 0, pages)], all_logits=[0])).all_logits[0]
     finally:
         llm.engine.allocator.decref(pages)
 

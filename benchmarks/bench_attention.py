@@ -18,7 +18,8 @@ import json
 import torch
 
 from pagoda import ops
-from pagoda.ops import AttentionMetadata, huge_pages
+from pagoda.ops import ForwardBatch
+from pagoda.ops.cpu import huge_pages
 from pagoda.ops.kv_quant import quantize_rows
 from pagoda.platforms import get_platform
 from timing import median_and_min_ms  # benchmarks/timing.py, beside this script
@@ -58,9 +59,7 @@ def main() -> None:
                 slots = (batch * pages + 1) * ps
                 layers = [(caches(slots, hk, d, kv_dtype, g), caches(slots, hk, d, kv_dtype, g))
                           for _ in range(args.layers)]
-                last = context - 1
-                meta = AttentionMetadata([1] * batch, [context] * batch,
-                                         table[:, last // ps] * ps + last % ps, table, ps)
+                meta = ForwardBatch.build([([0], context - 1, row) for row in table.tolist()], ps, torch.device("cpu"))
                 q = torch.randn(batch, hq, d, generator=g)
 
                 def step() -> None:

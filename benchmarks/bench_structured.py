@@ -77,7 +77,7 @@ def mask_step_us(llm: LLM, rows: int, steps: int = 50) -> float:
     """Microseconds of grammar work (bitmask fill + apply) for one step of `rows` constrained rows."""
     from pagoda.structured.backend import GrammarMasker
 
-    backend = llm.engine.structured
+    backend = llm.engine.inputs.structured
     compiled = backend.compile(StructuredOutputs(json_schema=SCHEMA))
     states = [backend.new_state(compiled) for _ in range(rows)]
     masker = GrammarMasker()

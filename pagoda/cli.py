@@ -12,12 +12,15 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from pagoda.config import EngineConfig, option_specs
 from pagoda.errors import PagodaError
 from pagoda.server.reasoning_parsers import REASONING_PARSERS
 from pagoda.server.tool_parsers import TOOL_PARSERS
+
+if TYPE_CHECKING:
+    from pagoda.engine.llm import LLM
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -81,33 +84,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stream(engine, prompt: Any, params) -> Iterator[str]:
-    """Run one request on a bare Engine and yield its text as it settles."""
-    request_id = engine.new_request_id()
-    engine.add_request(request_id, prompt, params)
-    try:
-        while engine.has_unfinished():
-            for output in engine.step():
-                yield output.outputs[0].delta_text
-    finally:
-        engine.abort(request_id)
+def _llm(args: argparse.Namespace) -> "LLM":
+    from pagoda.engine.llm import LLM
+
+    return LLM(config=_engine_config(args), show_progress=sys.stderr.isatty())
+
+
+def _stream(llm: "LLM", prompt: Any, params) -> Iterator[str]:
+    """Run one request and yield its text as it settles."""
+    for output in llm.stream(prompt, params):
+        yield output.outputs[0].delta_text
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pagoda.engine.engine import Engine
-
     params = _sampling_params(args)
-    engine = Engine(_engine_config(args), show_progress=sys.stderr.isatty())
+    llm = _llm(args)
     prompt: Any = args.prompt
     if args.chat:
-        prompt = engine.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+        prompt = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     start, first = time.perf_counter(), None
-    for piece in _stream(engine, prompt, params):
+    for piece in _stream(llm, prompt, params):
         first = first or time.perf_counter()
         sys.stdout.write(piece)
         sys.stdout.flush()
     elapsed = time.perf_counter() - start
-    tokens = engine.stats().generation_tokens
+    tokens = llm.stats().generation_tokens
     sys.stdout.write("\n")
     decode = (tokens - 1) / (time.perf_counter() - first) if first and tokens > 1 else 0.0
     print(f"[{tokens} tokens in {elapsed:.2f}s, first token {((first or start) - start) * 1000:.0f} ms, "
@@ -116,11 +117,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from pagoda.engine.engine import Engine
-
     params = _sampling_params(args)
-    engine = Engine(_engine_config(args), show_progress=sys.stderr.isatty())
-    if engine.tokenizer is None or not engine.tokenizer.chat_template:
+    llm = _llm(args)
+    if not llm.model_info.has_chat_template:
         raise PagodaError("this model has no chat template; use `pagoda generate` instead")
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     print("pagoda chat — /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
@@ -139,7 +138,7 @@ def _chat(args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": line})
         reply = []
-        for piece in _stream(engine, engine.tokenizer.encode_chat(history), params):
+        for piece in _stream(llm, llm.tokenizer.encode_chat(history), params):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -7,7 +7,7 @@ import os
 import torch
 
 from pagoda.cache.kv_pool import KVPool
-from pagoda.engine.model_runner import ModelRunner, SequenceChunk
+from pagoda.engine.model_runner import ModelRunner
 from pagoda.platforms import get_platform
 
 DEVICE = get_platform(os.environ.get("PAGODA_TEST_DEVICE", "cpu")).device()
@@ -30,7 +30,7 @@ def pages_for(num_tokens: int, page_size: int, first_page: int = 1) -> list[int]
 def prefill_logits(runner: ModelRunner, ids: list[int], first_page: int = 1) -> torch.Tensor:
     """Logits for every position of `ids`, computed in one prefill."""
     pages = pages_for(len(ids), runner.page_size, first_page)
-    out = runner.run([SequenceChunk(ids, 0, pages, all_logits=True)])
+    out = runner.forward(runner.prepare([(ids, 0, pages)], all_logits=[0]))
     return out.all_logits[0].cpu()
 
 
@@ -40,5 +40,5 @@ def incremental_logits(runner: ModelRunner, ids: list[int], chunk: int, first_pa
     rows = []
     for start in range(0, len(ids), chunk):
         part = ids[start : start + chunk]
-        rows.append(runner.run([SequenceChunk(part, start, pages, all_logits=True)]).all_logits[0])
+        rows.append(runner.forward(runner.prepare([(part, start, pages)], all_logits=[0])).all_logits[0])
     return torch.cat(rows).cpu()

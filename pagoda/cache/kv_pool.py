@@ -5,17 +5,18 @@ Slot s of layer l holds one token's keys in ``k[l][s]`` and values in ``v[l][s]`
 page p owns slots [p*page_size, (p+1)*page_size). Bookkeeping of which request
 holds which page lives in PageAllocator / RadixTree, not here.
 
-On CPU the cache sits on huge pages (pagoda/ops/huge_pages.py): decode attention streams
-it, ~10% faster at 64 sequences than on 4 KiB pages. Memory is left uninitialised (host pages are touched only as the cache fills) except
-page 0, the null page that padded reads point at: it is zeroed so that masked-out
-positions never feed NaN garbage into attention.
+Memory comes from `allocate` (the platform's `alloc_streamed`: huge pages on CPU) and is
+left uninitialised (host pages are touched only as the cache fills) except page 0, the
+null page that padded reads point at: it is zeroed so that masked-out positions never
+feed NaN garbage into attention.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-from pagoda.ops import huge_pages
 from pagoda.ops.kv_quant import cache_row_width
 
 
@@ -29,19 +30,16 @@ class KVPool:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        allocate: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
     ) -> None:
         self.num_pages, self.page_size = num_pages, page_size
         shape = (num_pages * page_size, num_kv_heads, cache_row_width(head_dim, dtype))
-
-        def empty() -> torch.Tensor:
-            if device.type == "cpu":
-                return huge_pages.empty(shape, dtype)
-            return torch.empty(shape, dtype=dtype, device=device)
-
-        self.k = [empty() for _ in range(num_layers)]
-        self.v = [empty() for _ in range(num_layers)]
+        allocate = allocate or (lambda shape, dtype: torch.empty(shape, dtype=dtype, device=device))
+        self.k = [allocate(shape, dtype) for _ in range(num_layers)]
+        self.v = [allocate(shape, dtype) for _ in range(num_layers)]
         for cache in self.k + self.v:
             cache[:page_size].zero_()
+        self.layers = tuple(zip(self.k, self.v))  # per layer (k, v): what a ForwardBatch carries
 
     @property
     def num_slots(self) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from pagoda.config import EngineConfig
-from pagoda.engine.engine import Engine, EngineStats
+from pagoda.engine.engine import Engine, EngineStats, ModelInfo
 from pagoda.engine.outputs import RequestOutput
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.errors import EngineOverloadedError, InvalidRequestError, PagodaError
@@ -81,6 +81,10 @@ class AsyncEngine:
         return self.engine.tokenizer
 
     @property
+    def model_info(self) -> ModelInfo:
+        return self.engine.model_info
+
+    @property
     def is_alive(self) -> bool:
         """Whether the engine thread is running (the server's /health)."""
         return self._thread.is_alive() and not self._stopped.is_set()
@@ -89,13 +93,21 @@ class AsyncEngine:
     def num_in_flight(self) -> int:
         return len(self._streams)
 
+    def queue_depth(self) -> int:
+        """Sequences waiting for a slot plus requests not yet handed to the engine thread."""
+        return self.engine.queue_depth() + self._inbox.qsize()
+
+    def check_token_ids(self, tokens: list[int], param: str) -> None:
+        """Raise InvalidRequestError unless every id is in the model's vocabulary."""
+        self.engine.check_token_ids(tokens, param)
+
     async def add_request(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
         priority: int = 0,
     ) -> RequestStream:
         """Validate and queue a request; raises InvalidRequestError / EngineOverloadedError at once."""
         request_id = request_id or self.engine.new_request_id()
-        waiting = len(self.engine.scheduler.waiting) + self._inbox.qsize()
+        waiting = self.queue_depth()
         if waiting >= self.engine.config.max_queued_requests:
             raise EngineOverloadedError(f"the server is busy: {waiting} requests are already waiting")
         group = await asyncio.to_thread(self.engine.make_requests, request_id, prompt, params, priority)
@@ -173,7 +185,7 @@ class AsyncEngine:
                 self._deliver(item[1], output, True)
 
     def _fail_all(self, error: BaseException) -> None:
-        for request_id in list(self.engine.groups):
+        for request_id in self.engine.unfinished_request_ids():
             self.engine.abort(request_id)
             self._deliver(request_id, error, True)
 

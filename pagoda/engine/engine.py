@@ -9,30 +9,25 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from pagoda.cache.kv_pool import KVPool
 from pagoda.cache.page_allocator import PageAllocator
 from pagoda.config import EngineConfig
-from pagoda.engine.model_runner import ModelRunner, SequenceChunk
+from pagoda.engine.input_processor import InputLimits, InputProcessor, check_token_ids, load_model_tokenizer
+from pagoda.engine.model_runner import ModelRunner
 from pagoda.engine.output_processor import OutputProcessor
 from pagoda.engine.outputs import RequestOutput, TokenLogprob
 from pagoda.engine.request import Request
-from pagoda.engine.sampler import Sampler, SamplingRow, compute_logprobs, make_generator
+from pagoda.engine.sampler import Sampler, SamplingRow, compute_logprobs
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from pagoda.errors import ConfigError, InvalidRequestError
 from pagoda.models.loader import LoadedModel, load_model, resolve_dtype
 from pagoda.platforms import get_platform
-from pagoda.tokenizer import IncrementalDetokenizer, load_tokenizer
-
-if TYPE_CHECKING:
-    from pagoda.structured.backend import StructuredBackend
 
 log = logging.getLogger("pagoda.engine")
 
@@ -58,6 +53,26 @@ class EngineStats:
         return 1.0 - self.kv_pages_free / self.kv_pages_total
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What frontends may tell clients about the served model."""
+
+    architecture: str
+    path: str | None  # the checkpoint, or None for dummy weights from a bare config
+    context_length: int
+    vocab_size: int
+    kv_tokens: int  # tokens the KV cache holds, all sequences together
+    has_tokenizer: bool
+    has_chat_template: bool
+
+
+@dataclass(frozen=True)
+class KVCacheSize:
+    num_pages: int
+    bytes_per_page: int
+    dtype: torch.dtype
+
+
 class Engine:
     def __init__(self, config: EngineConfig, show_progress: bool = False) -> None:
         self.config = config
@@ -73,51 +88,47 @@ class Engine:
         )
         self.model_config = self.loaded.config
         self.context_length = self.loaded.context_length
-        self.tokenizer = self._load_tokenizer()
-        self.eos_ids = self._eos_ids()
+        self.tokenizer = load_model_tokenizer(config, self.loaded.path, self.loaded.read_gguf)
         self._init_kv_cache()
+        self.inputs = InputProcessor(
+            self.tokenizer, self.model_config.eos_token_id,
+            InputLimits(
+                context_length=self.context_length, vocab_size=self.model_config.vocab_size,
+                kv_tokens=self.kv_tokens, kv_pages=self.allocator.num_pages,
+                pages_needed=self.scheduler.pages_needed, device=self.platform.device(),
+            ),
+        )
+        self.model_info = ModelInfo(
+            architecture=self.model_config.architecture,
+            path=None if self.loaded.path is None else str(self.loaded.path),
+            context_length=self.context_length,
+            vocab_size=self.model_config.vocab_size,
+            kv_tokens=self.kv_tokens,
+            has_tokenizer=self.tokenizer is not None,
+            has_chat_template=self.tokenizer is not None and bool(self.tokenizer.chat_template),
+        )
         self.sampler = Sampler()
         self.outputs = OutputProcessor(self.context_length)
         self.groups: dict[str, list[Request]] = {}
         self.prompts: dict[str, str | None] = {}
         self.generation_tokens = 0
         self._ids = itertools.count()
-        self._structured: StructuredBackend | None = None
-        self._structured_lock = threading.Lock()
 
     # ---- set-up ----------------------------------------------------------------------
 
-    def _load_tokenizer(self):
-        source = self.config.tokenizer or self.loaded.path
-        if source is None:
-            return None  # dummy weights from a bare config: token-id prompts only
-        tok = load_tokenizer(source, self.loaded.read_gguf)
-        if self.config.chat_template:
-            try:
-                with open(self.config.chat_template) as f:
-                    tok.chat_template = f.read()
-            except OSError as e:
-                raise ConfigError(f"cannot read chat template {self.config.chat_template!r}: {e.strerror}") from None
-        return tok
-
-    def _eos_ids(self) -> frozenset[int]:
-        ids = set(self.model_config.eos_token_id)
-        if self.tokenizer is not None:
-            ids |= set(self.tokenizer.stop_token_ids)
-        return frozenset(ids)
-
-    @property
-    def structured(self) -> "StructuredBackend":
-        """The grammar backend, built on the first constrained request (xgrammar reads the vocabulary)."""
-        if self._structured is None:
-            with self._structured_lock:
-                if self._structured is None:
-                    from pagoda.structured.backend import StructuredBackend
-
-                    self._structured = StructuredBackend(self.tokenizer, self.model_config.vocab_size, self.eos_ids)
-        return self._structured
-
     def _init_kv_cache(self) -> None:
+        """Size the KV cache, then build its pages, the model runner over them and the scheduler."""
+        size = self._size_kv_cache()
+        self._build_kv_pool(size)
+        self.runner = ModelRunner(self.loaded.model, self.kv_pool, self.platform.device())
+        self.scheduler = self._build_scheduler()
+        log.info(
+            "KV cache: %d tokens in %d pages (%.2f GiB, %s)", self.kv_tokens, size.num_pages,
+            size.num_pages * size.bytes_per_page / GiB, str(size.dtype).removeprefix("torch."),
+        )
+
+    def _size_kv_cache(self) -> KVCacheSize:
+        """As many pages as the memory budget holds, but no more than the running requests can use."""
         cfg, mc = self.config, self.model_config
         dtype = self.kv_cache_dtype()
         per_token = KVPool.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, dtype)
@@ -133,14 +144,21 @@ class Engine:
                 f"KV cache budget {budget / GiB:.3f} GiB holds fewer than 2 pages of {cfg.page_size} tokens "
                 f"({per_page} bytes each); raise --kv-cache-memory"
             )
-        self.allocator = PageAllocator(num_pages, cfg.page_size)
+        return KVCacheSize(num_pages, per_page, dtype)
+
+    def _build_kv_pool(self, size: KVCacheSize) -> None:
+        """The page allocator and the KV tensors it hands out pages of."""
+        cfg, mc = self.config, self.model_config
+        self.allocator = PageAllocator(size.num_pages, cfg.page_size)
         self.kv_pool = KVPool(
             mc.num_hidden_layers, self.allocator.num_storage_pages, cfg.page_size, mc.num_key_value_heads,
-            mc.head_dim, dtype, self.platform.device(),
+            mc.head_dim, size.dtype, self.platform.device(), self.platform.alloc_streamed,
         )
-        self.kv_tokens = num_pages * cfg.page_size
-        self.runner = ModelRunner(self.loaded.model, self.kv_pool, self.platform.device())
-        self.scheduler = Scheduler(
+        self.kv_tokens = size.num_pages * cfg.page_size
+
+    def _build_scheduler(self) -> Scheduler:
+        cfg = self.config
+        return Scheduler(
             SchedulerConfig(
                 max_running_requests=cfg.max_running_requests,
                 max_batched_tokens=cfg.max_batched_tokens or self.platform.step_token_budget(),
@@ -148,10 +166,6 @@ class Engine:
                 enable_prefix_cache=not cfg.disable_prefix_cache,
             ),
             self.allocator,
-        )
-        log.info(
-            "KV cache: %d tokens in %d pages (%.2f GiB, %s)", self.kv_tokens, num_pages, num_pages * per_page / GiB,
-            str(dtype).removeprefix("torch."),
         )
 
     def kv_cache_dtype(self) -> torch.dtype:
@@ -178,41 +192,9 @@ class Engine:
     def make_requests(
         self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, priority: int = 0
     ) -> list[Request]:
-        """Tokenize and validate into the n sequences of one request (no engine state touched,
-        so a frontend may call it on its own thread and report errors before queueing)."""
-        params = params or SamplingParams()
-        prompt_ids = self.encode(prompt)
-        max_tokens = self._check_lengths(prompt_ids, params)
-        vocab = self.model_config.vocab_size
-        params.validate_token_ids(vocab)
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
-        grammar = None
-        if params.structured is not None:
-            if self.tokenizer is None:
-                raise InvalidRequestError("structured output needs a tokenizer; this model has none",
-                                          params.structured.kind)
-            grammar = self.structured.compile(params.structured)
-        group: list[Request] = []
-        for i in range(params.n):
-            seed = None if params.seed is None else params.seed + i
-            req = Request(
-                request_id=f"{request_id}#{i}" if params.n > 1 else request_id,
-                prompt_ids=prompt_ids,
-                params=params,
-                max_tokens=max_tokens,
-                eos_ids=self.eos_ids,
-                priority=priority,
-                index=i,
-                group_id=request_id,
-                leader=group[0] if group else None,
-                generator=make_generator(seed, self.platform.device()),
-                grammar=None if grammar is None else self.structured.new_state(grammar),
-            )
-            if self.tokenizer is not None:
-                req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
-            group.append(req)
-        return group
+        """Tokenize and validate into the n sequences of one request (InputProcessor's: no engine
+        state touched, so a frontend may call it on its own thread)."""
+        return self.inputs.make_requests(request_id, prompt, params, priority)
 
     def enqueue(self, request_id: str, group: list[Request], prompt: str | None) -> None:
         if request_id in self.groups:
@@ -222,40 +204,9 @@ class Engine:
         for req in group:
             self.scheduler.add(req)
 
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidRequestError("this model has no tokenizer: send token ids", "prompt")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-        if not ids:
-            raise InvalidRequestError("the prompt is empty", "prompt")
-        return ids
-
-    def _check_lengths(self, prompt_ids: list[int], params: SamplingParams) -> int:
-        ctx = self.context_length
-        if len(prompt_ids) >= ctx:
-            raise InvalidRequestError(
-                f"the prompt has {len(prompt_ids)} tokens but the context length is {ctx}; "
-                "leave room for at least one generated token",
-                "prompt",
-            )
-        room = min(ctx, self.kv_tokens) - len(prompt_ids)
-        max_tokens = params.max_tokens if params.max_tokens is not None else room
-        if len(prompt_ids) + max_tokens > ctx:
-            raise InvalidRequestError(
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the context length "
-                f"({ctx})",
-                "max_tokens",
-            )
-        if self.scheduler.pages_needed(len(prompt_ids) + max_tokens) > self.allocator.num_pages:
-            raise InvalidRequestError(
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) can never fit in the KV cache "
-                f"({self.kv_tokens} tokens); raise --kv-cache-memory",
-                "max_tokens",
-            )
-        return max_tokens
+    def check_token_ids(self, tokens: list[int], param: str) -> None:
+        """Raise InvalidRequestError unless every id is in the model's vocabulary."""
+        check_token_ids(tokens, self.model_config.vocab_size, param)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         group = self.groups.get(request_id)
@@ -270,22 +221,16 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.groups)
 
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self.groups)
+
     # ---- the step --------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         if not out.chunks:
             return []
-        chunks = [
-            SequenceChunk(
-                c.request.all_ids[c.start : c.start + c.num_tokens],
-                c.start,
-                c.request.pages,
-                all_logits=c.request.params.prompt_logprobs is not None and c.request.in_prefill,
-            )
-            for c in out.chunks
-        ]
-        result = self.runner.run(chunks)
+        result = self.runner.run(out.chunks)
         self._record_prompt_logprobs(out, result.all_logits)
         sampled = self._sample(out, result.last_logits)
         logprob_of = {id(c.request): lp for c, (_, lp) in zip(out.chunks, sampled)}
@@ -354,6 +299,10 @@ class Engine:
         return output
 
     # ---- introspection ---------------------------------------------------------------
+
+    def queue_depth(self) -> int:
+        """Sequences waiting for a slot (cheap: no stats snapshot)."""
+        return len(self.scheduler.waiting)
 
     def stats(self) -> EngineStats:
         s = self.scheduler

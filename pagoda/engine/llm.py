@@ -5,17 +5,19 @@
     out = llm.generate(["Hello"], SamplingParams(max_tokens=32))
     print(out[0].outputs[0].text)
 
-Every prompt joins one continuous batch; outputs come back in input order.
+Every prompt joins one continuous batch; outputs come back in input order. ``stream``
+yields one request's outputs as they settle (the CLI's path).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Sequence
 
 from tqdm import tqdm
 
 from pagoda.config import EngineConfig
-from pagoda.engine.engine import Engine
+from pagoda.engine.engine import Engine, EngineStats, ModelInfo
 from pagoda.engine.outputs import RequestOutput
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.errors import ConfigError
@@ -25,12 +27,30 @@ Messages = list[dict[str, Any]]
 
 
 class LLM:
-    def __init__(self, model: str | None = None, **engine_options: Any) -> None:
-        self.engine = Engine(EngineConfig.from_kwargs(model=model, **engine_options))
+    def __init__(
+        self, model: str | None = None, *, config: EngineConfig | None = None, show_progress: bool = False,
+        **engine_options: Any,
+    ) -> None:
+        """Engine options by name (``LLM(model, kv_cache_memory=1)``), or a whole ``config``."""
+        if config is not None and (model is not None or engine_options):
+            raise ConfigError("pass either config or engine options, not both")
+        config = config or EngineConfig.from_kwargs(model=model, **engine_options)
+        self.engine = Engine(config, show_progress)
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self.engine.model_info
+
+    def queue_depth(self) -> int:
+        """Sequences waiting for a slot."""
+        return self.engine.queue_depth()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
 
     def generate(
         self,
@@ -70,18 +90,39 @@ class LLM:
         ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
+    def stream(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None, priority: int = 0
+    ) -> Iterator[RequestOutput]:
+        """One request's incremental outputs (``delta_text`` is each one's new text), the last
+        one finished. The request is queued when iteration starts; leaving early aborts it."""
+        request_id = self.engine.new_request_id()
+        self.engine.add_request(request_id, prompt, sampling_params or SamplingParams(), priority)
+        yield from self._follow([request_id])
+
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        wanted = set(request_ids)
         done: dict[str, RequestOutput] = {}
+        outputs = self._follow(request_ids)
         with tqdm(total=len(request_ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
             try:
-                while len(done) < len(wanted):
-                    for output in self.engine.step():
-                        if output.finished and output.request_id in wanted:
-                            done[output.request_id] = output
-                            bar.update(1)
-            except BaseException:
-                for rid in wanted - set(done):
-                    self.engine.abort(rid)
-                raise
+                for output in outputs:
+                    if output.finished:
+                        done[output.request_id] = output
+                        bar.update(1)
+            finally:
+                outputs.close()
         return [done[r] for r in request_ids]
+
+    def _follow(self, request_ids: list[str]) -> Iterator[RequestOutput]:
+        """Step the engine until these requests have finished, yielding each of their outputs;
+        an error, or closing this early, aborts the ones still running."""
+        pending = set(request_ids)
+        try:
+            while pending:
+                for output in self.engine.step():
+                    if output.request_id in pending:
+                        if output.finished:
+                            pending.discard(output.request_id)
+                        yield output
+        finally:
+            for rid in pending:
+                self.engine.abort(rid)

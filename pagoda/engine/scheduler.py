@@ -41,6 +41,11 @@ class ScheduledChunk:
         """After this chunk the request's last known token is computed: sample its next one."""
         return self.start + self.num_tokens == self.request.num_tokens
 
+    @property
+    def wants_all_logits(self) -> bool:
+        """A prompt chunk of a request that asked for prompt logprobs: logits for every token."""
+        return self.request.params.prompt_logprobs is not None and self.request.in_prefill
+
 
 @dataclass
 class SchedulerOutput:
@@ -69,9 +74,6 @@ class Scheduler:
     def add(self, req: Request) -> None:
         req.status = Status.WAITING
         bisect.insort(self.waiting, req, key=_order)
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
 
     def pages_needed(self, num_tokens: int) -> int:
         return (num_tokens + self.page_size - 1) // self.page_size

@@ -10,6 +10,7 @@ from torch import nn
 
 from pagoda import ops
 from pagoda.errors import ConfigError
+from pagoda.models.rope import cos_sin_cache
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,11 @@ class Linear(nn.Module):
         self.weight = _param(out_features, in_features, dtype=dtype, device=device)
         self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
 
+    @property
+    def kernel_weight(self):
+        """The weight as kernels read it (a fused stack's description hands them this)."""
+        return self.weight
+
     def load_rows(self, row0: int, w: torch.Tensor) -> None:
         self.weight.data[row0 : row0 + w.shape[0]].copy_(w)
 
@@ -76,6 +82,10 @@ class QuantizedLinear(Linear):
         self.in_features, self.out_features = in_features, out_features
         self.qweight = self.weight_type.empty(out_features, in_features, group_size, device)
         self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
+
+    @property
+    def kernel_weight(self):
+        return self.qweight
 
     def load_rows(self, row0: int, w: torch.Tensor) -> None:
         self.qweight.load_rows(row0, w)
@@ -145,3 +155,20 @@ class RMSNorm(nn.Module):
         if residual is None:
             return ops.rms_norm(x, self.weight, self.eps, self.variant, self.out_dtype)
         return ops.add_rms_norm(x, residual, self.weight, self.eps, self.variant, self.out_dtype)
+
+
+class Rotary(nn.Module):
+    """The rotary tables ([positions, head_dim] float32, each half repeated) and their rows
+    for a step's positions, gathered once per step for all layers."""
+
+    def __init__(self, head_dim: int, theta: float, max_position: int, scaling: dict | None, device: torch.device):
+        super().__init__()
+        cos, sin = cos_sin_cache(head_dim, theta, max_position, scaling, torch.float32, device).chunk(2, dim=-1)
+        self.register_buffer("cos", torch.cat((cos, cos), dim=-1), persistent=False)
+        self.register_buffer("sin", torch.cat((sin, sin), dim=-1), persistent=False)
+
+    def forward(self, batch: ops.ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch.view(self._rows)
+
+    def _rows(self, batch: ops.ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[batch.positions], self.sin[batch.positions]

@@ -1,8 +1,9 @@
 """One Llama-family decoder serving Llama, Mistral, Qwen2 and Jiutian.
 
 The architectures differ only in ModelConfig flags (QKV bias, tied embeddings, rope
-scaling, norm variant). The model takes a flat batch of tokens with their positions
-and the attention metadata of the step; it knows nothing about requests.
+scaling, norm variant). The model takes a step's ForwardBatch (a flat batch of tokens,
+their positions, the paged layout and each layer's KV cache); it knows nothing about
+requests, the cache's owner or the engine.
 """
 
 from __future__ import annotations
@@ -13,18 +14,19 @@ import torch
 from torch import nn
 
 from pagoda import ops
-from pagoda.cache.kv_pool import KVPool
 from pagoda.errors import ModelLoadError
 from pagoda.models.config import ModelConfig
-from pagoda.models.layers import Linear, LinearFormat, RMSNorm, _param, make_linear
-from pagoda.models.rope import cos_sin_cache
-from pagoda.ops.attention_metadata import AttentionMetadata
+from pagoda.models.layers import Linear, LinearFormat, RMSNorm, Rotary, _param, make_linear
+from pagoda.ops import DECLINE, ForwardBatch
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, device: torch.device, quant: LinearFormat | None):
+    def __init__(
+        self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, device: torch.device, quant: LinearFormat | None,
+        rotary: Rotary,
+    ):
         super().__init__()
-        self.layer_id = layer_id
+        self.layer_id, self.rotary = layer_id, rotary
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
         self.scale = cfg.head_dim**-0.5
@@ -33,17 +35,15 @@ class Attention(nn.Module):
         self.qkv_proj = make_linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.qkv_bias, dtype, device, quant)
         self.o_proj = make_linear(cfg.q_size, cfg.hidden_size, False, dtype, device, quant)
 
-    def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv: KVPool
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        k_cache, v_cache = kv.k[self.layer_id], kv.v[self.layer_id]
-        q = ops.rotary_store_kv(q, k, v, *rope, k_cache, v_cache, meta.slot_mapping, self.dtype)
-        out = ops.paged_attention(q, k_cache, v_cache, meta, self.scale, self.out_dtype)
+        k_cache, v_cache = batch.kv(self.layer_id)
+        q = ops.rotary_store_kv(q, k, v, *self.rotary(batch), k_cache, v_cache, batch.slot_mapping, self.dtype)
+        out = ops.paged_attention(q, k_cache, v_cache, batch, self.scale, self.out_dtype)
         return self.o_proj(out.reshape(t, self.q_size))
 
 
@@ -58,21 +58,24 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, device: torch.device, quant: LinearFormat | None):
+    def __init__(
+        self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, device: torch.device, quant: LinearFormat | None,
+        rotary: Rotary,
+    ):
         super().__init__()
         # The norms feed linears: with quantized linears they hand over bfloat16 directly.
         norm = (cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_variant, dtype, device, quant and quant.activation_dtype)
         self.input_layernorm = RMSNorm(*norm)
-        self.self_attn = Attention(cfg, layer_id, dtype, device, quant)
+        self.self_attn = Attention(cfg, layer_id, dtype, device, quant, rotary)
         self.post_attention_layernorm = RMSNorm(*norm)
         self.mlp = MLP(cfg, dtype, device, quant)
 
-    def forward(self, x, residual, rope, meta, kv):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch):
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, rope, meta, kv)
+        x = self.self_attn(x, batch)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -83,11 +86,15 @@ class LlamaForCausalLM(nn.Module):
         quantization: LinearFormat | None = None,
     ):
         super().__init__()
-        self.config, self.dtype = cfg, dtype
+        self.config, self.dtype, self.quantization = cfg, dtype, quantization
         self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, dtype, device, quantization) for i in range(cfg.num_hidden_layers)
+        self.rotary = Rotary(
+            cfg.head_dim, cfg.rope_theta, max_position or cfg.max_position_embeddings, cfg.rope_scaling, device
         )
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, dtype, device, quantization, self.rotary) for i in range(cfg.num_hidden_layers)
+        )
+        self.stack_spec: ops.DecoderStackSpec | None = None  # set once the weights are final
         head_format = quantization and quantization.for_output_head()
         self.norm = RMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_variant, dtype, device, head_format and head_format.activation_dtype
@@ -98,22 +105,22 @@ class LlamaForCausalLM(nn.Module):
             None if cfg.tie_word_embeddings and not quantization
             else make_linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device, head_format)
         )
-        cos, sin = cos_sin_cache(
-            cfg.head_dim, cfg.rope_theta, max_position or cfg.max_position_embeddings, cfg.rope_scaling,
-            torch.float32, device,
-        ).chunk(2, dim=-1)
-        self.register_buffer("rope_cos", torch.cat((cos, cos), dim=-1), persistent=False)  # [positions, head_dim]
-        self.register_buffer("rope_sin", torch.cat((sin, sin), dim=-1), persistent=False)
 
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: KVPool
-    ) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm, for every input token."""
-        x = self.embed_tokens[input_ids]
-        rope = (self.rope_cos[positions], self.rope_sin[positions])  # gathered once for all layers
-        x, residual = ops.decoder_layers(self.layers, x, rope, meta, kv)
+        x = self.embed_tokens[batch.input_ids]
+        out = DECLINE if self.stack_spec is None else ops.decoder_stack(self.stack_spec, x, batch)
+        x, residual = self.run_layers(x, batch) if out is DECLINE else out
         x, _ = self.norm(x, residual)
         return x
+
+    def run_layers(self, x: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layers one op at a time: (the last layer's output, the residual stream). What a
+        fused stack kernel (ops.decoder_stack) must match."""
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, batch)
+        return x, residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:  # tied and unquantized: the embedding matrix is the output head
@@ -160,6 +167,25 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.finalize()
+        self.stack_spec = self._describe_stack()
+
+    def _describe_stack(self) -> ops.DecoderStackSpec:
+        """The layers as a fused stack kernel reads them (pagoda/ops/decoder_stack.py)."""
+        cfg = self.config
+        layers = tuple(
+            ops.DecoderLayerSpec(
+                qkv=layer.self_attn.qkv_proj.kernel_weight, qkv_bias=layer.self_attn.qkv_proj.bias,
+                o=layer.self_attn.o_proj.kernel_weight, gate_up=layer.mlp.gate_up_proj.kernel_weight,
+                down=layer.mlp.down_proj.kernel_weight, input_norm=layer.input_layernorm.weight,
+                post_attention_norm=layer.post_attention_layernorm.weight,
+            )
+            for layer in self.layers
+        )
+        return ops.DecoderStackSpec(
+            layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.head_dim, cfg.rms_norm_eps, cfg.norm_variant, cfg.head_dim**-0.5, self.dtype,
+            self.quantization and self.quantization.activation_dtype, self.rotary.cos, self.rotary.sin,
+        )
 
     def _expected_weights(self) -> dict[str, tuple[str, int, tuple[int, ...]]]:
         """HF name -> (our parameter path, first row inside it, the tensor's shape)."""

@@ -1,13 +1,15 @@
-"""pagoda's operator library: reference ops plus kernels each platform registers.
+"""pagoda's operator library: reference ops, the data formats kernels share, and the
+kernel wings each platform registers (cpu/, cuda/; sdpa.py is portable).
 
 Call ops through this module (``ops.rms_norm(...)``); dispatch picks the best kernel
 registered for the tensors' device type and falls back to the reference.
 """
 
-from pagoda.ops.attention_metadata import AttentionMetadata
+from pagoda.ops.decoder_stack import DecoderLayerSpec, DecoderStackSpec
+from pagoda.ops.forward_batch import ForwardBatch, ForwardMode
 from pagoda.ops.reference import (
     add_rms_norm,
-    decoder_layers,
+    decoder_stack,
     linear_prepack,
     packed_linear,
     paged_attention,
@@ -16,7 +18,7 @@ from pagoda.ops.reference import (
     silu_and_mul,
 )
 from pagoda.ops.quant import Int4Weight, Int8Weight, int4_linear, int4_prepack, int8_linear, int8_prepack
-from pagoda.ops.registry import DECLINE, OPS, kernels_of, register_kernel
+from pagoda.ops.registry import DECLINE, OPS, kernel, register_kernel
 from pagoda.ops.sampling import (
     apply_penalties,
     apply_token_bias,
@@ -27,8 +29,11 @@ from pagoda.ops.sampling import (
 )
 
 __all__ = [
-    "AttentionMetadata",
     "DECLINE",
+    "DecoderLayerSpec",
+    "DecoderStackSpec",
+    "ForwardBatch",
+    "ForwardMode",
     "Int4Weight",
     "Int8Weight",
     "OPS",
@@ -36,12 +41,13 @@ __all__ = [
     "apply_penalties",
     "apply_token_bias",
     "apply_top_k_top_p_min_p",
-    "decoder_layers",
+    "argmax_rows",
+    "decoder_stack",
     "int4_linear",
     "int4_prepack",
     "int8_linear",
     "int8_prepack",
-    "kernels_of",
+    "kernel",
     "linear_prepack",
     "packed_linear",
     "paged_attention",

@@ -7,7 +7,7 @@ one float16 scale per group: value = q * scale, scale = max|x| / 127 over the gr
 head_dim 64 a head is 68 bytes, 0.53x a bfloat16 cache. A scale per 32 values rather
 than per head halves the error a per-head scale adds (an outlier channel of a rotated key
 no longer coarsens the whole head): on SmolLM2 the KL the cache adds to int4's fell from
-0.0007 to 0.0003 at the same size. The C kernels (pagoda/ops/csrc) read and write the same
+0.0007 to 0.0003 at the same size. The C kernels (pagoda/ops/cpu/csrc) read and write the same
 rows and round the same way.
 """
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pagoda.ops.attention_metadata import AttentionMetadata
+from pagoda.ops.decoder_stack import DecoderStackSpec
+from pagoda.ops.forward_batch import ForwardBatch
 from pagoda.ops.kv_quant import gather_rows, store_rows
-from pagoda.ops.registry import reference
+from pagoda.ops.registry import DECLINE, reference
 
 
 @reference("rms_norm")
@@ -76,7 +77,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 @reference("paged_attention")
 def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch, scale: float,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Causal grouped-query attention of a ragged batch over its paged context.
@@ -88,9 +89,9 @@ def paged_attention(
     out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[1]
     group = num_heads // num_kv_heads
-    for b, (qlen, klen) in enumerate(zip(meta.query_lens, meta.seq_lens)):
-        start = meta.query_starts[b]
-        slots = meta.context_slots[b]
+    for b, (qlen, klen) in enumerate(zip(batch.query_lens, batch.seq_lens)):
+        start = batch.query_starts[b]
+        slots = batch.context_slots[b]
         qb = q[start : start + qlen].float().transpose(0, 1)  # [Hq, qlen, D]
         kb = gather_rows(k_cache, slots, torch.float32).transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, klen, D]
         vb = gather_rows(v_cache, slots, torch.float32).transpose(0, 1).repeat_interleave(group, dim=0)
@@ -117,13 +118,10 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed, bias: torch.Ten
     return y.to(x.dtype)
 
 
-@reference("decoder_layers")
-def decoder_layers(layers, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv):
-    """x through every decoder layer in turn: (the last layer's output, the residual stream).
-
-    An op of its own so that a platform can run a decode step's whole stack as one native
-    call (pagoda/ops/cpu_decoder.py); the reference is the model's own per-op path."""
-    residual = None
-    for layer in layers:
-        x, residual = layer(x, residual, rope, meta, kv)
-    return x, residual
+@reference("decoder_stack")
+def decoder_stack(spec: DecoderStackSpec, x: torch.Tensor, batch: ForwardBatch):
+    """x through every decoder layer in one call: (the last layer's output, the residual
+    stream), or DECLINE where no kernel takes this stack, and the model then runs its layers
+    op by op. That per-op path is the definition a kernel must match: a platform registers a
+    kernel here to run a step's whole stack natively (pagoda/ops/cpu/decoder_stack.py)."""
+    return DECLINE

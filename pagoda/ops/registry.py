@@ -1,16 +1,21 @@
 """Tiered operator dispatch.
 
 Every op has a pure-PyTorch reference implementation (the spec, always available).
-Platforms register faster kernels for a device type with a priority; a kernel may
-decline an input by returning ``DECLINE`` and dispatch falls through to the next
-tier, ending at the reference. Dispatch keys on the device type of the first tensor
-argument, so the same model code runs on CPU, CUDA and MUSA.
+Kernel modules (the wings: pagoda/ops/cpu/, pagoda/ops/cuda/, and the portable
+pagoda/ops/sdpa.py) mark their kernels with ``@kernel(op, priority)``; a platform
+registers a module's marked kernels for its own device type (``register_module``), so one
+module can serve several device types (CUDA and MUSA) and nothing registers on import.
+A kernel may decline an input by returning ``DECLINE`` and dispatch falls through to
+the next tier, ending at the reference. Dispatch keys on the device type of the first
+tensor argument, so the same model code runs on CPU, CUDA and MUSA.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from types import ModuleType
 
 import torch
 
@@ -83,9 +88,31 @@ def register_kernel(name: str, device_type: str, priority: int = 10) -> Callable
     return wrap
 
 
-def kernels_of(name: str) -> list[Kernel]:
-    """The kernels registered over an op (for tests that check each against its reference)."""
-    return list(OPS[name].kernels)
+_KERNEL_MARK = "__pagoda_kernels__"
+_registered: set[tuple[str, str]] = set()  # (module name, device type) pairs already registered
+
+
+def kernel(name: str, priority: int = 10) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Mark a function in a kernel module as a kernel of op `name` (stackable: one function
+    may serve several ops); `register_module` registers it for a device type."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        marks = getattr(fn, _KERNEL_MARK, ())
+        setattr(fn, _KERNEL_MARK, (*marks, (name, priority)))
+        return fn
+
+    return wrap
+
+
+def register_module(module: ModuleType, device_type: str) -> None:
+    """Register every kernel `module` marks for `device_type` (once per pair)."""
+    if (module.__name__, device_type) in _registered:
+        return
+    _registered.add((module.__name__, device_type))
+    for fn in vars(module).values():
+        if callable(fn) and getattr(fn, "__module__", None) == module.__name__:
+            for name, priority in getattr(fn, _KERNEL_MARK, ()):
+                register_kernel(name, device_type, priority)(fn)
 
 
 def _device_type(args: tuple[Any, ...]) -> str:

@@ -1,8 +1,8 @@
 """Platform: everything pagoda needs to know about a kind of accelerator.
 
 Core code asks the platform (never torch.cuda / torch.musa directly) for its device,
-dtypes, memory and synchronisation, and the platform names the kernel modules that
-register faster ops for its device type.
+dtypes, memory, allocation and synchronisation, and the platform names the kernel modules
+(pagoda/ops/cpu/, pagoda/ops/cuda/) whose kernels it registers for its device type.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from typing import ClassVar
 
 import torch
 
+from pagoda.ops.registry import register_module
+
 
 @dataclass(frozen=True)
 class Capabilities:
     graph_capture: bool = False
     supports_bfloat16: bool = True
-    supports_float16: bool = True
 
 
 class Platform:
@@ -31,7 +32,7 @@ class Platform:
     portable_kernel_modules: ClassVar[tuple[str, ...]] = ("pagoda.ops.sdpa",)
     _HOOKS: ClassVar[tuple[str, ...]] = (
         "is_available", "device", "default_dtype", "total_memory", "free_memory", "synchronize", "seed",
-        "kv_cache_budget", "step_token_budget",
+        "kv_cache_budget", "step_token_budget", "alloc_streamed",
     )
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -79,15 +80,20 @@ class Platform:
     def seed(self, seed: int) -> None:
         torch.manual_seed(seed)
 
+    def alloc_streamed(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Uninitialised memory for a buffer every step streams whole (the KV cache)."""
+        return torch.empty(shape, dtype=dtype, device=self.device())
+
     def load_kernels(self) -> None:
-        """Import the modules that register this platform's kernels (idempotent)."""
-        for module in self.portable_kernel_modules:
-            importlib.import_module(module).register(self.device_type)
-        for module in self.kernel_modules:
+        """Register the kernels of this platform's modules for its device type (idempotent)."""
+        for name in (*self.portable_kernel_modules, *self.kernel_modules):
             try:
-                importlib.import_module(module)
-            except ImportError:
-                pass  # optional vendor library missing: the reference tier serves
+                module = importlib.import_module(name)
+            except ImportError as e:
+                if (e.name or "").startswith("pagoda"):
+                    raise  # our own code is broken: say so
+                continue  # an optional vendor library is missing: the tiers below serve
+            register_module(module, self.device_type)
 
     def describe(self) -> str:
         return f"{self.name} ({self.device()})"

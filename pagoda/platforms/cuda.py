@@ -12,7 +12,7 @@ class CudaPlatform(Platform):
     device_type = "cuda"
     dist_backend = "nccl"
     capabilities = Capabilities(graph_capture=True)
-    kernel_modules = ("pagoda.ops.flash_attn",)
+    kernel_modules = ("pagoda.ops.cuda.flash_attn",)
 
     @classmethod
     def is_available(cls) -> bool:

@@ -89,7 +89,7 @@ def create_app(
 
     def model_card() -> dict[str, Any]:
         return {"id": served_model_name, "object": "model", "created": created, "owned_by": "pagoda",
-                "root": served_model_name, "max_model_len": engine.engine.context_length}
+                "root": served_model_name, "max_model_len": engine.model_info.context_length}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -123,7 +123,7 @@ def create_app(
         tok = engine.tokenizer
         if isinstance(req.prompt, list):
             tokens = req.prompt
-            check_token_ids(tokens, engine.engine.model_config.vocab_size, "prompt")
+            engine.check_token_ids(tokens, "prompt")
         elif tok is None:
             raise APIError(400, "this model has no tokenizer: only token ids can be used",
                            param="prompt" if req.prompt is not None else "messages")
@@ -132,13 +132,13 @@ def create_app(
         else:
             tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
             tokens = await serving.encode_chat(req.messages or [], tools, req.add_generation_prompt)
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.engine.context_length}
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.model_info.context_length}
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
         req = await parse(request, DetokenizeRequest)
         serving.check_model(req.model)
-        check_token_ids(req.tokens, engine.engine.model_config.vocab_size, "tokens")
+        engine.check_token_ids(req.tokens, "tokens")
         if engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so tokens cannot be turned into text", param="tokens")
         return {"prompt": engine.tokenizer.decode(req.tokens, skip_special_tokens=False)}
@@ -152,12 +152,6 @@ def create_app(
         return web_file(name)
 
     return app
-
-
-def check_token_ids(tokens: list[int], vocab_size: int, param: str) -> None:
-    bad = next((t for t in tokens if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab_size})", param=param)
 
 
 def web_file(name: str) -> Response:

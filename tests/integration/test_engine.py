@@ -185,3 +185,19 @@ def test_bad_requests_are_clear_errors(tiny_config_path) -> None:
     with pytest.raises(InvalidRequestError, match="token ids"):
         llm.generate([[1, 99999]], GREEDY, use_tqdm=False)
     assert not llm.engine.has_unfinished()
+
+
+def test_stream_yields_increments_that_add_up_to_generate(tiny_config_path, tmp_path) -> None:
+    from tests.tiny_tokenizer import write_tiny_tokenizer
+
+    llm = make_llm(tiny_config_path, tokenizer=str(write_tiny_tokenizer(tmp_path)))
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    whole = llm.generate("Hello there", params, use_tqdm=False)[0].outputs[0]
+    outputs = list(llm.stream("Hello there", params))
+    assert len(outputs) > 1 and outputs[-1].finished and not any(o.finished for o in outputs[:-1])
+    assert "".join(o.outputs[0].delta_text for o in outputs) == outputs[-1].outputs[0].text == whole.text
+    assert [t for o in outputs for t in o.outputs[0].delta_token_ids] == whole.token_ids
+    early = llm.stream("Hello there", params)
+    next(early)
+    early.close()  # leaving early aborts the request
+    assert not llm.engine.has_unfinished()

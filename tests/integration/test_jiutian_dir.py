@@ -54,7 +54,7 @@ def test_loads_as_jiutian(llm: LLM, jiutian) -> None:
     tok = llm.tokenizer
     im_end = tok.token_to_id("<|im_end|>")
     assert im_end == cfg["eos_token_id"] == tok.eos_token_id and tok.bos_token_id is None
-    assert {im_end, tok.token_to_id("<|endoftext|>")} <= llm.engine.eos_ids
+    assert {im_end, tok.token_to_id("<|endoftext|>")} <= llm.engine.inputs.eos_ids
     # Qwen's layout: the special tokens right after the BPE merges, the model's vocabulary padded past them.
     assert tok.token_to_id("<|endoftext|>") + 2 == im_end == tok.vocab_size - 1 < cfg["vocab_size"]
 

@@ -9,7 +9,7 @@ import collections
 import pytest
 
 from pagoda import LLM, SamplingParams
-from pagoda.ops import native
+from pagoda.ops.cpu import native
 from pagoda.ops.registry import OPS
 
 C_KERNEL_OPS = ("rms_norm", "add_rms_norm", "rotary_store_kv", "paged_attention", "silu_and_mul", "argmax_rows")
@@ -24,7 +24,7 @@ def test_no_c_kernel_declines_during_decode(tiny_config_path, monkeypatch, quant
     if quantization in ("int4", "int8") and native.library().quant_matmul_available():  # AVX-512 only
         # the layers run as one C call of the same kernels; the final norm, the 8-bit head and
         # the greedy pick outside it
-        c_ops = ("decoder_layers", "add_rms_norm", "int8_linear", "argmax_rows")
+        c_ops = ("decoder_stack", "add_rms_norm", "int8_linear", "argmax_rows")
     for name in c_ops:
         op = OPS[name]
         top = op.chain("cpu")[0]

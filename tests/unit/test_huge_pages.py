@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from pagoda.cache.kv_pool import KVPool
-from pagoda.ops import huge_pages
-from pagoda.ops.huge_pages import HugePageArena
+from pagoda.ops.cpu import huge_pages
+from pagoda.ops.cpu.huge_pages import HugePageArena
+from pagoda.platforms import CpuPlatform
 
 
 def test_tensors_are_aligned_and_disjoint():
@@ -61,6 +62,7 @@ def _huge_kib_of(ptr: int) -> int:
 @pytest.mark.skipif(not huge_pages.SUPPORTED or _thp_mode() not in ("madvise", "always"),
                     reason="the OS offers no transparent huge pages here")
 def test_kv_cache_sits_on_huge_pages():
-    pool = KVPool(2, 4096, 16, 2, 64, torch.bfloat16, torch.device("cpu"))  # 16 MiB per layer and kind
+    alloc = CpuPlatform().alloc_streamed  # as the engine builds its pool
+    pool = KVPool(2, 4096, 16, 2, 64, torch.bfloat16, torch.device("cpu"), alloc)  # 16 MiB per layer and kind
     pool.k[1].fill_(1)
     assert _huge_kib_of(pool.k[1].data_ptr()) >= 2 << 10  # at least one 2 MiB page (memory may be too fragmented for all)

@@ -73,15 +73,13 @@ def test_cached_decode_matches_transformers(name: str, chunk: int, page_size: in
 
 
 def test_batch_of_mixed_prefill_and_decode_matches_single_runs() -> None:
-    from pagoda.engine.model_runner import SequenceChunk
-
     hf, runner = _pair("qwen2")
     a = list(range(3, 30))
     b = list(range(50, 60))
     ref_a, ref_b = _hf_logits(hf, a), _hf_logits(hf, b)
     # b's first 9 tokens are cached in pages 20.., then b decodes while a prefills.
-    runner.run([SequenceChunk(b[:9], 0, [20, 21, 22])])
-    out = runner.run([SequenceChunk(a, 0, [1, 2, 3, 4, 5, 6, 7]), SequenceChunk(b[9:], 9, [20, 21, 22])])
+    runner.forward(runner.prepare([(b[:9], 0, [20, 21, 22])]))
+    out = runner.forward(runner.prepare([(a, 0, [1, 2, 3, 4, 5, 6, 7]), (b[9:], 9, [20, 21, 22])]))
     got = out.last_logits.cpu()
     assert (got[0] - ref_a[-1]).abs().max().item() <= ATOL
     assert (got[1] - ref_b[-1]).abs().max().item() <= ATOL

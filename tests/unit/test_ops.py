@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pagoda import ops
-from pagoda.ops.attention_metadata import AttentionMetadata
-from pagoda.ops.cpu import HAS_AMX
+from pagoda.ops.forward_batch import ForwardBatch
+from pagoda.ops.cpu.native import HAS_AMX
 from pagoda.ops.kv_quant import cache_row_width, dequantize_rows, quantize_rows
 from pagoda.ops.registry import OPS, Op, register_kernel
 from pagoda.platforms import get_platform
@@ -33,13 +33,10 @@ def _attention_inputs(
         k_cache, v_cache = quantize_rows(k_cache), quantize_rows(v_cache)
     else:
         k_cache, v_cache = k_cache.to(kv_dtype), v_cache.to(kv_dtype)
-    slots = []
-    for b, (ql, sl) in enumerate(zip(query_lens, seq_lens)):
-        pos = torch.arange(sl - ql, sl)
-        slots.append(table[b, pos // page_size] * page_size + pos % page_size)
-    meta = AttentionMetadata(query_lens, seq_lens, torch.cat(slots), table, page_size)
+    seqs = [([0] * ql, sl - ql, table[b, :n].tolist()) for b, (ql, sl, n) in enumerate(zip(query_lens, seq_lens, pages_needed))]
+    batch = ForwardBatch.build(seqs, page_size, torch.device("cpu"))
     q = torch.randn(sum(query_lens), hq, d, generator=g)
-    return q, k_cache, v_cache, meta, d**-0.5
+    return q, k_cache, v_cache, batch, d**-0.5
 
 
 def _inputs(name: str):
@@ -123,7 +120,7 @@ def _inputs(name: str):
         low[1, 23] = -1e29
         return [(ties,), (tail,), (tail[:, :5].contiguous(),), (low,),
                 (torch.randn(64, 49152, generator=g),), (torch.randn(8, 1000, generator=g).to(bf16),)]
-    if name == "decoder_layers":
+    if name == "decoder_stack":
         pytest.skip("the layer stack's kernel is checked against its reference in test_decoder_stack.py")
     pytest.skip(f"{name}'s kernel is checked against its reference in test_quant.py")
 
@@ -168,7 +165,7 @@ def test_kernel_matches_reference(name: str, kernel) -> None:
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def _bf16_math(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
+def _bf16_math(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch) -> bool:
     """Attention computed with bf16 products: a bf16 cache, prefill chunks over an int8 one, or
     decodes over an int8 one whose keys AMX scores (head_dim a multiple of 32 up to 128); other
     int8 decodes are float32 FMAs, held to float32's tolerance."""
@@ -176,14 +173,14 @@ def _bf16_math(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, me
         return True
     d = q.shape[-1]
     amx_scored = HAS_AMX and d % 32 == 0 and d <= 128
-    return k_cache.dtype == torch.int8 and (not meta.is_decode_only or amx_scored)
+    return k_cache.dtype == torch.int8 and (not batch.is_decode_only or amx_scored)
 
 
 def test_c_decode_attention_is_built_and_used() -> None:
     """The C kernel must really serve decode rows here (a compiler is part of the set-up);
     otherwise the parity test above would pass by declining."""
-    from pagoda.ops import native
-    from pagoda.ops.cpu import paged_attention_cpu
+    from pagoda.ops.cpu import native
+    from pagoda.ops.cpu.attention import paged_attention_cpu
 
     assert native.library() is not None
     args = _attention_inputs([1, 1, 1], [1, 9, 17])
@@ -197,7 +194,7 @@ def test_every_cpu_kernel_is_exercised() -> None:
     """Guards the table above: a new CPU kernel must come with inputs here."""
     covered_here = {"rms_norm", "add_rms_norm", "paged_attention", "rotary_store_kv", "silu_and_mul", "argmax_rows"}
     covered_in_test_quant = {"int4_prepack", "int4_linear", "int8_prepack", "int8_linear", "linear_prepack", "packed_linear"}
-    covered_elsewhere = {"decoder_layers"}  # test_decoder_stack.py
+    covered_elsewhere = {"decoder_stack"}  # test_decoder_stack.py
     assert {name for name, _ in KERNELS} <= covered_here | covered_in_test_quant | covered_elsewhere
 
 
@@ -229,7 +226,7 @@ def test_declined_input_falls_back_to_next_tier() -> None:
 
 
 def test_jiutian_norm_declined_by_native_kernel() -> None:
-    from pagoda.ops.cpu import rms_norm_native
+    from pagoda.ops.cpu.elementwise import rms_norm_native
 
     x = torch.randn(2, 8)
     assert rms_norm_native(x, torch.ones(8), 1e-6, "jiutian") is ops.DECLINE
@@ -238,7 +235,7 @@ def test_jiutian_norm_declined_by_native_kernel() -> None:
 def test_c_kernels_build_into_a_fresh_cache_and_fail_soft(tmp_path, monkeypatch, caplog) -> None:
     """A fresh machine compiles them on first use (dropping builds of older sources); without a
     compiler they are off, with a warning."""
-    from pagoda.ops import native
+    from pagoda.ops.cpu import native
 
     monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path))
     stale = tmp_path / "kernels" / "pagoda_kernels_0000000000000000.so"

@@ -14,7 +14,7 @@ get_platform("cpu")
 
 
 def _c_quant_kernels() -> bool:
-    from pagoda.ops import native
+    from pagoda.ops.cpu import native
 
     lib = native.library()
     return lib is not None and bool(lib.quant_matmul_available())
@@ -25,7 +25,7 @@ needs_c_quant = pytest.mark.skipif(not _c_quant_kernels(), reason="pagoda's quan
 
 def _rounded_rows() -> int:
     """The row count from which the C kernel rounds weights to bfloat16 (0: never, no AMX here)."""
-    from pagoda.ops import native
+    from pagoda.ops.cpu import native
 
     return native.library().quant_matmul_rounded_rows() if _c_quant_kernels() else 0
 
@@ -86,7 +86,7 @@ def test_gguf_q4_1_style_weights_are_exact() -> None:
 
 
 def test_cpu_kernels_match_reference() -> None:
-    from pagoda.ops.cpu import Int4Tiles, TorchInt4, int4_linear_cpu, int4_prepack_c, int4_prepack_cpu, quant_linear_c
+    from pagoda.ops.cpu.linear import Int4Tiles, TorchInt4, int4_linear_cpu, int4_prepack_c, int4_prepack_cpu, quant_linear_c
 
     tiers = [(int4_prepack_c, quant_linear_c, Int4Tiles, 1e-4)] if _c_quant_kernels() else []
     for prepack, linear, layout, tol in tiers + [(int4_prepack_cpu, int4_linear_cpu, TorchInt4, 2e-2)]:  # bf16 scales
@@ -109,7 +109,7 @@ def test_cpu_kernels_match_reference() -> None:
 @needs_c_quant
 def test_c_kernel_serves_by_default_and_a_row_does_not_depend_on_its_batch() -> None:
     """On either path a row's sums are its own, in a fixed order: the rows beside it change nothing."""
-    from pagoda.ops.cpu import Int4Tiles
+    from pagoda.ops.cpu.linear import Int4Tiles
 
     _, q = _weight(n=48, k=96)
     packed = ops.int4_prepack(q)
@@ -167,7 +167,7 @@ def test_bf16_prepacked_linear_matches_reference() -> None:
 
 
 def test_prepack_in_row_blocks_equals_whole_matrix_conversion() -> None:
-    from pagoda.ops.cpu import int4_prepack_c, int4_prepack_cpu
+    from pagoda.ops.cpu.linear import int4_prepack_c, int4_prepack_cpu
     from pagoda.ops.quant import unpack_nibbles
 
     w, q = _weight(n=4096 + 32, k=64)
@@ -204,7 +204,7 @@ def test_gguf_q8_0_style_weights_are_exact_in_int8() -> None:
 
 @needs_c_quant
 def test_int8_c_kernel_matches_reference_and_rows_do_not_depend_on_their_batch() -> None:
-    from pagoda.ops.cpu import Int8Tiles
+    from pagoda.ops.cpu.linear import Int8Tiles
 
     for batch in (1, 5, 33):
         w, q = _int8_weight(seed=batch)
@@ -222,7 +222,7 @@ def test_int8_c_kernel_matches_reference_and_rows_do_not_depend_on_their_batch()
 
 def test_int8_dense_fallback_matches_reference() -> None:
     """CPUs without the C kernel: bfloat16 weights made once, within bf16 rounding of the reference."""
-    from pagoda.ops.cpu import DenseBF16, int8_linear_dense, int8_prepack_dense
+    from pagoda.ops.cpu.linear import DenseBF16, int8_linear_dense, int8_prepack_dense
 
     w, q = _int8_weight(n=4096 + 32, k=64)
     x = torch.randn(3, 64)
@@ -243,7 +243,7 @@ def test_int4_models_get_an_int8_output_head(tiny_config_path) -> None:
 def test_int4_model_without_the_c_kernels_serves_on_torch_tiers(tiny_config_path, monkeypatch) -> None:
     """No compiler (or no AVX-512): torch's int4 kernel and a bfloat16 head serve, close to the C path."""
     from pagoda import LLM
-    from pagoda.ops import cpu, native
+    from pagoda.ops.cpu import linear, native
     from tests.model_utils import prefill_logits
 
     kw = dict(model_config=str(tiny_config_path), load_format="dummy", kv_cache_memory=0.01, quantization="int4")
@@ -251,8 +251,8 @@ def test_int4_model_without_the_c_kernels_serves_on_torch_tiers(tiny_config_path
     fast = prefill_logits(LLM(**kw).engine.runner, ids)
     monkeypatch.setattr(native, "library", lambda: None)
     llm = LLM(**kw)
-    assert isinstance(llm.engine.runner.model.lm_head.qweight.packed, cpu.DenseBF16)
-    assert isinstance(llm.engine.runner.model.layers[0].mlp.down_proj.qweight.packed, cpu.TorchInt4)
+    assert isinstance(llm.engine.runner.model.lm_head.qweight.packed, linear.DenseBF16)
+    assert isinstance(llm.engine.runner.model.layers[0].mlp.down_proj.qweight.packed, linear.TorchInt4)
     slow = prefill_logits(llm.engine.runner, ids)
     assert torch.nn.functional.cosine_similarity(fast, slow, dim=-1).min() > 0.99
 

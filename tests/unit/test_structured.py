@@ -205,7 +205,7 @@ def test_n_choices_and_preemption_keep_each_sequence_on_its_grammar(tiny_config_
             if c.finish_reason == "stop":
                 jsonschema.validate(loads(c.text), SCHEMA)
             else:  # cut by max_tokens: still a prefix the grammar accepts
-                state = llm.engine.structured.new_state(llm.engine.structured.compile(params.structured))
+                state = llm.engine.inputs.structured.new_state(llm.engine.inputs.structured.compile(params.structured))
                 assert all(state.accept(t) for t in c.token_ids)
     llm.engine.check_integrity()
 

@@ -6,7 +6,8 @@
  * first maximum and the reduction takes the smallest index among equal maxima, so ties
  * go to the first index, as torch's argmax. Rows are assumed free of NaNs (logits are).
  *
- * Built by pagoda/ops/native.py with -O3 -march=native -fopenmp; called through ctypes.
+ * Built by pagoda/ops/cpu/native.py (FLAGS there: -O3 -march=native -ffast-math -fopenmp, ...); called
+ * through ctypes.
  */
 #include <float.h>
 #include <stdint.h>

@@ -1,6 +1,8 @@
-/* The C kernels other C code calls (decode_stack.c), declared once: the files that define
- * them include this too, so the compiler checks that both sides agree. What the arguments
- * mean is documented at each definition. */
+/* Every C function pagoda calls, declared once: the files that define them include this
+ * too, so the compiler checks that both sides agree, and tests/unit/test_native_bindings.py
+ * checks these declarations against the ctypes table in native.py (SIGNATURES) and the
+ * shared constants below against theirs. What the arguments mean is documented at each
+ * definition. */
 #ifndef PAGODA_KERNELS_H
 #define PAGODA_KERNELS_H
 #include <stdint.h>
@@ -41,5 +43,16 @@ void int4_matmul(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, co
                  int out_bf16, int64_t rows, int64_t n, int64_t k, int num_threads);
 void int8_matmul(const int8_t *qp, const uint16_t *d16, const void *x, int x_bf16, void *out, int out_bf16,
                  int64_t rows, int64_t n, int64_t k, int num_threads);
+
+void argmax_rows(const void *x, int x_bf16, int64_t rows, int64_t cols, int64_t *out, int num_threads);
+int quant_matmul_available(void);
+int quant_matmul_rounded_rows(void);
+
+/* decode_stack's table: addresses per layer (decode_stack.c says which). */
+#define STACK_LAYER_SLOTS 17
+void decode_stack(const int64_t *table, int num_layers, int bits, float *x, float *residual, int64_t t,
+                  int64_t hidden, int hq, int hk, int d, int64_t inter, float eps, int jiutian, const float *cos,
+                  const float *sin, int kv_kind, const int64_t *slots, const int64_t *block_table,
+                  int64_t bt_stride, const int64_t *rows, int page_size, float scale, int max_len, int num_threads);
 
 #endif

@@ -10,7 +10,8 @@
  * vectorizes. Rows run in parallel only when a call has enough work to pay for waking
  * the threads.
  *
- * Built by pagoda/ops/native.py with -O3 -march=native -fopenmp; called through ctypes.
+ * Built by pagoda/ops/cpu/native.py (FLAGS there: -O3 -march=native -ffast-math -fopenmp, ...); called
+ * through ctypes.
  */
 #include <math.h>
 #include <stdint.h>

@@ -14,13 +14,12 @@
  * attention kernels do; int8 rows become bf16 exactly, each group's part times its scale);
  * else bf16 dot products for a bf16 cache on AVX512-BF16, and float32 FMAs otherwise. Value
  * sums, for head_dim a multiple of 64, keep a row's 64 columns and every head's sums in
- * registers; an int8 row's scales are folded into the probabilities. At 32 sequences x 192
- * tokens over 30 layers (bf16 cache on huge pages, streamed from memory): 12.5 ms with
- * 16-column value passes and dot-product scores, 9.8 ms with both changes
- * (benchmarks/bench_attention.py). An int8 cache reads half a bf16 cache's bytes, which is
- * what decode attention waits on.
+ * registers; an int8 row's scales are folded into the probabilities (timings:
+ * benchmarks/bench_attention.py, docs/BENCHMARKS.md). An int8 cache reads half a bf16
+ * cache's bytes, which is what decode attention waits on.
  *
- * Built by pagoda/ops/native.py with -O3 -march=native -fopenmp; called through ctypes.
+ * Built by pagoda/ops/cpu/native.py (FLAGS there: -O3 -march=native -ffast-math -fopenmp, ...); called
+ * through ctypes.
  */
 #include <float.h>
 #include <math.h>

@@ -15,12 +15,13 @@
  * are exact and the paths agree bit for bit; on every path a row's result depends on its
  * own inputs only, never on the rows beside it.
  *
- * Layout (made by pagoda/ops/cpu.py): int4 qp [N/16][K/32][16 pairs][16 outputs] bytes
+ * Layout (made by pagoda/ops/cpu/linear.py): int4 qp [N/16][K/32][16 pairs][16 outputs] bytes
  * with input 2p in the low nibble and 2p+1 in the high one; int8 qp [N/16][K/32][32
  * inputs][16 outputs]; d and m [N/16][K/32][16] float16. x [M, K] float32 or bfloat16;
  * y [M, N] float32 or bfloat16.
  *
- * Built by pagoda/ops/native.py with -O3 -march=native -fopenmp; called through ctypes.
+ * Built by pagoda/ops/cpu/native.py (FLAGS there: -O3 -march=native -ffast-math -fopenmp, ...); called
+ * through ctypes.
  */
 #include <stdint.h>
 #include <stdlib.h>

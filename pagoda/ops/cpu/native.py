@@ -2,8 +2,8 @@
 
 Why C at all: a decode step of a small model is hundreds of tiny ops, and some work
 (attention over paged KV) has no torch op that reads pages in place. The sources live
-in ``pagoda/ops/csrc``; each is compiled once per machine with the system C compiler
-(``-O3 -march=native -fopenmp``) into a cache keyed by source, flags and CPU, so no
+in ``pagoda/ops/cpu/csrc``; each is compiled once per machine with the system C compiler
+(``FLAGS``: ``-O3 -march=native -ffast-math -fopenmp``) into a cache keyed by source, flags and CPU, so no
 build step is needed at install time. Without a compiler the library is unavailable
 and the kernels using it decline, leaving the torch kernels and references to serve.
 """
@@ -20,6 +20,8 @@ import subprocess
 import tempfile
 from functools import cache
 from pathlib import Path
+
+import torch
 
 log = logging.getLogger("pagoda.ops")
 
@@ -85,6 +87,10 @@ def _compile(compiler: str, target: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+DTYPE_FLAG = {torch.float32: 0, torch.bfloat16: 1}  # the C kernels' dtype flag per activation tensor
+KV_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # a KV cache's form (enum kv_kind in kernels.h)
+STACK_LAYER_SLOTS = 17  # addresses per layer in decode_stack's table (kernels.h)
+
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {  # the C functions and their argument types (see the sources for their meaning)
     "paged_decode_attention": [_P, _I64, _P, _P, _I32, _P, _I64, _P, _I64, _P, _I32, _I64, _I32, _I32, _I32, _I32,
@@ -109,3 +115,6 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, RESTYPES.get(name)
     return lib
+
+
+HAS_AMX = "amx_bf16" in cpu_flags().split()  # the C kernels' AMX paths apply

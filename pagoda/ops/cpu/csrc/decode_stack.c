@@ -9,7 +9,7 @@
  * called after 60 us of Python runs at half the speed of one called back to back (the
  * second core's thread has gone idle). Here they follow each other directly.
  *
- * table: per layer LAYER_SLOTS addresses (see pagoda/ops/cpu_decoder.py): the q/k/v,
+ * table: per layer STACK_LAYER_SLOTS addresses (kernels.h; pagoda/ops/cpu/decoder_stack.py): the q/k/v,
  * o, gate/up and down weight tiles (three each; int8 leaves the third 0), the two norm
  * weights, the QKV bias (0: none) and the layer's K and V caches.
  * x [T, hidden] float32: the embeddings on entry, the last layer's MLP output on return;
@@ -22,7 +22,6 @@
 
 #include "kernels.h"
 
-#define LAYER_SLOTS 17
 enum { QKV = 0, O = 3, GATE_UP = 6, DOWN = 9, INPUT_NORM = 12, POST_NORM = 13, QKV_BIAS = 14, K_CACHE = 15, V_CACHE = 16 };
 
 /* out [rows, n] float32 = x [rows, k] float32 times the tiles at w[0..2] */
@@ -48,7 +47,7 @@ void decode_stack(const int64_t *table, int num_layers, int bits, float *x, floa
     float *gate_up = malloc(sizeof(float) * (size_t)(t * 2 * inter));
     float *act = malloc(sizeof(float) * (size_t)(t * inter));
     for (int l = 0; l < num_layers; l++) {
-        const int64_t *w = table + (int64_t)l * LAYER_SLOTS;
+        const int64_t *w = table + (int64_t)l * STACK_LAYER_SLOTS;
         if (l == 0) {
             rms_norm(x, (const float *)w[INPUT_NORM], h, 0, t, hidden, eps, jiutian, num_threads);
             memcpy(residual, x, sizeof(float) * (size_t)(t * hidden));

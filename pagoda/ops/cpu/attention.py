@@ -1,0 +1,71 @@
+"""CPU paged attention: decode tokens read their context from the pages in place (the C
+kernel, csrc/paged_attention.c); prefill chunks go to torch's flash SDPA.
+
+The C kernels read a step's tokens as rows (token index, batch index, context length):
+those views of the ForwardBatch are built here, once per step, by `batch.view`."""
+
+from __future__ import annotations
+
+import torch
+
+from pagoda.ops.cpu import native
+from pagoda.ops.cpu.native import DTYPE_FLAG, HAS_AMX, KV_KIND
+from pagoda.ops.forward_batch import ForwardBatch
+from pagoda.ops.registry import DECLINE, kernel
+from pagoda.ops.sdpa import attend_per_sequence
+
+
+def decode_rows(batch: ForwardBatch) -> torch.Tensor:
+    """[n, 3] int64 on the host, one row per single-token sequence: (token index, batch
+    index, context length); the layout the C decode kernel reads."""
+    rows = [(batch.query_starts[b], b, batch.seq_lens[b]) for b, q in enumerate(batch.query_lens) if q == 1]
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+
+
+def token_rows(batch: ForwardBatch) -> torch.Tensor:
+    """decode_rows' layout for every token: a prompt token is a row whose context ends at
+    itself (its chunk's keys are stored before attention runs), so the decode kernel can
+    attend for it too; the same tensor as decode_rows when every sequence decodes."""
+    if batch.is_decode_only:
+        return batch.view(decode_rows)
+    rows = []
+    for b, (q, s) in enumerate(zip(batch.query_lens, batch.seq_lens)):
+        start, first_len = batch.query_starts[b], s - q + 1
+        rows += [(start + i, b, first_len + i) for i in range(q)]
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+
+
+def decode_max_len(batch: ForwardBatch) -> int:
+    """Longest context among the single-token sequences (0 if none)."""
+    return max((s for q, s in zip(batch.query_lens, batch.seq_lens) if q == 1), default=0)
+
+
+@kernel("paged_attention", priority=20)
+def paged_attention_cpu(q, k_cache, v_cache, batch: ForwardBatch, scale, out_dtype=None):
+    """Decode tokens read their context from the pages in place (C kernel); prefill chunks,
+    which are compute-bound, go to torch's flash SDPA one sequence at a time, in bfloat16
+    when the cache is bfloat16 or int8 and the CPU has AMX (2.7x float32's speed there)."""
+    lib = native.library()
+    rows = batch.view(decode_rows)
+    out_dtype = out_dtype or q.dtype
+    decode_in_c = (
+        lib is not None and len(rows) > 0 and q.dtype == torch.float32 and k_cache.dtype in KV_KIND
+        and out_dtype in DTYPE_FLAG and q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
+    )
+    compute = torch.bfloat16 if k_cache.dtype in (torch.bfloat16, torch.int8) and HAS_AMX else q.dtype
+    if not decode_in_c and compute == q.dtype:
+        return DECLINE  # exactly what the portable SDPA kernel does
+    out = torch.empty(q.shape, dtype=out_dtype)
+    seqs = batch.multi_token_seqs if decode_in_c else range(batch.batch_size)
+    if decode_in_c:
+        _, hq, d = q.shape
+        block_table = batch.block_table
+        lib.paged_decode_attention(
+            q.data_ptr(), hq * d, k_cache.data_ptr(), v_cache.data_ptr(), KV_KIND[k_cache.dtype],
+            block_table.data_ptr(), block_table.stride(0), rows.data_ptr(), len(rows), out.data_ptr(),
+            DTYPE_FLAG[out_dtype], hq * d, hq, k_cache.shape[1], d, batch.page_size, scale, batch.view(decode_max_len),
+            torch.get_num_threads(),
+        )
+    if seqs:
+        attend_per_sequence(q, k_cache, v_cache, batch, scale, out, seqs, compute)
+    return out

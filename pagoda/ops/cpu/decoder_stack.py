@@ -1,0 +1,105 @@
+"""CPU kernel of decoder_stack: a step's whole layer stack in one C call
+(csrc/decode_stack.c), for models whose linears all sit in the C quantized tiles.
+
+The C side calls the very kernels the per-op path dispatches to, in the same order, so
+for decode tokens the two agree bit for bit; what goes away is ~270 returns to Python per
+step, which at one sequence cost about as much as the arithmetic (and slow the kernels
+after them). Short prompt chunks ride along (mixed steps are the rule under load), their
+attention computed by the decode kernel row by row in float32 rather than by SDPA; long
+chunks, and models it does not cover, are declined (the model runs them op by op). It reads
+the model only through its DecoderStackSpec (pagoda/ops/decoder_stack.py).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from pagoda.ops.cpu import native
+from pagoda.ops.cpu.attention import token_rows
+from pagoda.ops.cpu.linear import Int4Tiles, Int8Tiles
+from pagoda.ops.cpu.native import KV_KIND, STACK_LAYER_SLOTS
+from pagoda.ops.decoder_stack import DecoderStackSpec
+from pagoda.ops.forward_batch import ForwardBatch
+from pagoda.ops.registry import DECLINE, kernel
+
+# Prompt chunks up to this long ride along in the C stack (their attention as rows of the
+# decode kernel); longer ones take the per-op path, whose flash SDPA is faster on them.
+MAX_CHUNK = 256
+_BITS = {Int4Tiles: 4, Int8Tiles: 8}
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    """What the C call needs of a stack and its KV caches, gathered once: per layer,
+    STACK_LAYER_SLOTS addresses (the four linears' tiles, 3 slots each; two norms; the QKV
+    bias; k and v)."""
+
+    table: torch.Tensor  # [layers * STACK_LAYER_SLOTS] int64 addresses
+    bits: int
+    kv_kind: int
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # spec -> (kv caches, plan or None)
+
+
+def _packed(weight) -> object:
+    """A quantized weight's kernel layout (None for dense weights)."""
+    return getattr(weight, "packed", None)
+
+
+def _make_plan(spec: DecoderStackSpec, kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> StackPlan | None:
+    """The plan, or None when the stack is outside what the C stack runs."""
+    kind = type(_packed(spec.layers[0].qkv))
+    if kind not in _BITS or spec.dtype != torch.float32 or spec.activation_dtype is not None:
+        return None
+    rows: list[int] = []
+    for layer, (k, v) in zip(spec.layers, kv_caches, strict=True):
+        linears = (layer.qkv, layer.o, layer.gate_up, layer.down)
+        norms = (layer.input_norm, layer.post_attention_norm)
+        if (
+            any(type(_packed(w)) is not kind for w in linears) or any(n.dtype != torch.float32 for n in norms)
+            or (layer.qkv_bias is not None and layer.qkv_bias.dtype != torch.float32)
+            or k.dtype not in KV_KIND or v.dtype != k.dtype
+        ):
+            return None
+        for w in linears:
+            pointers = _packed(w).pointers
+            rows += [*pointers, *[0] * (3 - len(pointers))]
+        bias = layer.qkv_bias
+        rows += [norms[0].data_ptr(), norms[1].data_ptr(), 0 if bias is None else bias.data_ptr(), k.data_ptr(),
+                 v.data_ptr()]
+    assert len(rows) == len(spec.layers) * STACK_LAYER_SLOTS
+    return StackPlan(torch.tensor(rows, dtype=torch.int64), _BITS[kind], KV_KIND[kv_caches[0][0].dtype])
+
+
+def _plan(spec: DecoderStackSpec, kv_caches) -> StackPlan | None:
+    cached = _PLANS.get(spec)
+    if cached is None or cached[0] is not kv_caches:
+        cached = (kv_caches, _make_plan(spec, kv_caches) if spec.layers else None)
+        _PLANS[spec] = cached
+    return cached[1]
+
+
+@kernel("decoder_stack", priority=20)
+def decoder_stack_c(spec: DecoderStackSpec, x: torch.Tensor, batch: ForwardBatch):
+    lib = native.library()
+    if lib is None or x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous():
+        return DECLINE
+    plan = _plan(spec, batch.kv_caches)
+    if plan is None or max(batch.query_lens) > MAX_CHUNK:
+        return DECLINE
+    cos, sin = spec.rope_cos[batch.positions], spec.rope_sin[batch.positions]
+    out, residual = x.clone(), torch.empty_like(x)
+    rows, block_table = batch.view(token_rows), batch.block_table
+    lib.decode_stack(
+        plan.table.data_ptr(), len(spec.layers), plan.bits, out.data_ptr(), residual.data_ptr(), x.shape[0],
+        spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.intermediate_size, spec.norm_eps,
+        spec.norm_variant == "jiutian", cos.data_ptr(), sin.data_ptr(), plan.kv_kind, batch.slot_mapping.data_ptr(),
+        block_table.data_ptr(), block_table.stride(0), rows.data_ptr(), batch.page_size, spec.attn_scale,
+        max(batch.seq_lens), torch.get_num_threads(),
+    )
+    return out, residual
