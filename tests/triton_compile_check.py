@@ -58,6 +58,10 @@ def cases():
                         dict(NUM_SPLITS=splits, GROUP=4, GROUP_PAD=16, **common)))
         out.append((f"prefill {cache}", ta._prefill_kernel, ptrs,
                     dict(CAUSAL=True, GROUP=4, GROUP_PAD=4, BLOCK_Q=block_q, **common)))
+    # an int8 head of one scale group (head_dim 32): a one-wide group axis
+    out.append(("decode i8 head_dim=32", ta._decode_split_kernel, _attention("i8", tl.bfloat16, True),
+                dict(NUM_SPLITS=1, GROUP=1, GROUP_PAD=16, HEAD_DIM=32, D_PAD=32, BLOCK_N=32, QUANT_GROUP=32, INT8=True,
+                     DOT_DTYPE=tl.bfloat16, PRECISION=None)))
     out.append(("decode reduce", ta._decode_reduce_kernel, {"m_ptr": "fp32", "l_ptr": "fp32", "acc_ptr": "fp32"},
                 dict(NUM_SPLITS=8, S_PAD=8, HEAD_DIM=128, D_PAD=128)))
     norm_ptrs = {"r_ptr": "fp32", "sum_ptr": "fp32"}
