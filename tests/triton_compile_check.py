@@ -46,7 +46,8 @@ def _attention(cache: str, dot, int8_scales: bool) -> dict[str, str]:
 
 
 def cases():
-    """(label, kernel, pointer dtypes, constexprs), as the launchers pick them for a 128-wide head."""
+    """(label, kernel, pointer dtypes, constexprs), as the launchers pick them for a 128-wide head
+    (and their warps, in main)."""
     out = []
     for cache, dot, prec, block_n, block_q in (("bf16", tl.bfloat16, None, 32, 16), ("i8", tl.bfloat16, None, 32, 16),
                                                ("fp32", tl.float32, "ieee", 16, 4)):
@@ -98,7 +99,10 @@ def main(arch: int = 90) -> int:
     target = GPUTarget("cuda", arch, 32)
     failed = 0
     for label, fn, ptrs, constexprs in cases():
-        warps = te._warps(constexprs["BLOCK"]) if fn in (te._rms_norm_kernel, te._argmax_kernel) else 4
+        if fn in (te._rms_norm_kernel, te._argmax_kernel):
+            warps = te._warps(constexprs["BLOCK"])
+        else:
+            warps = ta._prefill_warps(constexprs["DOT_DTYPE"]) if fn is ta._prefill_kernel else 4
         src = ASTSource(fn=fn, signature=_signature(fn, ptrs, constexprs), constexprs=constexprs)
         try:
             kernel = triton.compile(src, target=target, options={"num_warps": warps})
