@@ -93,7 +93,7 @@ def _on_device(*tensors):
 
 
 def _loose(q, k_cache, out_dtype) -> bool:
-    return bf16 in (q.dtype, k_cache.dtype, out_dtype)
+    return bool({bf16, torch.float16} & {q.dtype, k_cache.dtype, out_dtype})
 
 
 DECODE_CASES = [
@@ -105,6 +105,7 @@ DECODE_CASES = [
     ([12, 3], 4, 4, 4, 24, torch.int8, bf16, torch.float32, None),  # head_dim 24: groups of 8, padded
     ([18], 16, 3, 1, 16, torch.float16, torch.float32, bf16, 2),  # group of 3 (padded), fp16 cache
     ([0, 6], 4, 2, 1, 16, torch.float32, torch.float32, None, 1),  # one split: no reduce, a padding row
+    ([7, 12], 4, 4, 1, 16, torch.float16, torch.float16, None, 2),  # float16 products (bf16's path on a GPU)
 ]
 
 
@@ -142,6 +143,7 @@ PREFILL_CASES = [
     ([4, 1], [21, 9], 16, 4, 1, 32, torch.int8, torch.float32, bf16),  # int8 rows
     ([3], [10], 4, 3, 1, 24, torch.int8, bf16, None),  # group of 3, head_dim 24
     ([2], [6], 4, 2, 1, 16, torch.float32, bf16, None),  # bf16 queries over a float32 cache: float32 products
+    ([3, 1], [9, 5], 4, 4, 1, 32, torch.int8, torch.float16, None),  # float16 products over int8 rows
 ]
 
 
