@@ -5,8 +5,9 @@ row reductions (greedy argmax, exponential-race sampling).
 Each launcher computes what its reference in pagoda/ops/reference.py or
 pagoda/ops/sampling.py computes, in float32, rounding once to the output's dtype; it takes
 explicit tensors, registers nothing, and returns DECLINE for inputs it does not handle
-(dtypes outside float32/float16/bfloat16, a last dimension that is not contiguous, or a
-device Triton cannot run on: compiled kernels need accelerator tensors, the interpreter
+(dtypes outside float32/float16/bfloat16, shapes off the reference's, rotary inputs or
+caches whose last dimension is not contiguous (the row kernels copy such rows instead), or
+a device Triton cannot run on: compiled kernels need accelerator tensors, the interpreter
 host ones). The sampling kernels return device tensors and never synchronise: a step's
 sampled ids come back to the host in one copy.
 """
