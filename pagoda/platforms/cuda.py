@@ -1,4 +1,5 @@
-"""NVIDIA GPUs through torch.cuda; FlashAttention kernels when flash_attn is installed."""
+"""NVIDIA GPUs through torch.cuda: Triton kernels (pagoda/ops/cuda/) when triton is installed,
+FlashAttention's when flash_attn is, captured decode graphs."""
 
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ class CudaPlatform(Platform):
     device_type = "cuda"
     dist_backend = "nccl"
     capabilities = Capabilities(graph_capture=True)
-    kernel_modules = ("pagoda.ops.cuda.flash_attn",)
+    kernel_modules = (
+        "pagoda.ops.cuda.flash_attn", "pagoda.ops.cuda.triton_attention", "pagoda.ops.cuda.triton_elementwise",
+    )
 
     @classmethod
     def is_available(cls) -> bool:

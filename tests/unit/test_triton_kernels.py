@@ -326,6 +326,28 @@ def test_sample_from_probs_is_the_exponential_race() -> None:
     assert got[0].item() == 777
 
 
+def test_paged_attention_kernel_reads_the_forward_batch() -> None:
+    """The op's kernel (what the CUDA and MUSA platforms register) on real batches: decodes
+    through the graph-safe decode kernel, mixed steps through the prefill kernel; a graph's
+    (static) mixed batch is declined."""
+    import dataclasses
+
+    from pagoda.ops.forward_batch import ForwardBatch
+
+    g = torch.Generator().manual_seed(3)
+    page, hk, d = 4, 2, 16
+    k_cache, v_cache = (torch.randn(40 * page, hk, d, generator=g).to(DEVICE) for _ in range(2))
+    decode = [([1], 6, [3, 7]), ([2], 1, [9]), ([3], 12, [1, 2, 4, 5])]
+    mixed = [([1, 2, 3], 4, [3, 7]), ([2], 1, [9])]
+    for seqs in (decode, mixed):
+        batch = ForwardBatch.build(seqs, page, torch.device(DEVICE))
+        q = torch.randn(batch.num_tokens, 4, d, generator=g).to(DEVICE)
+        got = ta.paged_attention_triton(q, k_cache, v_cache, batch, d**-0.5)
+        _close(got, reference.paged_attention(q, k_cache, v_cache, batch, d**-0.5), loose=False)
+    static = dataclasses.replace(batch, static=True, _views={})
+    assert ta.paged_attention_triton(q, k_cache, v_cache, static, d**-0.5) is DECLINE
+
+
 # ---------------------------------------------------------------------------------------
 # Without triton; on a GPU, under graph capture
 

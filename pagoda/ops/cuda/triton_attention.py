@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import torch
 
+from pagoda.ops.forward_batch import ForwardBatch
 from pagoda.ops.kv_quant import cache_row_width, group_size
-from pagoda.ops.registry import DECLINE
+from pagoda.ops.registry import DECLINE, kernel
 
 try:
     import triton
@@ -402,4 +403,27 @@ def prefill_attention(
     return out
 
 
-__all__ = ["AVAILABLE", "decode_attention", "default_num_splits", "interpreting", "prefill_attention"]
+def query_starts(batch: ForwardBatch) -> torch.Tensor:
+    """The batch's cumulative query lengths on its device ([B + 1] int32)."""
+    return torch.tensor(batch.query_starts, dtype=torch.int32, device=batch.block_table.device)
+
+
+@kernel("paged_attention", priority=15)
+def paged_attention_triton(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch, scale: float,
+    out_dtype: torch.dtype | None = None,
+):
+    """Decode-only batches: flash-decoding over the pages, its launch fixed by the shapes (so
+    a captured graph may hold it). Other batches: the varlen prefill kernel (not in a graph:
+    its grid follows the longest chunk). FlashAttention, where installed, ranks above."""
+    if batch.is_decode_only:
+        return decode_attention(q, k_cache, v_cache, batch.block_table, batch.context_lens, batch.page_size, scale,
+                                out_dtype)
+    if batch.static:
+        return DECLINE
+    return prefill_attention(q, k_cache, v_cache, batch.block_table, batch.view(query_starts), batch.context_lens,
+                             batch.page_size, scale, out_dtype, causal=True, max_query_len=max(batch.query_lens))
+
+
+__all__ = ["AVAILABLE", "decode_attention", "default_num_splits", "interpreting", "paged_attention_triton",
+           "prefill_attention"]

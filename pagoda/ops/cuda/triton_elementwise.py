@@ -1,10 +1,11 @@
 """Triton elementwise and row kernels for CUDA and MUSA: RMSNorm (plain and fused with the
 residual add), rotary embedding with the KV store, SiLU-and-mul, and the sampler's two
-row reductions (greedy argmax, exponential-race sampling).
+row reductions (greedy argmax, exponential-race sampling). Their signatures are the ops'
+own: the CUDA and MUSA platforms register them as the ops' kernels.
 
 Each launcher computes what its reference in pagoda/ops/reference.py or
 pagoda/ops/sampling.py computes, in float32, rounding once to the output's dtype; it takes
-explicit tensors, registers nothing, and returns DECLINE for inputs it does not handle
+explicit tensors, and returns DECLINE for inputs it does not handle
 (dtypes outside float32/float16/bfloat16, shapes off the reference's, rotary inputs or
 caches whose last dimension is not contiguous (the row kernels copy such rows instead), or
 a device Triton cannot run on: compiled kernels need accelerator tensors, the interpreter
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from pagoda.ops.kv_quant import cache_row_width, group_size
-from pagoda.ops.registry import DECLINE
+from pagoda.ops.registry import DECLINE, kernel
 
 try:
     import triton
@@ -211,12 +212,14 @@ if AVAILABLE:
         tl.store(out_ptr + row, tl.where(idx == 2147483647, 0, idx).to(tl.int64))
 
 
+@kernel("rms_norm", priority=20)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str = "llama",
              out_dtype: torch.dtype | None = None):
     """reference.rms_norm: weight * norm(x) over the last dimension, in out_dtype (x's)."""
     return _norm(x, None, weight, eps, variant, out_dtype)
 
 
+@kernel("add_rms_norm", priority=20)
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                        variant: str = "llama", out_dtype: torch.dtype | None = None):
     """reference.add_rms_norm: (norm(x + residual), x + residual), the sum in the wider of the
@@ -255,6 +258,7 @@ def _norm(x, residual, weight, eps, variant, out_dtype):
     return out if residual is None else (out, summed)
 
 
+@kernel("silu_and_mul", priority=20)
 def silu_and_mul(x: torch.Tensor):
     """reference.silu_and_mul: silu(gate) * up of a fused [..., 2I] projection, in x's dtype."""
     if not _runnable(x) or x.dtype not in _FLOAT_DTYPES or x.dim() == 0 or x.shape[-1] % 2:
@@ -270,6 +274,7 @@ def silu_and_mul(x: torch.Tensor):
     return out
 
 
+@kernel("rotary_store_kv", priority=20)
 def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                     out_dtype: torch.dtype | None = None):
@@ -319,11 +324,13 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     return q_out
 
 
+@kernel("argmax_rows", priority=20)
 def argmax_rows(x: torch.Tensor):
     """sampling.argmax_rows: [B, V] -> [B] int64, the first maximum of each row (greedy)."""
     return _argmax(x, None)
 
 
+@kernel("sample_from_probs", priority=20)
 def sample_from_probs(probs: torch.Tensor, exp_noise: torch.Tensor):
     """sampling.sample_from_probs: argmax(probs / exp_noise) per row (the exponential race),
     one pass over the vocabulary, no [B, V] quotient; [B] int64 on the device."""
