@@ -1,7 +1,7 @@
 """Decode steps replayed from captured graphs, one graph per batch-size bucket.
 
 On a GPU a decode step of a small batch is thousands of kernel launches whose host time
-dwarfs the device's work; a captured graph (CUDA graphs; MUSA graphs through torch_musa)
+dwarfs the device's work; a captured graph (CUDA graphs; MUSA graphs)
 replays them all with one launch. Decode-only steps are captured at start-up for batch
 buckets 1, 2, 4, 8, then every 8 up to 64 and every 16 beyond, up to the largest batch the
 engine runs (capped by `--graph-max-batch-size`); a step pads to its bucket and replays.
