@@ -11,17 +11,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagoda.server.reasoning_parsers import ReasoningDelta, ReasoningParser
-from pagoda.server.tool_parsers import ToolCall, ToolDelta, ToolParser
+from pagoda.server.tool_parsers import ToolCall, ToolCallDelta, ToolDelta, ToolParser, merge_calls
 
 
 @dataclass
 class ChoiceDelta:
     reasoning: str = ""
     content: str = ""
-    calls: list[ToolCall] = field(default_factory=list)
+    calls: list[ToolCallDelta] = field(default_factory=list)  # pieces of tool calls (see ToolCallStream)
 
     def __add__(self, other: ChoiceDelta) -> ChoiceDelta:
         return ChoiceDelta(self.reasoning + other.reasoning, self.content + other.content, self.calls + other.calls)
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The whole calls (of a whole output: a sum of all its deltas)."""
+        return merge_calls(self.calls)
 
 
 class ChoiceParser:
@@ -49,7 +54,7 @@ class ChoiceParser:
         if final:
             last = self.tools.finish()
             t = ToolDelta(t.content + last.content, t.calls + last.calls)
-        self.num_calls += len(t.calls)
+        self.num_calls += sum(1 for c in t.calls if c.name is not None)
         return ChoiceDelta(r.reasoning, t.content, t.calls)
 
     def parse(self, text: str) -> ChoiceDelta:
@@ -63,10 +68,11 @@ def chat_message(parsed: ChoiceDelta, with_reasoning: bool) -> dict[str, Any]:
     if with_reasoning:
         message["reasoning_content"] = parsed.reasoning or None
     if parsed.calls:
-        message["tool_calls"] = [c.to_openai() for c in parsed.calls]
+        message["tool_calls"] = [c.to_openai() for c in parsed.tool_calls]
     return message
 
 
-def finish_reason(reason: str | None, made_calls: bool) -> str | None:
-    """OpenAI's "tool_calls" for a reply that ended by itself after calling tools."""
-    return "tool_calls" if made_calls and reason == "stop" else reason
+def finish_reason(reason: str | None, made_calls: bool, forced_named: bool = False) -> str | None:
+    """OpenAI's "tool_calls" for a reply that ended by itself after calling tools; a call forced
+    by naming the function ends with "stop", as OpenAI's do."""
+    return "tool_calls" if made_calls and reason == "stop" and not forced_named else reason

@@ -16,12 +16,13 @@ import functools
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from pagoda.engine.async_engine import AsyncEngine
+from pagoda.engine.async_engine import AsyncEngine, RequestStream
 from pagoda.engine.outputs import CompletionOutput, RequestOutput
 from pagoda.errors import InvalidRequestError
 from pagoda.server.chat_output import ChoiceDelta, ChoiceParser, chat_message, finish_reason
@@ -29,7 +30,7 @@ from pagoda.server.errors import APIError
 from pagoda.server.metrics import RequestTracker, ServerMetrics
 from pagoda.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, _SamplingFields
 from pagoda.server.reasoning_parsers import get_reasoning_parser
-from pagoda.server.tool_parsers import arguments_object, get_tool_parser
+from pagoda.server.tool_parsers import arguments_object, coalesce, get_tool_parser
 from pagoda.structured import StructuredOutputs
 from pagoda.server.streaming import (
     SSE_DONE,
@@ -45,6 +46,33 @@ from pagoda.server.streaming import (
     submit,
     usage,
 )
+
+
+@dataclass
+class ChatRun:
+    """A submitted chat request, as every chat-shaped API follows it."""
+
+    request_id: str
+    streams: list[RequestStream]
+    trackers: list[RequestTracker]
+    tools: list[dict[str, Any]]
+    forced_named: bool  # tool_choice named a function: the reply ends with "stop", as OpenAI's do
+    n: int
+    top_n: int | None  # top logprobs asked for (None: no logprobs)
+
+    def finish_reason(self, reason: str | None, made_calls: bool) -> str | None:
+        return finish_reason(reason, made_calls, self.forced_named)
+
+
+@dataclass
+class ChoiceStep:
+    """One streamed step of one choice: the engine's output and what the parsers made of its text."""
+
+    choice: CompletionOutput
+    delta: ChoiceDelta
+    parser: ChoiceParser
+    output: RequestOutput  # the whole request's output this step came in (usage at the end)
+    finish: str | None  # the API's finish reason once the choice ended
 
 
 class OpenAIServing:
@@ -117,9 +145,11 @@ class OpenAIServing:
     def _choice_parser(self, tools: list[dict[str, Any]]) -> ChoiceParser:
         return ChoiceParser(self.reasoning_parser, self.tool_parser if tools else None)
 
-    # ---- chat ------------------------------------------------------------------------
+    # ---- chat: the one path behind chat completions, Responses and Messages -----------
 
-    async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
+    async def start_chat(self, req: ChatCompletionRequest, request_id: str) -> ChatRun:
+        """Validate, render and submit a chat request (errors raise here, before any byte is sent).
+        The other chat-shaped APIs translate their requests into a ChatCompletionRequest first."""
         self.check_model(req.model)
         max_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         renames = {"max_tokens": max_name, "logprobs": "top_logprobs"}
@@ -131,53 +161,26 @@ class OpenAIServing:
             structured, renames["structural_tag"] = StructuredOutputs(structural_tag=tag), "tools"
         params = make_params({**self._common(req), "max_tokens": req.effective_max_tokens, "logprobs": top_n,
                               "structured": structured}, renames)
-        tok = self.engine.tokenizer
-        if tok is None:
+        if self.engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so it cannot chat: use /v1/completions with token ids",
                            param="messages")
         prompt_ids = await self.encode_chat(req.messages, tools, req.add_generation_prompt, req.chat_template_kwargs)
-        request_id = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
         streams = await submit(self.engine, [prompt_ids], params, request_id, req.priority, renames)
-        trackers = self._trackers(request_id, 1)
-        created = int(time.time())
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return SSEResponse(self._chat_events(follow(self.engine, streams, trackers), request_id, created,
-                                                 req.n, top_n, include_usage, tools))
-        (final,) = await collect(self.engine, streams, trackers, raw)
-        choices = []
-        for c in final.outputs:
-            parsed = self._choice_parser(tools).parse(c.text)
-            choices.append({
-                "index": c.index, "message": chat_message(parsed, self.reasoning_parser is not None),
-                "logprobs": chat_logprobs(c.logprobs or [], top_n, self.text) if top_n is not None else None,
-                "finish_reason": finish_reason(c.finish_reason, bool(parsed.calls)), "stop_reason": c.stop_reason,
-            })
-        return JSONResponse({"id": request_id, "object": "chat.completion", "created": created,
-                             "model": self.model_name, "choices": choices, "usage": usage([final])})
+        return ChatRun(request_id, streams, self._trackers(request_id, 1), tools,
+                       bool(tools) and req.forced_function is not None, req.n, top_n)
 
-    async def _chat_events(
-        self, outputs: AsyncIterator[tuple[int, RequestOutput]], request_id: str, created: int, n: int,
-        top_n: int | None, include_usage: bool, tools: list[dict[str, Any]],
-    ) -> AsyncIterator[str]:
-        base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
-        extra = {"usage": None} if include_usage else {}
+    async def collect_chat(self, run: ChatRun, raw: Request) -> tuple[RequestOutput, list[ChoiceDelta]]:
+        """The final output and each choice parsed whole (by the machine that parses streams)."""
+        (final,) = await collect(self.engine, run.streams, run.trackers, raw)
+        return final, [self._choice_parser(run.tools).parse(c.text) for c in final.outputs]
 
-        def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None,
-                  stop_reason: Any = None) -> str:
-            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-            if finish is not None:
-                choice["stop_reason"] = stop_reason
-            return sse({**base, "choices": [choice], **extra})
-
+    async def chat_steps(self, run: ChatRun) -> AsyncIterator[ChoiceStep]:
+        """Each choice's parsed deltas as they arrive; the pieces add up to ``collect_chat``'s."""
+        outputs = follow(self.engine, run.streams, run.trackers)
         try:
-            for i in range(n):
-                yield chunk(i, {"role": "assistant", "content": ""})
-            done = [False] * n
-            parsers = [self._choice_parser(tools) for _ in range(n)]
-            final: RequestOutput | None = None
+            done = [False] * run.n
+            parsers = [self._choice_parser(run.tools) for _ in range(run.n)]
             async for _, output in outputs:
-                final = output
                 for c in output.outputs:
                     if done[c.index] or not (c.delta_text or c.delta_token_ids or c.finished):
                         continue
@@ -186,30 +189,68 @@ class OpenAIServing:
                     parsed = parser.feed(c.delta_text) if c.delta_text else ChoiceDelta()
                     if c.finished:
                         parsed += parser.finish()
-                    lp = chat_logprobs(c.delta_logprobs, top_n, self.text) if top_n is not None else None
-                    delta = self._delta(parsed, parser.num_calls - len(parsed.calls))
-                    if parsed.content or not (delta or c.finished or parser.active):
-                        delta["content"] = parsed.content
-                    if not (delta or lp or c.finished):
-                        continue  # text a parser holds back (a call being written, a partial marker)
-                    finish = finish_reason(c.finish_reason, parser.num_calls > 0)
-                    yield chunk(c.index, delta, lp, finish, c.stop_reason)
+                    yield ChoiceStep(c, parsed, parser, output, run.finish_reason(c.finish_reason, parser.num_calls > 0))
+        finally:
+            await outputs.aclose()  # type: ignore[attr-defined]
+
+    async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        run = await self.start_chat(req, f"chatcmpl-{req.request_id or uuid.uuid4().hex}")
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return SSEResponse(self._chat_events(run, created, include_usage))
+        final, parsed = await self.collect_chat(run, raw)
+        choices = []
+        for c, p in zip(final.outputs, parsed):
+            choices.append({
+                "index": c.index, "message": chat_message(p, self.reasoning_parser is not None),
+                "logprobs": chat_logprobs(c.logprobs or [], run.top_n, self.text) if run.top_n is not None else None,
+                "finish_reason": run.finish_reason(c.finish_reason, bool(p.calls)), "stop_reason": c.stop_reason,
+            })
+        return JSONResponse({"id": run.request_id, "object": "chat.completion", "created": created,
+                             "model": self.model_name, "choices": choices, "usage": usage([final])})
+
+    async def _chat_events(self, run: ChatRun, created: int, include_usage: bool) -> AsyncIterator[str]:
+        base = {"id": run.request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
+        extra = {"usage": None} if include_usage else {}
+        top_n = run.top_n
+
+        def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None,
+                  stop_reason: Any = None) -> str:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            if finish is not None:
+                choice["stop_reason"] = stop_reason
+            return sse({**base, "choices": [choice], **extra})
+
+        steps = self.chat_steps(run)
+        try:
+            for i in range(run.n):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            final: RequestOutput | None = None
+            async for step in steps:
+                final, c, parsed = step.output, step.choice, step.delta
+                lp = chat_logprobs(c.delta_logprobs, top_n, self.text) if top_n is not None else None
+                delta = self._delta(parsed)
+                if parsed.content or not (delta or c.finished or step.parser.active):
+                    delta["content"] = parsed.content
+                if not (delta or lp or c.finished):
+                    continue  # text a parser holds back (a call's head being written, a partial marker)
+                yield chunk(c.index, delta, lp, step.finish, c.stop_reason)
             if include_usage and final is not None:
                 yield sse({**base, "choices": [], "usage": usage([final])})
             yield SSE_DONE
         finally:
-            await outputs.aclose()  # type: ignore[attr-defined]
+            await steps.aclose()  # type: ignore[attr-defined]
 
     @staticmethod
-    def _delta(parsed: ChoiceDelta, first_call_index: int) -> dict[str, Any]:
-        """Reasoning and tool calls of one streamed chunk (OpenAI's delta shape; content is added by
-        the caller)."""
+    def _delta(parsed: ChoiceDelta) -> dict[str, Any]:
+        """Reasoning and tool-call pieces of one streamed chunk (OpenAI's delta shape; content is
+        added by the caller): a call's first entry has its id, type and name, later ones arguments."""
         delta: dict[str, Any] = {}
         if parsed.reasoning:
             delta["reasoning_content"] = parsed.reasoning
         if parsed.calls:
-            delta["tool_calls"] = [{"index": first_call_index + k, **call.to_openai()}
-                                   for k, call in enumerate(parsed.calls)]
+            delta["tool_calls"] = [d.to_openai() for d in coalesce(parsed.calls)]
         return delta
 
     # ---- completions -----------------------------------------------------------------

@@ -13,7 +13,7 @@ import xgrammar as xgr
 from pagoda.errors import ConfigError
 from pagoda.server.chat_output import ChoiceDelta, ChoiceParser, chat_message, finish_reason
 from pagoda.server.reasoning_parsers import get_reasoning_parser
-from pagoda.server.tool_parsers import TOOL_PARSERS, get_tool_parser
+from pagoda.server.tool_parsers import TOOL_PARSERS, get_tool_parser, merge_calls
 
 HERMES = get_tool_parser("hermes")
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -37,7 +37,14 @@ CASES = [
     ('<tool_call>{"name": "add", "parameters": {"a": 1}}</tool_call> done', "done", [("add", '{"a": 1}')]),
     ('<tool_call>\n{"name": "add", "arguments": {"a": 1}}', None, [("add", '{"a": 1}')]),  # unterminated at the end
     ("<tool_call>not json</tool_call>", "<tool_call>not json</tool_call>", []),
-    ('<tool_call>{"name": "add", "arguments": {"a": 1', '<tool_call>{"name": "add", "arguments": {"a": 1', []),
+    # a call cut off (max_tokens) after its head: a call with the arguments written so far, as OpenAI's
+    ('<tool_call>{"name": "add", "arguments": {"a": 1', None, [("add", '{"a": 1')]),
+    ('<tool_call>{"name": "ad', '<tool_call>{"name": "ad', []),  # no head yet: text
+    ('<tool_call>\n{"name": "f", "arguments": {"s": "x\ty \\"} {"}} </tool_call>', None,
+     [("f", '{"s": "x\\ty \\"} {"}')]),  # a raw tab re-escaped; braces in strings are text
+    ('<tool_call>{"name": "f", "arguments": "{\\"s\\": \\"\\u00e9\\ud83d\\ude00\\"}"}</tool_call>', None,
+     [("f", '{"s": "é😀"}')]),  # arguments as a JSON string: decoded
+    ('<tool_call>{"arguments": {"a": 1}, "name": "add"}</tool_call>', None, [("add", '{"a": 1}')]),  # parsed whole
     ("a < b and <tool_ but no call", "a < b and <tool_ but no call", []),
     ("héllo 😀 <tool_call>[1]</tool_call>", "héllo 😀 <tool_call>[1]</tool_call>", []),
 ]
@@ -65,9 +72,21 @@ def test_hermes_whole_and_streamed(case: int) -> None:
         deltas = [stream.feed(p) for p in pieces] + [stream.finish()]
         streamed = "".join(d.content for d in deltas)
         assert (streamed or None if calls else streamed) == content
-        assert [(c.name, c.arguments) for d in deltas for c in d.calls] == calls
+        assert [(c.name, c.arguments) for c in merge_calls([c for d in deltas for c in d.calls])] == calls
         if calls:  # nothing of a call's markup ever leaks into the content
             assert all("<tool_call" not in d.content and "</tool" not in d.content for d in deltas)
+
+
+def test_arguments_stream_in_pieces() -> None:
+    """Fed a character at a time, a call's first delta has its id and name, the arguments follow
+    piece by piece, and nothing of the markup or the closing brace of the call leaks into them."""
+    stream = HERMES.stream()
+    deltas = [d for ch in CALL + "\n" + CALL for d in stream.feed(ch).calls] + stream.finish().calls
+    heads = [d for d in deltas if d.name is not None]
+    assert [(d.index, d.name) for d in heads] == [(0, "get_weather"), (1, "get_weather")]
+    assert all(d.id.startswith("call_") for d in heads) and heads[0].id != heads[1].id
+    pieces = [d.arguments for d in deltas if d.index == 0]
+    assert len(pieces) == len('{"city": "Paris", "unit": "c"}') and "".join(pieces) == '{"city": "Paris", "unit": "c"}'
 
 
 def test_registry() -> None:
@@ -174,7 +193,7 @@ def test_reasoning_then_tool_call_in_one_choice() -> None:
     for ch in text:
         total += parser.feed(ch)
     total += parser.finish()
-    assert (total.reasoning, total.content, [c.arguments for c in total.calls]) == \
-        (whole.reasoning, whole.content, [c.arguments for c in whole.calls])
+    assert (total.reasoning, total.content, [c.arguments for c in total.tool_calls]) == \
+        (whole.reasoning, whole.content, [c.arguments for c in whole.tool_calls])
     # neither parser: the text passes through untouched
     assert ChoiceParser(None, None).parse(text).content == text

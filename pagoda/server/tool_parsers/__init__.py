@@ -7,17 +7,21 @@ from __future__ import annotations
 
 from pagoda.server.tool_parsers.base import (
     TOOL_PARSERS,
+    CallProgress,
     ToolCall,
+    ToolCallDelta,
     ToolCallStream,
     ToolDelta,
     ToolParser,
     arguments_object,
+    coalesce,
     get_tool_parser,
+    merge_calls,
     register_tool_parser,
 )
 from pagoda.server.tool_parsers.hermes import HermesToolParser
 
 __all__ = [
-    "TOOL_PARSERS", "HermesToolParser", "ToolCall", "ToolCallStream", "ToolDelta", "ToolParser", "arguments_object",
-    "get_tool_parser", "register_tool_parser",
+    "TOOL_PARSERS", "CallProgress", "HermesToolParser", "ToolCall", "ToolCallDelta", "ToolCallStream", "ToolDelta",
+    "ToolParser", "arguments_object", "coalesce", "get_tool_parser", "merge_calls", "register_tool_parser",
 ]

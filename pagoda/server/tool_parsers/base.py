@@ -5,8 +5,13 @@ grammar that forces well-formed calls for tool_choice "required" or a named func
 conversation shows tools, calls and results to a model whose chat template knows nothing of tools.
 
 Formats that wrap each call between a start and an end marker (Hermes' ``<tool_call>...</tool_call>``)
-only implement ``parse_call`` and the prompt side; the streaming machine here does the rest, and
-the non-streaming parse runs the same machine over the whole text, so both agree exactly.
+only implement ``parse_call``, ``call_progress`` and the prompt side; the streaming machine here does
+the rest, and the non-streaming parse runs the same machine over the whole text, so both agree exactly.
+
+Arguments stream: once a call's head (its name, the start of its arguments) is written, the call's
+first delta carries its id and name, and each later piece of the arguments follows as it is written.
+``call_progress`` is a function of the call's text so far whose arguments only ever grow, so the
+pieces add up to the same arguments however the output was chunked.
 """
 
 from __future__ import annotations
@@ -36,11 +41,59 @@ class ToolCall:
 
 
 @dataclass
+class ToolCallDelta:
+    """A piece of the call at position `index` of its choice: the first one carries id and name."""
+
+    index: int
+    arguments: str = ""
+    name: str | None = None
+    id: str | None = None
+
+    def to_openai(self) -> dict[str, Any]:
+        """OpenAI's ``delta.tool_calls`` entry."""
+        if self.name is None:
+            return {"index": self.index, "function": {"arguments": self.arguments}}
+        return {"index": self.index, "id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+
+
+def merge_calls(deltas: list[ToolCallDelta]) -> list[ToolCall]:
+    """Whole calls from their deltas, in index order."""
+    calls: dict[int, ToolCall] = {}
+    for d in deltas:
+        if d.name is not None:
+            calls[d.index] = ToolCall(d.name, d.arguments, d.id or new_call_id())
+        else:
+            calls[d.index].arguments += d.arguments
+    return [calls[i] for i in sorted(calls)]
+
+
+def coalesce(deltas: list[ToolCallDelta]) -> list[ToolCallDelta]:
+    """Consecutive pieces of one call as one delta (what a single streamed chunk carries)."""
+    out: list[ToolCallDelta] = []
+    for d in deltas:
+        if out and out[-1].index == d.index and d.name is None:
+            out[-1] = ToolCallDelta(d.index, out[-1].arguments + d.arguments, out[-1].name, out[-1].id)
+        else:
+            out.append(d)
+    return out
+
+
+@dataclass
+class CallProgress:
+    """A call's head and the arguments text written so far (`complete` once their value closed)."""
+
+    name: str
+    arguments: str
+    complete: bool
+
+
+@dataclass
 class ToolDelta:
-    """What a piece of output turned into: plain text, and calls completed in it."""
+    """What a piece of output turned into: plain text, and pieces of calls."""
 
     content: str = ""
-    calls: list[ToolCall] = field(default_factory=list)
+    calls: list[ToolCallDelta] = field(default_factory=list)
 
 
 class ToolParser(ABC):
@@ -71,6 +124,13 @@ class ToolParser(ABC):
         named `forced`, or (None) at least one call to any of `tools` (exactly one unless `parallel`),
         with arguments matching each function's parameters schema."""
 
+    def call_progress(self, body: str) -> CallProgress | None:
+        """The call whose text (after the start marker) begins with `body`, once its name and the
+        start of its arguments are written; None before that, or for a format that does not stream
+        arguments (its calls then arrive whole, at the end marker). Once a head is found the text is
+        a call, whatever follows; the arguments must only ever grow as `body` does."""
+        return None
+
     def stream(self) -> ToolCallStream:
         return ToolCallStream(self)
 
@@ -78,7 +138,7 @@ class ToolParser(ABC):
         """Content (None when empty and there are calls) and calls of a whole output."""
         stream = self.stream()
         first, last = stream.feed(text), stream.finish()
-        calls = first.calls + last.calls
+        calls = merge_calls(first.calls + last.calls)
         content = first.content + last.content
         return (content or None) if calls else content, calls
 
@@ -123,13 +183,15 @@ class ToolParser(ABC):
 
 class ToolCallStream:
     """One choice's output, fed as it is generated. Content is released as soon as it cannot be
-    the start of a call; a call is released whole when its end marker arrives. Whitespace next to a
+    the start of a call; a call's arguments as they are written (see ``call_progress``), or the
+    whole call at its end marker for a format that does not stream them. Whitespace next to a
     call is not content (so a reply that is only calls has content None)."""
 
     def __init__(self, parser: ToolParser) -> None:
         self.parser = parser
         self.buf = ""
         self.in_call = False
+        self.open: ToolCallDelta | None = None  # the call being streamed: index, id, name, arguments sent
         self.pending_ws = ""  # trailing whitespace of the content: kept only if more content follows
         self.after_call = False  # whitespace right after a call is dropped
         self.num_calls = 0
@@ -150,13 +212,14 @@ class ToolCallStream:
                 self.buf, self.in_call = self.buf[i + len(start) :], True
             else:
                 j = self.buf.find(end)
-                if j < 0:
+                if j < 0:  # stream what is written, less what may be the end marker's start
+                    self._progress(self.buf[: len(self.buf) - partial_marker(self.buf, end)], out)
                     return out
                 body, self.buf, self.in_call = self.buf[:j], self.buf[j + len(end) :], False
                 self._call(body, start + body + end, out)
 
     def finish(self) -> ToolDelta:
-        """The end of the output: an unterminated call still counts if it parses."""
+        """The end of the output: an unterminated call still counts if it has a head or parses."""
         out = ToolDelta()
         if self.in_call:
             self._call(self.buf, self.parser.start + self.buf, out)
@@ -168,14 +231,31 @@ class ToolCallStream:
         self.pending_ws = ""
         return out
 
+    def _progress(self, body: str, out: ToolDelta) -> bool:
+        """Send what is new of the call being written; False while it has no head."""
+        p = self.parser.call_progress(body)
+        if p is None:
+            return False
+        if self.open is None:
+            self.open = ToolCallDelta(self.num_calls, p.arguments, p.name, new_call_id())
+            out.calls.append(ToolCallDelta(self.open.index, p.arguments, p.name, self.open.id))
+        elif len(p.arguments) > len(self.open.arguments):
+            out.calls.append(ToolCallDelta(self.open.index, p.arguments[len(self.open.arguments) :]))
+            self.open.arguments = p.arguments
+        return True
+
     def _call(self, body: str, raw: str, out: ToolDelta) -> None:
-        calls = self.parser.parse_call(body)
-        if calls is None:
-            self._content(raw, out)
-            return
-        self.pending_ws, self.after_call = "", True
-        self.num_calls += len(calls)
-        out.calls.extend(calls)
+        if self._progress(body, out):
+            calls = 1
+        else:
+            parsed = self.parser.parse_call(body)
+            if parsed is None:
+                self._content(raw, out)
+                return
+            out.calls.extend(ToolCallDelta(self.num_calls + k, c.arguments, c.name, c.id) for k, c in enumerate(parsed))
+            calls = len(parsed)
+        self.open, self.pending_ws, self.after_call = None, "", True
+        self.num_calls += calls
 
     def _content(self, text: str, out: ToolDelta) -> None:
         if self.after_call:

@@ -6,14 +6,19 @@
 
 and results come back in the user turn as ``<tool_response>...</tool_response>``. The system
 prompt is the one Qwen2.5's chat template writes.
+
+Arguments stream once ``{"name": "...", "arguments": `` and the value's first character are
+written: an object as the model writes it (raw control characters in its strings escaped), or a
+JSON string (some models double-encode) decoded as it arrives.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
-from pagoda.server.tool_parsers.base import ToolCall, ToolParser, arguments_object, register_tool_parser
+from pagoda.server.tool_parsers.base import CallProgress, ToolCall, ToolParser, arguments_object, register_tool_parser
 
 SYSTEM_PROMPT = """# Tools
 
@@ -32,6 +37,8 @@ For each function call, return a json object with function name and arguments wi
 CALL_PREFIX = '<tool_call>\n{"name": '
 ARGUMENTS_PREFIX = ', "arguments": '
 CALL_END = "}\n</tool_call>"
+HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=[{"])')
+ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 
 
 @register_tool_parser("hermes", "qwen")
@@ -56,6 +63,14 @@ class HermesToolParser(ToolParser):
         if not isinstance(args, dict):
             return None
         return [ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))]
+
+    def call_progress(self, body: str) -> CallProgress | None:
+        head = HEAD.match(body)
+        if head is None:
+            return None
+        scan = scan_string if body[head.end()] == '"' else scan_object
+        arguments, complete = scan(body, head.end())
+        return CallProgress(head.group(1), arguments, complete)
 
     def system_prompt(self, tools: list[dict[str, Any]]) -> str:
         return SYSTEM_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
@@ -85,3 +100,76 @@ class HermesToolParser(ToolParser):
             fmt = {"type": "tags_with_separator", "tags": [tag(f) for f in functions], "separator": "\n",
                    "at_least_one": True, "stop_after_first": not parallel}
         return {"type": "structural_tag", "format": fmt}
+
+
+def scan_object(text: str, i: int) -> tuple[str, bool]:
+    """The JSON value opening at text[i] as written, up to where it closes (True) or the text ends."""
+    out: list[str] = []
+    depth, in_string, escaped = 0, False, False
+    for ch in text[i:]:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+            elif ch < " ":  # strict JSON parsers refuse raw control characters
+                ch = json.dumps(ch)[1:-1]
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        out.append(ch)
+        if depth == 0 and not in_string:
+            return "".join(out), True
+    return "".join(out), False
+
+
+def scan_string(text: str, i: int) -> tuple[str, bool]:
+    """The decoded contents of the JSON string opening at text[i]: up to its closing quote (True), or
+    to the end of the text less an escape not yet complete."""
+    out: list[str] = []
+    j, n = i + 1, len(text)
+    while j < n:
+        ch = text[j]
+        if ch == '"':
+            return "".join(out), True
+        if ch != "\\":
+            out.append(ch)
+            j += 1
+            continue
+        if j + 1 >= n:
+            break
+        kind = text[j + 1]
+        if kind != "u":
+            out.append(ESCAPES.get(kind, kind))
+            j += 2
+            continue
+        code = _hex4(text, j + 2)
+        if code is None:
+            break
+        if 0xD800 <= code < 0xDC00:  # a high surrogate: wait for its low half
+            if j + 12 > n:
+                break
+            low = _hex4(text, j + 8) if text[j + 6 : j + 8] == "\\u" else None
+            if low is not None and 0xDC00 <= low < 0xE000:
+                out.append(chr(0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)))
+                j += 12
+                continue
+            code = 0xFFFD
+        out.append(chr(code) if not 0xD800 <= code < 0xE000 else "\ufffd")
+        j += 6
+    return "".join(out), False
+
+
+def _hex4(text: str, i: int) -> int | None:
+    digits = text[i : i + 4]
+    if len(digits) < 4:
+        return None
+    try:
+        return int(digits, 16)
+    except ValueError:
+        return 0xFFFD
