@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagoda import __version__
 from pagoda.engine.async_engine import AsyncEngine
+from pagoda.server.anthropic_api import AnthropicMessages, CountTokensRequest, MessagesRequest
 from pagoda.server.errors import APIError, GuardMiddleware, error_response, install_exception_handlers, validation_error
 from pagoda.server.metrics import CONTENT_TYPE, ServerMetrics
 from pagoda.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -44,12 +45,16 @@ class AuthMiddleware:
                 or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
-        auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+        headers = dict(scope.get("headers") or [])
+        auth, api_key = headers.get(b"authorization", b""), headers.get(b"x-api-key")  # x-api-key: Anthropic's
         scheme, _, token = auth.partition(b" ")
+        if api_key is not None:
+            scheme, token = b"bearer", api_key
         if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-            message = "missing API key: send 'Authorization: Bearer <key>'" if not auth else "incorrect API key"
-            await error_response(401, message, code="invalid_api_key",
-                                 headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            message = "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'" \
+                if not (auth or api_key) else "incorrect API key"
+            await error_response(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
+                                 path=scope["path"])(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -82,6 +87,16 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await serving.chat(await parse(request, ChatCompletionRequest), request)
+
+    messages_api = AnthropicMessages(serving)
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        return await messages_api.create(await parse(request, MessagesRequest), request)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(request: Request) -> dict[str, Any]:
+        return await messages_api.count_tokens(await parse(request, CountTokensRequest))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

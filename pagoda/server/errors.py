@@ -1,7 +1,9 @@
-"""Every error leaves the server as OpenAI's body, ``{"error": {message, type, param, code}}``.
+"""Every error leaves the server as OpenAI's body, ``{"error": {message, type, param, code}}``, or on
+Anthropic's routes (``/v1/messages...``) as Anthropic's, ``{"type": "error", "error": {type, message}}``.
 
-Clients (the openai SDK, lm-eval, LangChain) parse that shape; FastAPI's ``{"detail": ...}``
-would surface as an opaque failure, so its handlers are replaced here, unknown routes included.
+Clients (the openai and anthropic SDKs, lm-eval, LangChain) parse those shapes; FastAPI's
+``{"detail": ...}`` would surface as an opaque failure, so its handlers are replaced here, unknown
+routes included.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from pagoda.server.protocol import VALIDATOR_PARAMS
 log = logging.getLogger("pagoda.server")
 
 RETRY_AFTER_SECONDS = 1
+ANTHROPIC_PREFIX = "/v1/messages"
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                   429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
 
 
 class APIError(Exception):
@@ -49,10 +55,18 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
+    kind = ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
 def error_response(
     status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-    code: str | None = None, headers: Mapping[str, str] | None = None,
+    code: str | None = None, headers: Mapping[str, str] | None = None, path: str = "",
 ) -> JSONResponse:
+    """The error body of the API `path` belongs to (OpenAI's unless it is an Anthropic route)."""
+    if path.startswith(ANTHROPIC_PREFIX):
+        return JSONResponse(anthropic_error_body(status, message), status_code=status, headers=headers)
     return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
 
 
@@ -118,31 +132,32 @@ def _param_from_loc(loc: tuple[Any, ...] | list[Any]) -> str | None:
 
 def install_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         e = validation_error(list(exc.errors()))
-        return error_response(e.status, e.message, e.type, e.param, e.code)
+        return error_response(e.status, e.message, e.type, e.param, e.code, path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        path = request.url.path
         if exc.status_code == 404:
-            return error_response(404, f"no route {request.method} {request.url.path}", code="not_found")
+            return error_response(404, f"no route {request.method} {path}", code="not_found", path=path)
         if exc.status_code == 405:
-            return error_response(405, f"method {request.method} is not allowed on {request.url.path}",
-                                  code="method_not_allowed", headers=exc.headers)
+            return error_response(405, f"method {request.method} is not allowed on {path}",
+                                  code="method_not_allowed", headers=exc.headers, path=path)
         kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
-        return error_response(exc.status_code, str(exc.detail), kind, headers=exc.headers)
+        return error_response(exc.status_code, str(exc.detail), kind, headers=exc.headers, path=path)
 
     for cls in (InvalidRequestError, EngineOverloadedError, ConfigError, ValidationError, PayloadTooLarge):
         app.add_exception_handler(cls, _mapped)
 
 
-async def _mapped(_: Request, exc: Exception) -> JSONResponse:
+async def _mapped(request: Request, exc: Exception) -> JSONResponse:
     e = api_error_from(exc)
-    return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
+    return error_response(e.status, e.message, e.type, e.param, e.code, e.headers, request.url.path)
 
 
 class GuardMiddleware:
@@ -157,8 +172,10 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         length = dict(scope.get("headers") or []).get(b"content-length")
+        path = scope.get("path", "")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            await error_response(413, str(PayloadTooLarge(self.limit)), code="request_too_large")(scope, receive, send)
+            await error_response(413, str(PayloadTooLarge(self.limit)), code="request_too_large",
+                                 path=path)(scope, receive, send)
             return
         seen, started = 0, False
 
@@ -183,4 +200,4 @@ class GuardMiddleware:
                 log.error("error after the response started", exc_info=exc)
                 return
             e = api_error_from(exc)
-            await error_response(e.status, e.message, e.type, e.param, e.code, e.headers)(scope, receive, send)
+            await error_response(e.status, e.message, e.type, e.param, e.code, e.headers, path)(scope, receive, send)

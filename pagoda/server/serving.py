@@ -59,6 +59,7 @@ class ChatRun:
     forced_named: bool  # tool_choice named a function: the reply ends with "stop", as OpenAI's do
     n: int
     top_n: int | None  # top logprobs asked for (None: no logprobs)
+    prompt_tokens: int
 
     def finish_reason(self, reason: str | None, made_calls: bool) -> str | None:
         return finish_reason(reason, made_calls, self.forced_named)
@@ -167,7 +168,7 @@ class OpenAIServing:
         prompt_ids = await self.encode_chat(req.messages, tools, req.add_generation_prompt, req.chat_template_kwargs)
         streams = await submit(self.engine, [prompt_ids], params, request_id, req.priority, renames)
         return ChatRun(request_id, streams, self._trackers(request_id, 1), tools,
-                       bool(tools) and req.forced_function is not None, req.n, top_n)
+                       bool(tools) and req.forced_function is not None, req.n, top_n, len(prompt_ids))
 
     async def collect_chat(self, run: ChatRun, raw: Request) -> tuple[RequestOutput, list[ChoiceDelta]]:
         """The final output and each choice parsed whole (by the machine that parses streams)."""

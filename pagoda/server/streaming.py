@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from starlette.requests import Request
@@ -146,27 +146,35 @@ def sse(data: dict[str, Any]) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-async def sse_guard(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Once the 200 is sent an error can only travel in the stream: an error event, then [DONE]."""
+def named_sse(event: str, data: dict[str, Any]) -> str:
+    """An SSE event with its type line (Anthropic's and the Responses API's framing)."""
+    return f"event: {event}\n{sse(data)}"
+
+
+def openai_stream_error(e: APIError) -> str:
+    return sse(error_body(e.message, e.type, e.param, e.code)) + SSE_DONE
+
+
+async def sse_guard(events: AsyncIterator[str], on_error: Callable[[APIError], str]) -> AsyncIterator[str]:
+    """Once the 200 is sent an error can only travel in the stream: the API's error event(s)."""
     try:
         async for event in events:
             yield event
     except Exception as exc:
-        e = api_error_from(exc)
-        yield sse(error_body(e.message, e.type, e.param, e.code))
-        yield SSE_DONE
+        yield on_error(api_error_from(exc))
     finally:
         await events.aclose()  # type: ignore[attr-defined]
 
 
 class SSEResponse(StreamingResponse):
     """Closes the event generator however the response ends (client gone, cancelled, finished),
-    which runs its ``finally`` and so aborts the engine request."""
+    which runs its ``finally`` and so aborts the engine request. `on_error` writes a failure in the
+    API's own events (OpenAI's: an error body, then [DONE])."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[str]) -> None:
-        super().__init__(sse_guard(events), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(self, events: AsyncIterator[str], on_error: Callable[[APIError], str] = openai_stream_error) -> None:
+        super().__init__(sse_guard(events, on_error), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
