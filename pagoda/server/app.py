@@ -24,6 +24,7 @@ from pagoda.server.anthropic_api import AnthropicMessages, CountTokensRequest, M
 from pagoda.server.errors import APIError, GuardMiddleware, error_response, install_exception_handlers, validation_error
 from pagoda.server.metrics import CONTENT_TYPE, ServerMetrics
 from pagoda.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from pagoda.server.responses_api import Responses, ResponsesRequest
 from pagoda.server.serving import OpenAIServing
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -97,6 +98,12 @@ def create_app(
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request) -> dict[str, Any]:
         return await messages_api.count_tokens(await parse(request, CountTokensRequest))
+
+    responses_api = Responses(serving)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        return await responses_api.create(await parse(request, ResponsesRequest), request)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -337,6 +337,9 @@ VALIDATOR_PARAMS: dict[str, str] = {
     "stream_options": "stream_options",
     "n must be": "n",
     'give exactly one of "prompt"': "prompt",
+    "store:": "store",
+    "previous_response_id:": "previous_response_id",
+    "background:": "background",
 }
 
 FinishReason = Literal["stop", "length", "abort", "tool_calls"]
