@@ -103,14 +103,15 @@ class AsyncEngine:
 
     async def add_request(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
-        priority: int = 0,
+        priority: int = 0, pooling: str | None = None,
     ) -> RequestStream:
-        """Validate and queue a request; raises InvalidRequestError / EngineOverloadedError at once."""
+        """Validate and queue a request; raises InvalidRequestError / EngineOverloadedError at once.
+        `pooling` ("last" or "mean") makes it an embedding request (see Engine.make_requests)."""
         request_id = request_id or self.engine.new_request_id()
         waiting = self.queue_depth()
         if waiting >= self.engine.config.max_queued_requests:
             raise EngineOverloadedError(f"the server is busy: {waiting} requests are already waiting")
-        group = await asyncio.to_thread(self.engine.make_requests, request_id, prompt, params, priority)
+        group = await asyncio.to_thread(self.engine.make_requests, request_id, prompt, params, priority, pooling)
         stream = RequestStream(request_id)
         with self._lock:
             if request_id in self._streams:

@@ -61,6 +61,7 @@ class ModelInfo:
     path: str | None  # the checkpoint, or None for dummy weights from a bare config
     context_length: int
     vocab_size: int
+    hidden_size: int  # the length of an embedding request's vector
     kv_tokens: int  # tokens the KV cache holds, all sequences together
     has_tokenizer: bool
     has_chat_template: bool
@@ -103,6 +104,7 @@ class Engine:
             path=None if self.loaded.path is None else str(self.loaded.path),
             context_length=self.context_length,
             vocab_size=self.model_config.vocab_size,
+            hidden_size=self.model_config.hidden_size,
             kv_tokens=self.kv_tokens,
             has_tokenizer=self.tokenizer is not None,
             has_chat_template=self.tokenizer is not None and bool(self.tokenizer.chat_template),
@@ -212,11 +214,14 @@ class Engine:
         self.enqueue(request_id, self.make_requests(request_id, prompt, params, priority), prompt_text)
 
     def make_requests(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, priority: int = 0
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, priority: int = 0,
+        pooling: str | None = None,
     ) -> list[Request]:
         """Tokenize and validate into the n sequences of one request (InputProcessor's: no engine
-        state touched, so a frontend may call it on its own thread)."""
-        return self.inputs.make_requests(request_id, prompt, params, priority)
+        state touched, so a frontend may call it on its own thread). With `pooling` ("last" or
+        "mean") it is an embedding request: prefilled in the same batches as any other, nothing
+        sampled, its output carrying the pooled final hidden state (see _pool)."""
+        return self.inputs.make_requests(request_id, prompt, params, priority, pooling)
 
     def enqueue(self, request_id: str, group: list[Request], prompt: str | None) -> None:
         if request_id in self.groups:
@@ -257,7 +262,13 @@ class Engine:
         sampled = self._sample(out, result.last_logits)
         logprob_of = {id(c.request): lp for c, (_, lp) in zip(out.chunks, sampled)}
         touched: dict[str, None] = {}
-        for req in self.scheduler.update(out, [t for t, _ in sampled]):
+        pooled = self._pool(out, result.hidden)
+        for req in self.scheduler.update(out, [t for t, _ in sampled]) + pooled:
+            if req.pooling is not None:  # an embedding: its prompt is computed, it is done
+                self.scheduler.finish(req)
+                self._finish(req, "stop")
+                touched[req.group_id] = None
+                continue
             self.generation_tokens += 1
             reason = self.outputs.on_token(req, req.output_ids[-1], logprob_of[id(req)])
             if reason is not None:
@@ -266,8 +277,22 @@ class Engine:
             touched[req.group_id] = None
         return [self._pop_output(gid) if self._group_done(gid) else self._output(gid) for gid in touched]
 
+    def _pool(self, out: SchedulerOutput, hidden: dict[int, torch.Tensor]) -> list[Request]:
+        """Fold each embedding chunk's hidden states into its request; the requests now complete."""
+        done = []
+        for i, h in hidden.items():
+            chunk = out.chunks[i]
+            req = chunk.request
+            if req.pooling == "mean":
+                total = h.sum(0)
+                req.pooled = total if req.pooled is None or chunk.start == 0 else req.pooled + total
+            if chunk.completes:
+                req.pooled = h[-1].clone() if req.pooling == "last" else req.pooled / len(req.prompt_ids)
+                done.append(req)
+        return done
+
     def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> list[tuple[int | None, TokenLogprob | None]]:
-        rows_idx = [i for i, c in enumerate(out.chunks) if c.completes]
+        rows_idx = [i for i, c in enumerate(out.chunks) if c.completes and c.request.pooling is None]
         result: list[tuple[int | None, TokenLogprob | None]] = [(None, None)] * len(out.chunks)
         if not rows_idx:
             return result

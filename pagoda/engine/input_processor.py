@@ -53,6 +53,9 @@ def check_token_ids(tokens: list[int], vocab_size: int, param: str) -> None:
         raise InvalidRequestError(f"token ids must be in [0, {vocab_size}): {bad} is outside the vocabulary", param)
 
 
+POOLING = ("last", "mean")  # how an embedding request reduces its final hidden states
+
+
 @dataclass(frozen=True)
 class InputLimits:
     """What a request is checked against: the engine's facts, not the engine."""
@@ -88,9 +91,15 @@ class InputProcessor:
         return self._structured
 
     def make_requests(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, priority: int = 0
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, priority: int = 0,
+        pooling: str | None = None,
     ) -> list[Request]:
-        """Tokenize and validate into the n sequences of one request (no engine state touched)."""
+        """Tokenize and validate into the n sequences of one request (no engine state touched).
+        `pooling` makes it an embedding request: one prefill, nothing sampled."""
+        if pooling is not None:
+            if pooling not in POOLING:
+                raise InvalidRequestError(f"pooling must be one of {', '.join(POOLING)} (got {pooling!r})", "pooling")
+            params = SamplingParams(max_tokens=1)
         params = params or SamplingParams()
         prompt_ids = self.encode(prompt)
         max_tokens = self._check_lengths(prompt_ids, params)
@@ -118,8 +127,9 @@ class InputProcessor:
                 leader=group[0] if group else None,
                 generator=make_generator(seed, self.limits.device),
                 grammar=None if grammar is None else self.structured.new_state(grammar),
+                pooling=pooling,
             )
-            if self.tokenizer is not None:
+            if self.tokenizer is not None and pooling is None:
                 req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
             group.append(req)
         return group

@@ -23,6 +23,7 @@ from pagoda.ops.forward_batch import ForwardBatch
 class StepOutput:
     last_logits: torch.Tensor  # [num_chunks, vocab] float32: logits after each chunk's last token
     all_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # chunk index -> [len, vocab]
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # chunk index -> [len, hidden] float32
 
 
 class ModelRunner:
@@ -41,15 +42,19 @@ class ModelRunner:
 
     def run(self, chunks: Sequence[ScheduledChunk]) -> StepOutput:
         seqs = [(c.request.all_ids[c.start : c.start + c.num_tokens], c.start, c.request.pages) for c in chunks]
-        return self.forward(self.prepare(seqs, [i for i, c in enumerate(chunks) if c.wants_all_logits]))
+        return self.forward(self.prepare(seqs, [i for i, c in enumerate(chunks) if c.wants_all_logits]),
+                            [i for i, c in enumerate(chunks) if c.request.pooling is not None])
 
     def prepare(self, seqs: Sequence[tuple[Sequence[int], int, Sequence[int]]], all_logits: Sequence[int] = ()) -> ForwardBatch:
         """The batch of sequences given as (new token ids, position of the first, page table)."""
         return ForwardBatch.build(seqs, self.page_size, self.device, self.kv.layers, all_logits)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch) -> StepOutput:
-        if self.graphs is not None and self.graphs.serves(batch):
+    def forward(self, batch: ForwardBatch, hidden_of: Sequence[int] = ()) -> StepOutput:
+        """Logits after each sequence's last token (every token's for `batch.all_logits`), and the
+        final hidden states of the sequences `hidden_of` (embedding requests, which a decode graph,
+        returning logits only, never serves)."""
+        if self.graphs is not None and not hidden_of and self.graphs.serves(batch):
             return StepOutput(last_logits=self.graphs.run(batch))
         hidden = self.model(batch)
         ends = torch.tensor([s - 1 for s in batch.query_starts[1:]], device=self.device)
@@ -57,6 +62,8 @@ class ModelRunner:
         for b in batch.all_logits:
             lo, hi = batch.query_starts[b], batch.query_starts[b + 1]
             out.all_logits[b] = self.model.compute_logits(hidden[lo:hi])
+        for b in hidden_of:
+            out.hidden[b] = hidden[batch.query_starts[b] : batch.query_starts[b + 1]].float()
         return out
 
     def _logits_of_every_token(self, batch: ForwardBatch) -> torch.Tensor:

@@ -111,4 +111,5 @@ class OutputProcessor:
                 min((r.first_token_time for r in group if r.first_token_time), default=None),
                 max(finish_times) if len(finish_times) == len(group) else None,
             ),
+            embedding=first.pooled if first.pooling is not None and first.finished else None,
         )

@@ -51,6 +51,9 @@ class Request:
     generator: torch.Generator | None = None
     detokenizer: "IncrementalDetokenizer | None" = None
     grammar: "GrammarState | None" = None  # structured output: the sequence's matcher
+    # Embedding requests: prefill only, then the final hidden state pooled ("last" token or "mean").
+    pooling: str | None = None
+    pooled: torch.Tensor | None = None  # the running sum (mean), then the pooled vector
     text: str = ""
     pending_text: str = ""  # decoded but held back: it may be the start of a stop string
     logprobs: list = field(default_factory=list)

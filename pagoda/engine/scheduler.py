@@ -200,7 +200,8 @@ class Scheduler:
                 return
             if req in out.preempted or self._blocked(req):
                 continue
-            use_cache = self.tree.enabled and req.params.prompt_logprobs is None
+            # prompt logprobs and mean pooling need every prompt position computed, cached or not
+            use_cache = self.tree.enabled and req.params.prompt_logprobs is None and req.pooling != "mean"
             match = self.tree.match_prefix(req.all_ids) if use_cache else None
             if match is not None:
                 self.tree.lock(match.handle)
