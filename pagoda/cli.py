@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the format the model writes tool calls in (hermes: Hermes/Qwen <tool_call> JSON)")
     serve.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                        help="split the model's <think>...</think> into reasoning_content (default: off)")
+    serve.add_argument("--pooling", default="last", choices=["last", "mean"],
+                       help="/v1/embeddings: the final hidden state of the last token, or the mean over the input")
     _add_engine_options(serve)
 
     gen = sub.add_parser("generate", help="stream one completion to stdout")
@@ -152,7 +154,7 @@ def _serve(args: argparse.Namespace) -> int:
     serve(
         _engine_config(args), host=args.host, port=args.port, api_key=args.api_key,
         served_model_name=args.served_model_name, shutdown_timeout=args.shutdown_timeout,
-        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser, pooling=args.pooling,
     )
     return 0
 

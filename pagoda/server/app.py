@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pagoda import __version__
 from pagoda.engine.async_engine import AsyncEngine
 from pagoda.server.anthropic_api import AnthropicMessages, CountTokensRequest, MessagesRequest
+from pagoda.server.embeddings import EmbeddingRequest, Embeddings
 from pagoda.server.errors import APIError, GuardMiddleware, error_response, install_exception_handlers, validation_error
 from pagoda.server.metrics import CONTENT_TYPE, ServerMetrics
 from pagoda.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -70,7 +71,7 @@ async def parse(request: Request, model: type[M]) -> M:
 
 def create_app(
     engine: AsyncEngine, served_model_name: str, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-    tool_call_parser: str = "hermes", reasoning_parser: str | None = None,
+    tool_call_parser: str = "hermes", reasoning_parser: str | None = None, pooling: str = "last",
 ) -> FastAPI:
     """Build the app around a running AsyncEngine (the caller owns its lifetime)."""
     app = FastAPI(title="pagoda", version=__version__, docs_url="/docs", redoc_url=None)
@@ -104,6 +105,12 @@ def create_app(
     @app.post("/v1/responses")
     async def responses(request: Request) -> Response:
         return await responses_api.create(await parse(request, ResponsesRequest), request)
+
+    embeddings_api = Embeddings(serving, pooling)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> dict[str, Any]:
+        return await embeddings_api.create(await parse(request, EmbeddingRequest), request)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -97,6 +97,7 @@ def serve(
     shutdown_timeout: float = 30.0,
     tool_call_parser: str = "hermes",
     reasoning_parser: str | None = None,
+    pooling: str = "last",
 ) -> None:
     """Load the model (with a progress bar), serve until SIGTERM/SIGINT, drain, shut down."""
     setup_logging()
@@ -107,7 +108,8 @@ def serve(
     engine = AsyncEngine(config, show_progress=True)
     try:
         name = served_model_name or default_served_name(config)
-        app = create_app(engine, name, api_key, tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser)
+        app = create_app(engine, name, api_key, tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
+                         pooling=pooling)
         uv_config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
             timeout_graceful_shutdown=math.ceil(shutdown_timeout), timeout_keep_alive=5,
