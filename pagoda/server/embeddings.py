@@ -74,7 +74,7 @@ def encode(vector: torch.Tensor, dimensions: int | None, fmt: str) -> list[float
 class Embeddings:
     def __init__(self, serving: OpenAIServing, pooling: str = "last") -> None:
         self.serving, self.pooling = serving, pooling
-        self.hidden_size = serving.engine.engine.model_config.hidden_size
+        self.hidden_size = serving.engine.model_info.hidden_size
 
     async def create(self, req: EmbeddingRequest, raw: Request) -> dict[str, Any]:
         self.serving.check_model(req.model)
