@@ -131,6 +131,9 @@ def test_related_sentences_are_closer_on_the_default_model() -> None:
     for anchor, related, unrelated in triples:
         a, r, u = vectors(client.embeddings.create(model="SmolLM2-135M-Instruct", input=[anchor, related, unrelated]))
         assert float(a @ r) > float(a @ u), (anchor, float(a @ r), float(a @ u))
+    # The default int4 weights run a step of up to 16 rows exactly and a bigger one on bf16-rounded
+    # weights (README, --quantization), so a short input alone and in a batch agree closely, not bit for
+    # bit (float weights agree exactly: the tiny-model test above).
     alone = vectors(client.embeddings.create(model="SmolLM2-135M-Instruct", input=triples[0][0]))[0]
     batch = vectors(client.embeddings.create(model="SmolLM2-135M-Instruct", input=[t for tr in triples for t in tr]))
-    np.testing.assert_allclose(alone, batch[0], atol=1e-5)
+    assert float(alone @ batch[0]) > 0.999
