@@ -207,7 +207,8 @@ class AnthropicMessages:
                   "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "seed": req.seed}
         fmt = req.output_format or (req.output_config.format if req.output_config else None)
         if fmt is not None:
-            fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt.schema_}}
+            fields["response_format"] = {"type": "json_schema",
+                                         "json_schema": {"name": "output", "schema": fmt.schema_}}
         chat = ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
         msg_id = f"msg_{uuid.uuid4().hex[:24]}"
         run = await self.serving.start_chat(chat, msg_id)

@@ -30,6 +30,7 @@ from pagoda.server.tool_parsers import coalesce
 
 ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 MESSAGE_ROLES = ("user", "assistant", "system", "developer")
+RENAMES = {"max_tokens": "max_output_tokens", "prompt": "input", "response_format": "text.format"}  # chat's -> ours
 
 
 class FunctionTool(_Strict):
@@ -256,7 +257,7 @@ class Responses:
 
     async def create(self, req: ResponsesRequest, raw: Request) -> Response:
         chat = ChatCompletionRequest.model_validate(chat_fields(req))
-        run = await self.serving.start_chat(chat, f"resp_{uuid.uuid4().hex}")
+        run = await self.serving.start_chat(chat, f"resp_{uuid.uuid4().hex}", RENAMES)
         head = self._head(req, run, int(time.time()))
         if req.stream:
             return SSEResponse(self._events(run, head), on_error=self._stream_error)

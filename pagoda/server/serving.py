@@ -113,9 +113,10 @@ class OpenAIServing:
         try:
             spec, field = req.structured_outputs()
         except InvalidRequestError as e:
-            raise APIError(400, e.message, param=req.structured_fields()[0]) from None
+            field = req.structured_fields()[0]
+            raise APIError(400, e.message, param=renames.get(field, field)) from None
         if spec is not None and field is not None:
-            renames[spec.kind] = field
+            renames[spec.kind] = renames.get(field, field)
         return spec
 
     async def encode_chat(
@@ -148,12 +149,15 @@ class OpenAIServing:
 
     # ---- chat: the one path behind chat completions, Responses and Messages -----------
 
-    async def start_chat(self, req: ChatCompletionRequest, request_id: str) -> ChatRun:
+    async def start_chat(
+        self, req: ChatCompletionRequest, request_id: str, renames: dict[str, str] | None = None
+    ) -> ChatRun:
         """Validate, render and submit a chat request (errors raise here, before any byte is sent).
-        The other chat-shaped APIs translate their requests into a ChatCompletionRequest first."""
+        The other chat-shaped APIs translate their requests into a ChatCompletionRequest first, and
+        `renames` their names for the fields errors name (e.g. max_tokens -> max_output_tokens)."""
         self.check_model(req.model)
         max_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        renames = {"max_tokens": max_name, "logprobs": "top_logprobs"}
+        renames = {"max_tokens": max_name, "logprobs": "top_logprobs", **(renames or {})}
         top_n = (req.top_logprobs or 0) if req.logprobs else None
         tools = req.active_tools
         structured = self._structured(req, renames)
@@ -190,7 +194,8 @@ class OpenAIServing:
                     parsed = parser.feed(c.delta_text) if c.delta_text else ChoiceDelta()
                     if c.finished:
                         parsed += parser.finish()
-                    yield ChoiceStep(c, parsed, parser, output, run.finish_reason(c.finish_reason, parser.num_calls > 0))
+                    finish = run.finish_reason(c.finish_reason, parser.num_calls > 0)
+                    yield ChoiceStep(c, parsed, parser, output, finish)
         finally:
             await outputs.aclose()  # type: ignore[attr-defined]
 

@@ -15,7 +15,6 @@ import pytest
 
 from pagoda.engine.async_engine import AsyncEngine
 from pagoda.server.app import create_app
-from tests.integration.test_structured_server import engine  # noqa: F401 (fixture)
 from tests.server_utils import ServerProcess, shared_real_server
 
 HIDDEN = 64  # TINY_LLAMA's hidden size

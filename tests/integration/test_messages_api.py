@@ -16,7 +16,7 @@ import pytest
 
 from pagoda.engine.async_engine import AsyncEngine
 from pagoda.server.app import create_app
-from tests.integration.test_structured_server import BOUNDED, PARAMS, engine  # noqa: F401 (fixture)
+from tests.integration.test_structured_server import BOUNDED, PARAMS
 from tests.server_utils import ServerProcess, shared_real_server
 from tests.unit.test_structured import SCHEMA, loads
 from tests.unit.test_tool_parsers import ADD

@@ -17,7 +17,7 @@ import pytest
 
 from pagoda.engine.async_engine import AsyncEngine
 from pagoda.server.app import create_app
-from tests.integration.test_structured_server import BOUNDED, PARAMS, engine  # noqa: F401 (fixture)
+from tests.integration.test_structured_server import BOUNDED, PARAMS
 from tests.server_utils import ServerProcess, shared_real_server
 from tests.unit.test_structured import SCHEMA, loads
 from tests.unit.test_tool_parsers import ADD
@@ -36,7 +36,9 @@ def run(engine: AsyncEngine, coro_fn, **app_options: Any) -> Any:
     return asyncio.run(main())
 
 
-def streamed_and_whole(engine: AsyncEngine, app_options: dict[str, Any] | None = None, **kw: Any) -> tuple[Any, list[Any]]:
+def streamed_and_whole(
+    engine: AsyncEngine, app_options: dict[str, Any] | None = None, **kw: Any
+) -> tuple[Any, list[Any]]:
     async def go(http: httpx.AsyncClient, client: openai.AsyncOpenAI) -> tuple[Any, list[Any]]:
         whole = await client.responses.create(model="tiny", **kw)
         events = [e async for e in await client.responses.create(model="tiny", stream=True, **kw)]
@@ -151,6 +153,9 @@ BAD = [
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema", "needs a schema"),
     ({"tool_choice": "required"}, "tool_choice", "only allowed when tools are given"),
     ({"temperature": -1.0}, "temperature", "temperature"),
+    ({"max_output_tokens": 0}, "max_output_tokens", ">= 1"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}}}, "text.format",
+     "invalid JSON schema"),
     ({"model": "gpt-5"}, "model", "does not exist"),
 ]
 

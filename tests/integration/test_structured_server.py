@@ -17,7 +17,6 @@ import pytest
 from pagoda.engine.async_engine import AsyncEngine
 from pagoda.server.app import create_app
 from tests.server_utils import sse_payloads
-from tests.tiny_tokenizer import write_tiny_tokenizer
 from tests.unit.test_structured import SCHEMA, loads
 from tests.unit.test_tool_parsers import ADD, WEATHER
 
@@ -27,15 +26,6 @@ BOUNDED = json.loads(json.dumps(WEATHER))
 BOUNDED["function"]["parameters"]["properties"]["city"]["maxLength"] = 8
 TOOLS = [BOUNDED, ADD]
 PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_config_path, tmp_path_factory):
-    tok = write_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
-    eng = AsyncEngine(model_config=str(tiny_config_path), load_format="dummy", kv_cache_memory=0.02, seed=1,
-                      tokenizer=str(tok))
-    yield eng
-    eng.shutdown()
 
 
 def run(engine: AsyncEngine, coro_fn, **app_options: Any) -> Any:
