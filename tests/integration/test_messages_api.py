@@ -124,6 +124,24 @@ def test_output_format_json_schema(engine: AsyncEngine) -> None:
     jsonschema.validate(loads(whole.content[0].text), SCHEMA)
 
 
+def test_thinking_blocks(engine: AsyncEngine) -> None:
+    """deepseek_r1 reads output without </think> as thinking: a random model's reply is all thinking."""
+    kw = dict(max_tokens=10, messages=MSG, extra_body={"temperature": 1.0, "seed": 8, "ignore_eos": True})
+
+    async def go(http: httpx2.AsyncClient, client: anthropic.AsyncAnthropic) -> tuple[Any, Any, list[Any]]:
+        whole = await client.messages.create(model="tiny", **kw)
+        async with client.messages.stream(model="tiny", **kw) as stream:
+            events = [e async for e in stream]
+            final = await stream.get_final_message()
+        return whole, final, events
+
+    whole, final, events = run(engine, go, reasoning_parser="deepseek_r1")
+    same(whole, final)
+    assert [b.type for b in whole.content] == ["thinking"] and whole.content[0].thinking
+    deltas = [e.delta.thinking for e in events if e.type == "content_block_delta"]
+    assert "".join(deltas) == whole.content[0].thinking
+
+
 BAD = [
     ({"messages": MSG}, 400, "max_tokens"),  # Anthropic requires it
     ({"max_tokens": 4, "messages": [{"role": "system", "content": "x"}]}, 400, "messages[0].role"),

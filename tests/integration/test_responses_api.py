@@ -42,6 +42,10 @@ def streamed_and_whole(
     async def go(http: httpx.AsyncClient, client: openai.AsyncOpenAI) -> tuple[Any, list[Any]]:
         whole = await client.responses.create(model="tiny", **kw)
         events = [e async for e in await client.responses.create(model="tiny", stream=True, **kw)]
+        if whole.status == "completed":  # the SDK's accumulating helper (it knows no response.incomplete)
+            async with client.responses.stream(model="tiny", **kw) as stream:
+                helper = await stream.get_final_response()
+            assert comparable(helper.model_dump(exclude_none=True)) == comparable(whole.model_dump(exclude_none=True))
         return whole, events
 
     return run(engine, go, **(app_options or {}))

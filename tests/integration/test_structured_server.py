@@ -148,11 +148,16 @@ def test_streamed_tool_call_deltas_add_up_to_the_message(engine: AsyncEngine, se
 
     async def go(http: httpx.AsyncClient, client: openai.AsyncOpenAI) -> tuple[Any, list[Any]]:
         whole = (await http.post("/v1/chat/completions", json=body)).json()
-        streamed = await http.post("/v1/chat/completions", json={**body, "stream": True})
+        streamed = await http.post("/v1/chat/completions", json={**body, "stream": True,
+                                                                 "stream_options": {"include_usage": True}})
         return whole, sse_payloads(streamed.text.splitlines())
 
     whole, events = run(engine, go)
     assert events[-1] == "[DONE]"
+    usage = events[-2]["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == \
+        (whole["usage"]["prompt_tokens"], whole["usage"]["completion_tokens"])
+    events = events[:-2] + events[-1:]
     message = whole["choices"][0]["message"]
     calls: dict[int, dict[str, Any]] = {}
     pieces = 0
