@@ -84,7 +84,7 @@ class Embeddings:
         request_id = f"embd-{uuid.uuid4().hex}"
         engine = self.serving.engine
         streams = await submit(engine, req.input, None, request_id, 0, {"prompt": "input"}, pooling=self.pooling)
-        finals = await collect(engine, streams, self.serving._trackers(request_id, len(streams)), raw)
+        finals = await collect(engine, streams, self.serving.trackers(request_id, len(streams)), raw)
         data = [{"object": "embedding", "index": i, "embedding": encode(f.embedding, req.dimensions,
                                                                          req.encoding_format)}
                 for i, f in enumerate(finals)]

@@ -103,7 +103,7 @@ class OpenAIServing:
             skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
         )
 
-    def _trackers(self, request_id: str, count: int) -> list[RequestTracker]:
+    def trackers(self, request_id: str, count: int) -> list[RequestTracker]:
         return [self.metrics.tracker(request_id if count == 1 else f"{request_id}-{i}") for i in range(count)]
 
     @staticmethod
@@ -171,7 +171,7 @@ class OpenAIServing:
                            param="messages")
         prompt_ids = await self.encode_chat(req.messages, tools, req.add_generation_prompt, req.chat_template_kwargs)
         streams = await submit(self.engine, [prompt_ids], params, request_id, req.priority, renames)
-        return ChatRun(request_id, streams, self._trackers(request_id, 1), tools,
+        return ChatRun(request_id, streams, self.trackers(request_id, 1), tools,
                        bool(tools) and req.forced_function is not None, req.n, top_n, len(prompt_ids))
 
     async def collect_chat(self, run: ChatRun, raw: Request) -> tuple[RequestOutput, list[ChoiceDelta]]:
@@ -274,7 +274,7 @@ class OpenAIServing:
         params = make_params(fields, renames)
         request_id = f"cmpl-{req.request_id or uuid.uuid4().hex}"
         streams = await submit(self.engine, req.prompts, params, request_id, req.priority, renames)
-        trackers = self._trackers(request_id, len(streams))
+        trackers = self.trackers(request_id, len(streams))
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
