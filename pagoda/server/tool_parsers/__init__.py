@@ -8,6 +8,7 @@ from __future__ import annotations
 from pagoda.server.tool_parsers.base import (
     TOOL_PARSERS,
     CallProgress,
+    CallScanner,
     ToolCall,
     ToolCallDelta,
     ToolCallStream,
@@ -22,6 +23,6 @@ from pagoda.server.tool_parsers.base import (
 from pagoda.server.tool_parsers.hermes import HermesToolParser
 
 __all__ = [
-    "TOOL_PARSERS", "CallProgress", "HermesToolParser", "ToolCall", "ToolCallDelta", "ToolCallStream", "ToolDelta",
+    "TOOL_PARSERS", "CallProgress", "CallScanner", "HermesToolParser", "ToolCall", "ToolCallDelta", "ToolCallStream", "ToolDelta",
     "ToolParser", "arguments_object", "coalesce", "get_tool_parser", "merge_calls", "register_tool_parser",
 ]

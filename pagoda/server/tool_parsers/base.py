@@ -5,13 +5,13 @@ grammar that forces well-formed calls for tool_choice "required" or a named func
 conversation shows tools, calls and results to a model whose chat template knows nothing of tools.
 
 Formats that wrap each call between a start and an end marker (Hermes' ``<tool_call>...</tool_call>``)
-only implement ``parse_call``, ``call_progress`` and the prompt side; the streaming machine here does
+only implement ``parse_call``, ``call_scanner`` and the prompt side; the streaming machine here does
 the rest, and the non-streaming parse runs the same machine over the whole text, so both agree exactly.
 
 Arguments stream: once a call's head (its name, the start of its arguments) is written, the call's
 first delta carries its id and name, and each later piece of the arguments follows as it is written.
-``call_progress`` is a function of the call's text so far whose arguments only ever grow, so the
-pieces add up to the same arguments however the output was chunked.
+A CallScanner's progress depends only on the call's text so far, and its arguments only ever grow,
+so the pieces add up to the same arguments however the output was chunked.
 """
 
 from __future__ import annotations
@@ -88,6 +88,16 @@ class CallProgress:
     complete: bool
 
 
+class CallScanner(ABC):
+    """Follows one call's text (after the start marker) as it grows."""
+
+    @abstractmethod
+    def progress(self, body: str) -> CallProgress | None:
+        """The call whose text so far is `body` (each call passes a longer one), once its name and
+        the start of its arguments are written; None before that. Once a head is found the text
+        is a call, whatever follows; the arguments must only ever grow."""
+
+
 @dataclass
 class ToolDelta:
     """What a piece of output turned into: plain text, and pieces of calls."""
@@ -124,11 +134,9 @@ class ToolParser(ABC):
         named `forced`, or (None) at least one call to any of `tools` (exactly one unless `parallel`),
         with arguments matching each function's parameters schema."""
 
-    def call_progress(self, body: str) -> CallProgress | None:
-        """The call whose text (after the start marker) begins with `body`, once its name and the
-        start of its arguments are written; None before that, or for a format that does not stream
-        arguments (its calls then arrive whole, at the end marker). Once a head is found the text is
-        a call, whatever follows; the arguments must only ever grow as `body` does."""
+    def call_scanner(self) -> CallScanner | None:
+        """A scanner for one call's arguments as they are written; None for a format that does not
+        stream them (its calls then arrive whole, at the end marker)."""
         return None
 
     def stream(self) -> ToolCallStream:
@@ -183,7 +191,7 @@ class ToolParser(ABC):
 
 class ToolCallStream:
     """One choice's output, fed as it is generated. Content is released as soon as it cannot be
-    the start of a call; a call's arguments as they are written (see ``call_progress``), or the
+    the start of a call; a call's arguments as they are written (see CallScanner), or the
     whole call at its end marker for a format that does not stream them. Whitespace next to a
     call is not content (so a reply that is only calls has content None)."""
 
@@ -192,6 +200,7 @@ class ToolCallStream:
         self.buf = ""
         self.in_call = False
         self.open: ToolCallDelta | None = None  # the call being streamed: index, id, name, arguments sent
+        self.scanner: CallScanner | None = None  # the current call's
         self.pending_ws = ""  # trailing whitespace of the content: kept only if more content follows
         self.after_call = False  # whitespace right after a call is dropped
         self.num_calls = 0
@@ -210,6 +219,7 @@ class ToolCallStream:
                     return out
                 self._content(self.buf[:i], out)
                 self.buf, self.in_call = self.buf[i + len(start) :], True
+                self.scanner = self.parser.call_scanner()
             else:
                 j = self.buf.find(end)
                 if j < 0:  # stream what is written, less what may be the end marker's start
@@ -233,7 +243,7 @@ class ToolCallStream:
 
     def _progress(self, body: str, out: ToolDelta) -> bool:
         """Send what is new of the call being written; False while it has no head."""
-        p = self.parser.call_progress(body)
+        p = self.scanner.progress(body) if self.scanner is not None else None
         if p is None:
             return False
         if self.open is None:
@@ -254,7 +264,7 @@ class ToolCallStream:
                 return
             out.calls.extend(ToolCallDelta(self.num_calls + k, c.arguments, c.name, c.id) for k, c in enumerate(parsed))
             calls = len(parsed)
-        self.open, self.pending_ws, self.after_call = None, "", True
+        self.open, self.scanner, self.pending_ws, self.after_call = None, None, "", True
         self.num_calls += calls
 
     def _content(self, text: str, out: ToolDelta) -> None:

@@ -18,7 +18,14 @@ import json
 import re
 from typing import Any
 
-from pagoda.server.tool_parsers.base import CallProgress, ToolCall, ToolParser, arguments_object, register_tool_parser
+from pagoda.server.tool_parsers.base import (
+    CallProgress,
+    CallScanner,
+    ToolCall,
+    ToolParser,
+    arguments_object,
+    register_tool_parser,
+)
 
 SYSTEM_PROMPT = """# Tools
 
@@ -64,13 +71,8 @@ class HermesToolParser(ToolParser):
             return None
         return [ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))]
 
-    def call_progress(self, body: str) -> CallProgress | None:
-        head = HEAD.match(body)
-        if head is None:
-            return None
-        scan = scan_string if body[head.end()] == '"' else scan_object
-        arguments, complete = scan(body, head.end())
-        return CallProgress(head.group(1), arguments, complete)
+    def call_scanner(self) -> HermesCallScanner:
+        return HermesCallScanner()
 
     def system_prompt(self, tools: list[dict[str, Any]]) -> str:
         return SYSTEM_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
@@ -102,67 +104,87 @@ class HermesToolParser(ToolParser):
         return {"type": "structural_tag", "format": fmt}
 
 
-def scan_object(text: str, i: int) -> tuple[str, bool]:
-    """The JSON value opening at text[i] as written, up to where it closes (True) or the text ends."""
-    out: list[str] = []
-    depth, in_string, escaped = 0, False, False
-    for ch in text[i:]:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
+class HermesCallScanner(CallScanner):
+    """The head ``{"name": "...", "arguments": `` then the arguments value, scanned once: each call
+    resumes where the last stopped (a body only grows), so a long call costs linear time."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.is_string = False  # arguments sent as a JSON string (decoded) rather than an object
+        self.pos = 0  # where scanning resumes in the body
+        self.out: list[str] = []
+        self.complete = False
+        self.depth, self.in_string, self.escaped = 0, False, False  # the object scan's state
+
+    def progress(self, body: str) -> CallProgress | None:
+        if self.name is None:
+            head = HEAD.match(body)
+            if head is None:
+                return None
+            self.name, self.pos = head.group(1), head.end()
+            self.is_string = body[self.pos] == '"'
+            self.pos += self.is_string  # a string's contents start after its quote
+        if not self.complete:
+            self._scan_string(body) if self.is_string else self._scan_object(body)
+        return CallProgress(self.name, "".join(self.out), self.complete)
+
+    def _scan_object(self, text: str) -> None:
+        """The JSON value as written, up to where it closes."""
+        for ch in text[self.pos :]:
+            self.pos += 1
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+                elif ch < " ":  # strict JSON parsers refuse raw control characters
+                    ch = json.dumps(ch)[1:-1]
             elif ch == '"':
-                in_string = False
-            elif ch < " ":  # strict JSON parsers refuse raw control characters
-                ch = json.dumps(ch)[1:-1]
-        elif ch == '"':
-            in_string = True
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-        out.append(ch)
-        if depth == 0 and not in_string:
-            return "".join(out), True
-    return "".join(out), False
+                self.in_string = True
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}]":
+                self.depth -= 1
+            self.out.append(ch)
+            if self.depth == 0 and not self.in_string:
+                self.complete = True
+                return
 
-
-def scan_string(text: str, i: int) -> tuple[str, bool]:
-    """The decoded contents of the JSON string opening at text[i]: up to its closing quote (True), or
-    to the end of the text less an escape not yet complete."""
-    out: list[str] = []
-    j, n = i + 1, len(text)
-    while j < n:
-        ch = text[j]
-        if ch == '"':
-            return "".join(out), True
-        if ch != "\\":
-            out.append(ch)
-            j += 1
-            continue
-        if j + 1 >= n:
-            break
-        kind = text[j + 1]
-        if kind != "u":
-            out.append(ESCAPES.get(kind, kind))
-            j += 2
-            continue
-        code = _hex4(text, j + 2)
-        if code is None:
-            break
-        if 0xD800 <= code < 0xDC00:  # a high surrogate: wait for its low half
-            if j + 12 > n:
+    def _scan_string(self, text: str) -> None:
+        """The string's decoded contents, up to its closing quote; an escape not yet complete waits."""
+        j, n = self.pos, len(text)
+        while j < n:
+            ch = text[j]
+            if ch == '"':
+                self.complete = True
                 break
-            low = _hex4(text, j + 8) if text[j + 6 : j + 8] == "\\u" else None
-            if low is not None and 0xDC00 <= low < 0xE000:
-                out.append(chr(0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)))
-                j += 12
+            if ch != "\\":
+                self.out.append(ch)
+                j += 1
                 continue
-            code = 0xFFFD
-        out.append(chr(code) if not 0xD800 <= code < 0xE000 else "\ufffd")
-        j += 6
-    return "".join(out), False
+            if j + 1 >= n:
+                break
+            kind = text[j + 1]
+            if kind != "u":
+                self.out.append(ESCAPES.get(kind, kind))
+                j += 2
+                continue
+            code = _hex4(text, j + 2)
+            if code is None:
+                break
+            if 0xD800 <= code < 0xDC00:  # a high surrogate: wait for its low half
+                if j + 12 > n:
+                    break
+                low = _hex4(text, j + 8) if text[j + 6 : j + 8] == "\\u" else None
+                if low is not None and 0xDC00 <= low < 0xE000:
+                    self.out.append(chr(0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)))
+                    j += 12
+                    continue
+            self.out.append(chr(code) if not 0xD800 <= code < 0xE000 else "\ufffd")
+            j += 6
+        self.pos = j
 
 
 def _hex4(text: str, i: int) -> int | None:
