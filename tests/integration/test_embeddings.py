@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import torch
 
 from pagoda.engine.async_engine import AsyncEngine
 from pagoda.server.app import create_app
@@ -87,6 +88,29 @@ def test_embeddings_share_the_batch_with_generation(engine: AsyncEngine) -> None
 
     chat, emb = run(engine, go)
     assert chat.usage.completion_tokens == 20 and len(emb.data) == 8
+
+
+def test_one_token_embedding_beside_decodes_is_not_served_by_a_decode_graph(tiny_config_path) -> None:
+    """A one-token embedding chunk in a step of decodes looks like a decode step; decode graphs
+    (here the CPU stand-in) return logits only, so such a step runs eagerly and keeps its vector."""
+    from pagoda import LLM, SamplingParams
+    from pagoda.engine.graph_runner import EagerGraph
+
+    llm = LLM(model_config=str(tiny_config_path), load_format="dummy", kv_cache_memory=0.02)
+    engine = llm.engine
+    engine.runner.capture_graphs(4, engine.scheduler.pages_needed(engine.context_length), EagerGraph)
+    engine.add_request("gen", [5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.step()  # the prompt; from here on "gen" decodes
+    engine.enqueue("emb", engine.make_requests("emb", [9], None, 0, "last"), None)
+    outputs = {}
+    while engine.has_unfinished():
+        outputs.update({o.request_id: o for o in engine.step() if o.finished})
+    vector = outputs["emb"].embedding
+    assert vector is not None and vector.shape == (HIDDEN,)
+    alone = LLM(model_config=str(tiny_config_path), load_format="dummy", kv_cache_memory=0.02).engine
+    alone.enqueue("emb", alone.make_requests("emb", [9], None, 0, "last"), None)
+    (out,) = alone.step()
+    torch.testing.assert_close(out.embedding, vector)
 
 
 BAD = [
