@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from pagoda.config import EngineConfig, option_specs
 from pagoda.errors import PagodaError
 from pagoda.server.reasoning_parsers import REASONING_PARSERS
+from pagoda.server.replicas import ROUTER_POLICIES
 from pagoda.server.tool_parsers import TOOL_PARSERS
 
 if TYPE_CHECKING:
@@ -69,6 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the format the model writes tool calls in (hermes: Hermes/Qwen <tool_call> JSON)")
     serve.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                        help="split the model's <think>...</think> into reasoning_content (default: off)")
+    dp = serve.add_argument_group("data parallel (replicas behind sglang-router)")
+    dp.add_argument("--data-parallel-size", "--dp", dest="data_parallel_size", type=int, default=1,
+                    help="replicas of the model, each a server on an internal loopback port, behind "
+                         "sglang-router on --host/--port (on CPU each gets its own group of cores)")
+    dp.add_argument("--router-policy", default="cache_aware", choices=ROUTER_POLICIES,
+                    help="how the router picks a replica: cache_aware sends requests that share a prefix "
+                         "to the replica holding it (shortest queue when unbalanced)")
+    dp.add_argument("--router-health-check-interval", type=int, default=5,
+                    help="seconds between the router's health checks of each replica")
+    dp.add_argument("--router-args", default=None,
+                    help="more sglang_router.launch_router flags, passed through verbatim, "
+                         "e.g. '--cache-threshold 0.5 --retry-max-retries 3'")
     _add_engine_options(serve)
 
     gen = sub.add_parser("generate", help="stream one completion to stdout")
@@ -147,6 +160,8 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.data_parallel_size != 1:
+        return _serve_replicas(args)
     from pagoda.server.launch import serve
 
     serve(
@@ -155,6 +170,24 @@ def _serve(args: argparse.Namespace) -> int:
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
     )
     return 0
+
+
+def _serve_replicas(args: argparse.Namespace) -> int:
+    from pagoda.server.launch import setup_logging
+    from pagoda.server.replicas import ReplicaSet, router_options
+
+    setup_logging()
+    serve_flags = ["--shutdown-timeout", str(args.shutdown_timeout), "--tool-call-parser", args.tool_call_parser]
+    if args.reasoning_parser:
+        serve_flags += ["--reasoning-parser", args.reasoning_parser]
+    if args.served_model_name:
+        serve_flags += ["--served-model-name", args.served_model_name]
+    replicas = ReplicaSet(
+        _engine_config(args), serve_flags, args.data_parallel_size, args.host, args.port,
+        router_options(args.router_policy, args.router_health_check_interval, args.router_args),
+        api_key=args.api_key, shutdown_timeout=args.shutdown_timeout, served_model_name=args.served_model_name,
+    )
+    return replicas.run()
 
 
 def main(argv: list[str] | None = None) -> int:
