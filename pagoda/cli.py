@@ -27,12 +27,12 @@ if TYPE_CHECKING:
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     for name, annotation, default, meta in option_specs():
-        flag = "--" + name.replace("_", "-")
+        flags = ["--" + name.replace("_", "-"), *meta.get("aliases", ())]
         if annotation == "bool":
-            group.add_argument(flag, action="store_true", help=meta["help"])
+            group.add_argument(*flags, dest=name, action="store_true", help=meta["help"])
             continue
         kind = {"int": int, "float": float}.get(str(annotation).split(" ")[0], str)
-        group.add_argument(flag, type=kind, default=default, choices=meta.get("choices"), help=meta["help"])
+        group.add_argument(*flags, dest=name, type=kind, default=default, choices=meta.get("choices"), help=meta["help"])
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -160,6 +160,10 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.node_rank > 0:  # a node of a multi-node tensor-parallel group: worker ranks only
+        from pagoda.distributed.worker import serve_node
+
+        return serve_node(_engine_config(args))
     if args.data_parallel_size != 1:
         return _serve_replicas(args)
     from pagoda.server.launch import serve

@@ -24,8 +24,10 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_pool: KVPool, device: torch.device) -> None:
-        self.model, self.kv, self.device = model, kv_pool, device
+    def __init__(self, model: torch.nn.Module, kv_pool: KVPool, device: torch.device, channel=None) -> None:
+        """``channel``: on rank 0 of a tensor-parallel group, the StepChannel each batch is
+        broadcast on before the forward (the other ranks run the same forward on it)."""
+        self.model, self.kv, self.device, self.channel = model, kv_pool, device, channel
         self.page_size = kv_pool.page_size
 
     def run(self, chunks: Sequence[ScheduledChunk]) -> StepOutput:
@@ -38,6 +40,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> StepOutput:
+        if self.channel is None:
+            return self._forward(batch)
+        try:
+            self.channel.send_step(batch)
+            return self._forward(batch)
+        except RuntimeError as e:  # a collective failed: a rank is gone (gloo: connection closed)
+            from pagoda.distributed.launch import fatal
+
+            fatal(f"tensor-parallel step failed, a rank is gone: {str(e).splitlines()[0] if str(e) else e!r}")
+            raise
+
+    def _forward(self, batch: ForwardBatch) -> StepOutput:
         hidden = self.model(batch)
         ends = torch.tensor([s - 1 for s in batch.query_starts[1:]], device=self.device)
         out = StepOutput(last_logits=self.model.compute_logits(hidden[ends]))

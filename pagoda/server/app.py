@@ -123,7 +123,7 @@ def create_app(
         info = engine.model_info
         return {"version": __version__, "engine": "pagoda", "served_model_name": served_model_name,
                 "context_length": info.context_length, "max_total_num_tokens": info.kv_tokens,
-                "dp_size": 1, "tp_size": getattr(info, "tensor_parallel_size", 1)}
+                "dp_size": 1, "tp_size": info.tensor_parallel_size}
 
     for path in ("/model_info", "/get_model_info"):
         app.add_api_route(path, model_info_body, methods=["GET"])

@@ -186,12 +186,14 @@ class ReplicaSet:
         from pagoda.platforms import detect_platform_name
 
         kind = detect_platform_name(self.config.device)
-        tp = getattr(self.config, "tensor_parallel_size", 1)
+        tp = self.config.tensor_parallel_size
         if kind == "cpu":
             groups = _core_groups(self.n)
             total = self.config.num_threads or len(os.sched_getaffinity(0))
             threads = max(1, total // self.n)
             return [(["--device", "cpu", "--num-threads", str(threads)], g) for g in groups]
+        if self.config.nnodes > 1:
+            raise ConfigError("--data-parallel-size with --nnodes is not supported: start one group per replica")
         base = 0
         if ":" in self.config.device:
             base = int(self.config.device.partition(":")[2] or 0)
