@@ -4,6 +4,9 @@
     .venv/bin/python benchmarks/bench_parallel.py step --tp 1 2 --batch 1 16 \\
         --load-format dummy --model-config benchmarks/configs/qwen2.5-0.5b.json --quantization int4
 
+    # the collective alone: a gloo all-reduce of [rows, hidden] float32 between two processes
+    .venv/bin/python benchmarks/bench_parallel.py allreduce --rows 1 16 256 --hidden 896
+
     # DP=2 (two replicas behind sglang-router) vs one server, 32 streaming clients (bench_serving.py)
     .venv/bin/python benchmarks/bench_parallel.py serve --dp 1 2 --concurrency 32 --num-requests 64
 
@@ -52,6 +55,47 @@ def run_step(args: argparse.Namespace, engine_flags: list[str]) -> list[dict]:
     print(f"\n{'tp':>3} {'batch':>6} {'step ms':>9} {'tok/s':>8}")
     for r in rows:
         print(f"{r['tp']:>3} {r['batch']:>6} {r['step_ms']:>9.2f} {r['tok_s']:>8.1f}")
+    return rows
+
+
+def _allreduce_rank(rank: int, world: int, port: int, sizes: list[int], hidden: int, iters: int, out) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    for rows in sizes:
+        x = torch.randn(rows, hidden)
+        for _ in range(10):
+            dist.all_reduce(x)
+        dist.barrier()
+        t = time.perf_counter()
+        for _ in range(iters):
+            dist.all_reduce(x)
+        us = (time.perf_counter() - t) / iters * 1e6
+        if rank == 0:
+            out.put({"bench": "all_reduce", "backend": "gloo", "world": world, "rows": rows, "hidden": hidden,
+                     "bytes": rows * hidden * 4, "us": round(us, 1)})
+    dist.destroy_process_group()
+
+
+def run_allreduce(args: argparse.Namespace, _: list[str]) -> list[dict]:
+    """One gloo all-reduce of a [rows, hidden] float32 tensor between two local processes: what a
+    tensor-parallel step pays twice per layer (plus one for the embedding, one gather of the logits)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_allreduce_rank, args=(r, 2, port, args.rows, args.hidden, args.iters, out))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    rows = [out.get(timeout=300) for _ in args.rows]
+    for p in procs:
+        p.join(60)
+    for r in rows:
+        print(json.dumps(r), flush=True)
     return rows
 
 
@@ -116,9 +160,13 @@ def main() -> None:
     serve.add_argument("--num-requests", type=int, default=64)
     serve.add_argument("--input-len", type=int, default=128)
     serve.add_argument("--output-len", type=int, default=64)
+    ar = sub.add_parser("allreduce", help="the collective alone: gloo all-reduce time between 2 processes")
+    ar.add_argument("--rows", type=int, nargs="+", default=[1, 16, 256])
+    ar.add_argument("--hidden", type=int, default=896)
+    ar.add_argument("--iters", type=int, default=200)
     args, engine_flags = ap.parse_known_args()  # the rest: engine flags (--model, --quantization, ...)
     os.chdir(HERE.parent)
-    (run_step if args.what == "step" else run_serve)(args, engine_flags)
+    {"step": run_step, "serve": run_serve, "allreduce": run_allreduce}[args.what](args, engine_flags)
 
 
 if __name__ == "__main__":
