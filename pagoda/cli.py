@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp = serve.add_argument_group("data parallel (replicas behind sglang-router)")
     dp.add_argument("--data-parallel-size", "--dp", dest="data_parallel_size", type=int, default=1,
                     help="replicas of the model, each a server on an internal loopback port, behind "
-                         "sglang-router on --host/--port (on CPU each gets its own group of cores)")
+                         "sglang-router on --host/--port (on CPU each gets its own NUMA node or group of cores)")
     dp.add_argument("--router-policy", default="cache_aware", choices=ROUTER_POLICIES,
                     help="how the router picks a replica: cache_aware sends requests that share a prefix "
                          "to the replica holding it (shortest queue when unbalanced)")

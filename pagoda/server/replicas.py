@@ -8,8 +8,9 @@ has it cached), shortest queue when the load is unbalanced, health checks and re
 failure. pagoda writes no routing of its own: this module only starts, watches and stops
 processes.
 
-Placement: on CPU the cores this process may use are split into N contiguous groups, one per
-replica (pinned with sched_setaffinity, ``--num-threads`` divided among them); on a GPU host
+Placement: on CPU each replica gets a NUMA node when there are N of them, else one of N
+contiguous groups of the cores this process may use (pinned with sched_setaffinity,
+``--num-threads`` divided among them); on a GPU host
 replica i gets devices ``i*tp .. i*tp+tp-1`` (``--data-parallel-size`` times
 ``--tensor-parallel-size`` devices in all).
 
@@ -35,6 +36,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import IO
 
 from pagoda.config import EngineConfig
@@ -56,14 +58,40 @@ class RouterOptions:
     extra: list[str] = field(default_factory=list)
 
 
+def _parse_cpulist(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in text.strip().split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def _numa_nodes(cpus: set[int]) -> list[set[int]]:
+    """This process's CPUs per NUMA node (nodes without any left out)."""
+    nodes = []
+    for path in sorted(Path("/sys/devices/system/node").glob("node[0-9]*/cpulist")):
+        try:
+            mine = _parse_cpulist(path.read_text()) & cpus
+        except (OSError, ValueError):
+            continue
+        if mine:
+            nodes.append(mine)
+    return nodes
+
+
 def _core_groups(n: int) -> list[set[int] | None]:
-    """The CPUs this process may run on, split into n contiguous groups (None: too few cores)."""
+    """The CPUs this process may run on, one NUMA node per replica when there are n nodes,
+    else split into n contiguous groups (None: fewer cores than replicas)."""
     try:
         cpus = sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return [None] * n
     if len(cpus) < n:
         return [None] * n
+    nodes = _numa_nodes(set(cpus))
+    if len(nodes) == n:
+        return nodes
     size, rest = divmod(len(cpus), n)
     groups, start = [], 0
     for i in range(n):

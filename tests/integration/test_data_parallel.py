@@ -52,6 +52,9 @@ def complete(url: str, prompt: str, max_tokens: int = 4) -> httpx.Response:
 
 
 def test_split_of_cores_and_flags() -> None:
+    from pagoda.server.replicas import _parse_cpulist
+
+    assert _parse_cpulist("0-3,8,10-11\n") == {0, 1, 2, 3, 8, 10, 11}
     groups = _core_groups(2)
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) >= 2:
