@@ -175,3 +175,27 @@ def test_default_model_logits_match_one_rank() -> None:
     # 30 layers of float32 sums in another order: measured at most 2.7e-4 on logits of size ~10.
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [("--quantization", "bf16"), ("--quantization", "int8"), ("--quantization", "int4"),
+                                   ("--kv-cache-dtype", "int8")], ids=lambda f: "-".join(f).strip("-"))
+def test_default_model_greedy_tokens_through_the_server(flags: tuple[str, str]) -> None:
+    """The real model (tp 3), where greedy choices have real margins: bf16, int8 and int4 weights
+    and the int8 KV cache give one rank's tokens exactly, through the server."""
+    from pagoda.weights.default_model import default_model_path
+
+    prompts = ["Name three colors and describe each in one sentence.", "Write a haiku about mountains."]
+    name = flags[0].removeprefix("--").replace("-", "_")
+    one = LLM(str(default_model_path()), kv_cache_memory=0.05, **{name: flags[1]})
+    params = SamplingParams(max_tokens=32, temperature=0)
+    expected = [one.chat([{"role": "user", "content": p}], params, use_tqdm=False)[0].outputs[0].text for p in prompts]
+    server = ServerProcess("--kv-cache-memory", "0.05", "--tp", "3", *flags, timeout=180)
+    try:
+        for prompt, want in zip(prompts, expected):
+            r = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+                "messages": [{"role": "user", "content": prompt}], "max_tokens": 32, "temperature": 0})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == want
+    finally:
+        server.kill()
