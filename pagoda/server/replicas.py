@@ -245,6 +245,7 @@ class ReplicaSet:
         cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", self.host, "--port", str(self.port),
                "--worker-urls", *urls, "--policy", self.router_opts.policy,
                "--health-check-interval-secs", str(self.router_opts.health_check_interval),
+               "--shutdown-grace-period-secs", str(max(1, int(self.shutdown_timeout))),
                "--log-level", "warn", *self.router_opts.extra]
         if self.api_key:
             cmd += ["--api-key", self.api_key]
@@ -318,10 +319,10 @@ class ReplicaSet:
         return 0
 
     def stop(self) -> None:
-        if self.router is not None:
+        if self.router is not None:  # first the router: it stops taking requests and lets in-flight ones finish
             self.router.stop()
             try:
-                self.router.proc.wait(10)
+                self.router.proc.wait(self.shutdown_timeout + 5)
             except subprocess.TimeoutExpired:
                 self.router.stop(signal.SIGKILL)
         for r in self.replicas:
