@@ -87,6 +87,28 @@ def test_logits_match_one_rank(which: str, tiny_dir: Path, variant_dir: Path) ->
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5)
 
 
+def test_a_long_step_takes_two_messages(tiny_dir: Path) -> None:
+    """A step whose description exceeds the channel's fixed buffer (1,500 tokens: ~4,600 words)
+    goes as header + payload; the logits still match one rank's."""
+    from pagoda.distributed.channel import CAPACITY
+
+    ids = [(i * 37) % 500 for i in range(1500)]
+    pages = list(range(1, 1 + (len(ids) + 15) // 16))
+    assert 3 * len(ids) > CAPACITY
+
+    def logits(llm: LLM) -> torch.Tensor:
+        runner = llm.engine.runner
+        return runner.forward(runner.prepare([(ids, 0, pages)])).last_logits
+
+    expected = logits(LLM(str(tiny_dir), kv_cache_memory=0.01))
+    two = LLM(str(tiny_dir), kv_cache_memory=0.01, tensor_parallel_size=2)
+    try:
+        got = logits(two)
+    finally:
+        two.engine.close()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5)
+
+
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 
 
