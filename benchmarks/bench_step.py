@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks (processes) the model is split over")
+    ap.add_argument("--num-threads", type=int, default=None)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--disable-graphs", action="store_true", help="decode eagerly (graphs: CUDA/MUSA only)")
     args = ap.parse_args()
@@ -41,7 +43,8 @@ def main() -> None:
 
     llm = LLM(model=args.model, quantization=args.quantization, device=args.device, dtype=args.dtype,
               kv_cache_dtype=args.kv_cache_dtype, load_format=args.load_format, model_config=args.model_config,
-              max_running_requests=max(args.batch), disable_graphs=args.disable_graphs)
+              max_running_requests=max(args.batch), disable_graphs=args.disable_graphs,
+              tensor_parallel_size=args.tensor_parallel_size, num_threads=args.num_threads)
     engine = llm.engine
     device = engine.platform.describe()
     vocab = engine.model_config.vocab_size
@@ -63,6 +66,7 @@ def main() -> None:
         print(json.dumps({"bench": "step", "device": device, "graphs": engine.runner.graphs is not None,
                           "quantization": args.quantization,
                           "kv_cache_dtype": str(engine.kv_pool.k[0].dtype).removeprefix("torch."), "batch": batch,
+                          "tp": args.tensor_parallel_size,
                           "context": args.context, "step_ms": round(step_ms, 2),
                           "tok_s": round(batch * 1000 / step_ms, 1)}))
         if args.profile:
@@ -72,6 +76,7 @@ def main() -> None:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
         for rid in ids:
             engine.abort(rid)
+    engine.close()
 
 
 if __name__ == "__main__":

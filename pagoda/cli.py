@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from pagoda.config import EngineConfig, option_specs
 from pagoda.errors import PagodaError
 from pagoda.server.reasoning_parsers import REASONING_PARSERS
+from pagoda.server.replicas import ROUTER_POLICIES
 from pagoda.server.tool_parsers import TOOL_PARSERS
 
 if TYPE_CHECKING:
@@ -26,12 +27,12 @@ if TYPE_CHECKING:
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     for name, annotation, default, meta in option_specs():
-        flag = "--" + name.replace("_", "-")
+        flags = ["--" + name.replace("_", "-"), *meta.get("aliases", ())]
         if annotation == "bool":
-            group.add_argument(flag, action="store_true", help=meta["help"])
+            group.add_argument(*flags, dest=name, action="store_true", help=meta["help"])
             continue
         kind = {"int": int, "float": float}.get(str(annotation).split(" ")[0], str)
-        group.add_argument(flag, type=kind, default=default, choices=meta.get("choices"), help=meta["help"])
+        group.add_argument(*flags, dest=name, type=kind, default=default, choices=meta.get("choices"), help=meta["help"])
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -71,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="split the model's <think>...</think> into reasoning_content (default: off)")
     serve.add_argument("--pooling", default="last", choices=["last", "mean"],
                        help="/v1/embeddings: the final hidden state of the last token, or the mean over the input")
+    dp = serve.add_argument_group("data parallel (replicas behind sglang-router)")
+    dp.add_argument("--data-parallel-size", "--dp", dest="data_parallel_size", type=int, default=1,
+                    help="replicas of the model, each a server on an internal loopback port, behind "
+                         "sglang-router on --host/--port (on CPU each gets its own NUMA node or group of cores)")
+    dp.add_argument("--router-policy", default="cache_aware", choices=ROUTER_POLICIES,
+                    help="how the router picks a replica: cache_aware sends requests that share a prefix "
+                         "to the replica holding it (shortest queue when unbalanced)")
+    dp.add_argument("--router-health-check-interval", type=int, default=5,
+                    help="seconds between the router's health checks of each replica")
+    dp.add_argument("--router-args", default=None,
+                    help="more sglang_router.launch_router flags, passed through verbatim, "
+                         "e.g. '--cache-threshold 0.5 --retry-max-retries 3'")
     _add_engine_options(serve)
 
     gen = sub.add_parser("generate", help="stream one completion to stdout")
@@ -149,6 +162,12 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.node_rank > 0:  # a node of a multi-node tensor-parallel group: worker ranks only
+        from pagoda.distributed.worker import serve_node
+
+        return serve_node(_engine_config(args))
+    if args.data_parallel_size != 1:
+        return _serve_replicas(args)
     from pagoda.server.launch import serve
 
     serve(
@@ -157,6 +176,24 @@ def _serve(args: argparse.Namespace) -> int:
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser, pooling=args.pooling,
     )
     return 0
+
+
+def _serve_replicas(args: argparse.Namespace) -> int:
+    from pagoda.server.launch import setup_logging
+    from pagoda.server.replicas import ReplicaSet, router_options
+
+    setup_logging()
+    serve_flags = ["--shutdown-timeout", str(args.shutdown_timeout), "--tool-call-parser", args.tool_call_parser]
+    if args.reasoning_parser:
+        serve_flags += ["--reasoning-parser", args.reasoning_parser]
+    if args.served_model_name:
+        serve_flags += ["--served-model-name", args.served_model_name]
+    replicas = ReplicaSet(
+        _engine_config(args), serve_flags, args.data_parallel_size, args.host, args.port,
+        router_options(args.router_policy, args.router_health_check_interval, args.router_args),
+        api_key=args.api_key, shutdown_timeout=args.shutdown_timeout, served_model_name=args.served_model_name,
+    )
+    return replicas.run()
 
 
 def main(argv: list[str] | None = None) -> int:

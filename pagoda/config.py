@@ -58,7 +58,16 @@ class EngineConfig:
     max_queued_requests: int = _opt(4096, "waiting requests beyond which new ones are refused")
     disable_graphs: bool = _opt(False, "run decode steps eagerly instead of replaying captured graphs (CUDA/MUSA)")
     graph_max_batch_size: int = _opt(256, "largest decode batch captured as a graph (larger ones run eagerly)")
-    num_threads: int | None = _opt(None, "CPU threads for compute (default: all cores)")
+    num_threads: int | None = _opt(None, "CPU threads for compute (default: all cores; shared among this node's "
+                                         "tensor-parallel ranks)")
+    tensor_parallel_size: int = _opt(
+        1, "ranks the model is split over (attention heads, MLP rows, vocabulary; an all-reduce after attention "
+        "and after the MLP): processes on this node's devices (CPU: groups of cores), collectives through "
+        "torch.distributed with the platform's backend (gloo, nccl, mccl)", aliases=("--tp",),
+    )
+    nnodes: int = _opt(1, "machines the tensor-parallel group spans (each runs `pagoda serve` with its --node-rank)")
+    node_rank: int = _opt(0, "this machine's place in the group: 0 serves HTTP, the others run worker ranks only")
+    dist_init_addr: str | None = _opt(None, "HOST:PORT of node 0 where the ranks meet (needed with --nnodes > 1)")
 
     def __post_init__(self) -> None:
         positive = ("page_size", "max_running_requests", "max_batched_tokens", "max_queued_requests",
@@ -87,6 +96,16 @@ class EngineConfig:
             raise ConfigError(f"context_length must be positive (got {self.context_length})")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ConfigError(f"kv_cache_memory must be a positive number of GiB (got {self.kv_cache_memory})")
+        for name in ("tensor_parallel_size", "nnodes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer (got {value!r})")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"node_rank must be in [0, nnodes) (got {self.node_rank} with nnodes {self.nnodes})")
+        if self.tensor_parallel_size % self.nnodes:
+            raise ConfigError(f"tensor_parallel_size {self.tensor_parallel_size} must be a multiple of nnodes {self.nnodes}")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ConfigError("--nnodes above 1 needs --dist-init-addr HOST:PORT (on node 0, a free port)")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"num_threads must be positive (got {self.num_threads})")
         if self.load_format == "dummy" and self.model is None and self.model_config is None:

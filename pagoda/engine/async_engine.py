@@ -144,6 +144,8 @@ class AsyncEngine:
         self._stopped.set()
         self._inbox.put(("stop",))
         self._thread.join(timeout)
+        if hasattr(self, "engine") and not self._thread.is_alive():
+            self.engine.close()  # tensor-parallel workers stop (after the last step, never during one)
 
     # ---- engine thread ---------------------------------------------------------------
 

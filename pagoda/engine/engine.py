@@ -7,6 +7,8 @@ sample, update, detokenize and stop-check.
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import itertools
 import logging
 import time
@@ -25,9 +27,12 @@ from pagoda.engine.request import Request
 from pagoda.engine.sampler import Sampler, SamplingRow, compute_logprobs
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from pagoda.distributed.channel import StepChannel
+from pagoda.distributed.launch import TensorParallelGroup, rank_device
+from pagoda.distributed.parallel import SINGLE
 from pagoda.errors import ConfigError, InvalidRequestError
 from pagoda.models.loader import LoadedModel, load_model, resolve_dtype
-from pagoda.platforms import get_platform
+from pagoda.platforms import detect_platform_name, get_platform
 
 log = logging.getLogger("pagoda.engine")
 
@@ -65,6 +70,7 @@ class ModelInfo:
     kv_tokens: int  # tokens the KV cache holds, all sequences together
     has_tokenizer: bool
     has_chat_template: bool
+    tensor_parallel_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -74,16 +80,67 @@ class KVCacheSize:
     dtype: torch.dtype
 
 
+def kv_cache_dtype(config: EngineConfig, loaded: LoadedModel, platform) -> torch.dtype:
+    name = config.kv_cache_dtype
+    if name == "auto":
+        return torch.bfloat16 if loaded.quantization else loaded.dtype
+    return torch.int8 if name == "int8" else resolve_dtype(name, platform)
+
+
+def kv_cache_size(
+    config: EngineConfig, platform, loaded: LoadedModel, dtype: torch.dtype, reserve: int = 0
+) -> KVCacheSize:
+    """As many pages as the memory budget holds, but no more than the running requests can use.
+    A tensor-parallel rank sizes its own share (its KV heads) against its own budget:
+    --kv-cache-memory is per rank. Without it, `reserve` bytes of the free memory stay free
+    (what the decode graphs will take)."""
+    mc = loaded.config
+    per_token = KVPool.bytes_per_token(mc.num_hidden_layers, loaded.kv_heads, mc.head_dim, dtype)
+    if config.kv_cache_memory is not None:
+        budget = int(config.kv_cache_memory * GiB)
+    else:
+        budget = platform.kv_cache_budget() - reserve
+    per_page = per_token * config.page_size
+    max_useful = config.max_running_requests * loaded.context_length + config.page_size
+    num_pages = min(budget, max_useful * per_token) // per_page
+    if num_pages < 2:
+        raise ConfigError(
+            f"KV cache budget {budget / GiB:.3f} GiB holds fewer than 2 pages of {config.page_size} tokens "
+            f"({per_page} bytes each); raise --kv-cache-memory"
+        )
+    return KVCacheSize(num_pages, per_page, dtype)
+
+
+def build_kv_pool(config: EngineConfig, platform, loaded: LoadedModel, size: KVCacheSize) -> KVPool:
+    mc = loaded.config
+    storage_pages = PageAllocator(size.num_pages, config.page_size).num_storage_pages
+    return KVPool(mc.num_hidden_layers, storage_pages, config.page_size, loaded.kv_heads, mc.head_dim, size.dtype,
+                  platform.device(), platform.alloc_streamed)
+
+
 class Engine:
     def __init__(self, config: EngineConfig, show_progress: bool = False) -> None:
         self.config = config
+        self.tp: TensorParallelGroup | None = None
+        self.channel: StepChannel | None = None
+        parallel = SINGLE
+        if config.tensor_parallel_size > 1:
+            # Spawns ranks 1.. (they load their shards meanwhile) and opens the process group.
+            self.tp = TensorParallelGroup(config, detect_platform_name(config.device))
+            parallel = self.tp.ctx
+            config = dataclasses.replace(config, device=rank_device(config, detect_platform_name(config.device), 0))
         self.platform = get_platform(config.device)
-        if config.num_threads:
+        if self.tp is not None:
+            torch.set_num_threads(self.tp.threads)
+        elif config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.platform.seed(config.seed)
-        self.loaded: LoadedModel = load_model(config, self.platform, show_progress)
+        if self.tp is not None:
+            atexit.register(self.close)
+        self.loaded: LoadedModel = load_model(config, self.platform, show_progress, parallel)
+        self.rank_label = f"rank 0 of {config.tensor_parallel_size}: " if self.tp else ""
         log.info(
-            "model: %s, %.2f GiB of weights (%s), loaded in %.1f s",
+            "%smodel: %s, %.2f GiB of weights (%s), loaded in %.1f s", self.rank_label,
             self.loaded.config.architecture, self.loaded.weight_bytes / GiB, self.loaded.quantization or self.loaded.dtype,
             self.loaded.load_seconds,
         )
@@ -108,6 +165,7 @@ class Engine:
             kv_tokens=self.kv_tokens,
             has_tokenizer=self.tokenizer is not None,
             has_chat_template=self.tokenizer is not None and bool(self.tokenizer.chat_template),
+            tensor_parallel_size=config.tensor_parallel_size,
         )
         self.sampler = Sampler()
         self.outputs = OutputProcessor(self.context_length)
@@ -121,11 +179,14 @@ class Engine:
     def _init_kv_cache(self) -> None:
         """Size the KV cache, then build its pages, the model runner over them and the scheduler."""
         size = self._size_kv_cache()
+        if self.tp is not None:  # every rank holds the same pages (of its own KV heads)
+            size = dataclasses.replace(size, num_pages=self.tp.agree_pages(size.num_pages))
+            self.channel = StepChannel(self.tp.ctx, self.platform.device())
         self._build_kv_pool(size)
-        self.runner = ModelRunner(self.loaded.model, self.kv_pool, self.platform.device())
+        self.runner = ModelRunner(self.loaded.model, self.kv_pool, self.platform.device(), self.channel)
         self.scheduler = self._build_scheduler()
         log.info(
-            "KV cache: %d tokens in %d pages (%.2f GiB, %s)", self.kv_tokens, size.num_pages,
+            "%sKV cache: %d tokens in %d pages (%.2f GiB, %s)", self.rank_label, self.kv_tokens, size.num_pages,
             size.num_pages * size.bytes_per_page / GiB, str(size.dtype).removeprefix("torch."),
         )
         if self._graph_max_batch():
@@ -133,8 +194,8 @@ class Engine:
 
     def _graph_max_batch(self) -> int:
         """The largest decode batch to capture as a graph; 0: none (no graphs on this platform,
-        or --disable-graphs)."""
-        if self.config.disable_graphs or not self.platform.capabilities.graph_capture:
+        --disable-graphs, or tensor parallelism, whose other ranks run their steps eagerly)."""
+        if self.config.disable_graphs or not self.platform.capabilities.graph_capture or self.tp is not None:
             return 0
         return min(self.config.graph_max_batch_size, self.config.max_running_requests)
 
@@ -145,23 +206,8 @@ class Engine:
         log.info("decode graphs take %.2f GiB", (free - self.platform.free_memory()) / GiB)
 
     def _size_kv_cache(self) -> KVCacheSize:
-        """As many pages as the memory budget holds, but no more than the running requests can use."""
-        cfg, mc = self.config, self.model_config
-        dtype = self.kv_cache_dtype()
-        per_token = KVPool.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, dtype)
-        if cfg.kv_cache_memory is not None:
-            budget = int(cfg.kv_cache_memory * GiB)
-        else:  # what the free memory holds once the decode graphs have taken theirs
-            budget = self.platform.kv_cache_budget() - self._graph_memory_estimate()
-        per_page = per_token * cfg.page_size
-        max_useful = cfg.max_running_requests * self.context_length + cfg.page_size
-        num_pages = min(budget, max_useful * per_token) // per_page
-        if num_pages < 2:
-            raise ConfigError(
-                f"KV cache budget {budget / GiB:.3f} GiB holds fewer than 2 pages of {cfg.page_size} tokens "
-                f"({per_page} bytes each); raise --kv-cache-memory"
-            )
-        return KVCacheSize(num_pages, per_page, dtype)
+        return kv_cache_size(self.config, self.platform, self.loaded, self.kv_cache_dtype(),
+                             self._graph_memory_estimate())
 
     def _graph_memory_estimate(self) -> int:
         """Bytes the decode graphs' shared memory pool will hold: the largest bucket's logits
@@ -172,13 +218,9 @@ class Engine:
 
     def _build_kv_pool(self, size: KVCacheSize) -> None:
         """The page allocator and the KV tensors it hands out pages of."""
-        cfg, mc = self.config, self.model_config
-        self.allocator = PageAllocator(size.num_pages, cfg.page_size)
-        self.kv_pool = KVPool(
-            mc.num_hidden_layers, self.allocator.num_storage_pages, cfg.page_size, mc.num_key_value_heads,
-            mc.head_dim, size.dtype, self.platform.device(), self.platform.alloc_streamed,
-        )
-        self.kv_tokens = size.num_pages * cfg.page_size
+        self.allocator = PageAllocator(size.num_pages, self.config.page_size)
+        self.kv_pool = build_kv_pool(self.config, self.platform, self.loaded, size)
+        self.kv_tokens = size.num_pages * self.config.page_size
 
     def _build_scheduler(self) -> Scheduler:
         cfg = self.config
@@ -193,10 +235,12 @@ class Engine:
         )
 
     def kv_cache_dtype(self) -> torch.dtype:
-        name = self.config.kv_cache_dtype
-        if name == "auto":
-            return torch.bfloat16 if self.loaded.quantization else self.loaded.dtype
-        return torch.int8 if name == "int8" else resolve_dtype(name, self.platform)
+        return kv_cache_dtype(self.config, self.loaded, self.platform)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do on one rank)."""
+        if self.tp is not None:
+            self.tp.stop(self.channel)
 
     # ---- requests --------------------------------------------------------------------
 

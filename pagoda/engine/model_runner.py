@@ -27,8 +27,10 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_pool: KVPool, device: torch.device) -> None:
-        self.model, self.kv, self.device = model, kv_pool, device
+    def __init__(self, model: torch.nn.Module, kv_pool: KVPool, device: torch.device, channel=None) -> None:
+        """``channel``: on rank 0 of a tensor-parallel group, the StepChannel each batch is
+        broadcast on before the forward (the other ranks run the same forward on it)."""
+        self.model, self.kv, self.device, self.channel = model, kv_pool, device, channel
         self.page_size = kv_pool.page_size
         self.graphs: DecodeGraphRunner | None = None
 
@@ -54,6 +56,18 @@ class ModelRunner:
         """Logits after each sequence's last token (every token's for `batch.all_logits`), and the
         final hidden states of the sequences `hidden_of` (embedding requests, which a decode graph,
         returning logits only, never serves)."""
+        if self.channel is None:
+            return self._forward(batch, hidden_of)
+        try:
+            self.channel.send_step(batch)
+            return self._forward(batch, hidden_of)
+        except RuntimeError as e:  # a collective failed: a rank is gone (gloo: connection closed)
+            from pagoda.distributed.launch import fatal
+
+            fatal(f"tensor-parallel step failed, a rank is gone: {str(e).splitlines()[0] if str(e) else e!r}")
+            raise
+
+    def _forward(self, batch: ForwardBatch, hidden_of: Sequence[int] = ()) -> StepOutput:
         if self.graphs is not None and not hidden_of and self.graphs.serves(batch):
             return StepOutput(last_logits=self.graphs.run(batch))
         hidden = self.model(batch)

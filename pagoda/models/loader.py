@@ -18,9 +18,11 @@ import torch
 from tqdm import tqdm
 
 from pagoda.config import EngineConfig
+from pagoda.distributed.parallel import SINGLE, ParallelContext
 from pagoda.errors import ConfigError, ModelLoadError
 from pagoda.models.config import ModelConfig, normalize_rope_scaling
 from pagoda.models.layers import Linear, LinearFormat
+from pagoda.models.llama import attention_shard
 from pagoda.models.registry import model_class
 from pagoda.platforms import Platform
 from pagoda.weights.default_model import default_model_path
@@ -40,6 +42,7 @@ class LoadedModel:
     weight_bytes: int
     quantization: str | None  # what --quantization resolved to: "bf16", "int8", "int4" or None
     read_gguf: tuple[Path, dict[str, Any]] | None = None  # a GGUF checkpoint's tokenizer keys, read with it
+    kv_heads: int = 0  # KV heads this rank stores (all of them on one rank)
 
 
 def resolve_model_path(config: EngineConfig) -> Path | None:
@@ -92,7 +95,12 @@ def _apply_overrides(model_cfg: ModelConfig, config: EngineConfig) -> ModelConfi
     return model_cfg if scaling is None else dataclasses.replace(model_cfg, rope_scaling=scaling)
 
 
-def load_model(config: EngineConfig, platform: Platform, show_progress: bool = False) -> LoadedModel:
+def load_model(
+    config: EngineConfig, platform: Platform, show_progress: bool = False, parallel: ParallelContext = SINGLE,
+) -> LoadedModel:
+    """The model, or with a tensor-parallel context this rank's shard of it (each rank reads
+    only its slices of a safetensors checkpoint; a GGUF's tensors are dequantized whole from
+    the mapped file and sliced)."""
     start = time.perf_counter()
     path = resolve_model_path(config)
     dtype = resolve_dtype(config.dtype, platform)
@@ -114,18 +122,25 @@ def load_model(config: EngineConfig, platform: Platform, show_progress: bool = F
         )
     quantization = resolve_quantization(config, checkpoint, platform)
     fmt = linear_format(quantization, config.int4_group_size if quantization == "int4" else 32)
-    _check_fits(estimate_weight_bytes(model_cfg, dtype, fmt), platform, quantization or config.dtype)
-    model = model_class(model_cfg.architecture)(model_cfg, dtype, device, max_position=context_length, quantization=fmt)
-    if checkpoint is None:
+    _check_fits(estimate_weight_bytes(model_cfg, dtype, fmt) // parallel.world_size, platform, quantization or config.dtype)
+    model = model_class(model_cfg.architecture)(
+        model_cfg, dtype, device, max_position=context_length, quantization=fmt, parallel=parallel,
+    )
+    if checkpoint is None and not parallel.enabled:
         _fill_dummy(model, config.seed)
+    elif checkpoint is None:
+        # Shards of the same random tensors on every rank: any --tensor-parallel-size above 1 computes
+        # the same model (one rank's dummy weights are drawn differently, layer by layer).
+        model.load_weights(dummy_tensors(model._expected_weights(), config.seed))
     else:
         names = checkpoint.tensor_names()
-        stream = tqdm(checkpoint.tensors(), total=len(names), desc="loading weights", unit="tensor", disable=not show_progress)
+        tensors = checkpoint.tensors(lazy=True) if parallel.enabled and hasattr(checkpoint, "slices") else checkpoint.tensors()
+        stream = tqdm(tensors, total=len(names), desc="loading weights", unit="tensor", disable=not show_progress)
         model.load_weights(stream)
     model.eval()
     return LoadedModel(
         model, model_cfg, hf_config, path, dtype, time.perf_counter() - start, context_length, weight_bytes(model),
-        quantization, _read_gguf(checkpoint),
+        quantization, _read_gguf(checkpoint), attention_shard(model_cfg, parallel)[1],
     )
 
 
@@ -160,6 +175,16 @@ def _fill_dummy(model: torch.nn.Module, seed: int) -> None:
         for block in param.data.split(rows_per_block):
             block.copy_(torch.empty(block.shape, device=device).normal_(0.0, 0.02, generator=gen))
     model.finalize()
+
+
+def dummy_tensors(expected: dict[str, tuple], seed: int):
+    """Random checkpoint tensors by HF name (norms 1), each from its own seeded generator."""
+    for index, (name, (_, _, shape, _)) in enumerate(sorted(expected.items())):
+        if name.endswith("norm.weight"):
+            yield name, torch.ones(shape)
+            continue
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        yield name, torch.empty(shape).normal_(0.0, 0.02, generator=gen)
 
 
 def _bytes_per_weight(fmt: LinearFormat | None, dtype: torch.dtype) -> float:

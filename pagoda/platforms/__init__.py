@@ -12,6 +12,16 @@ PLATFORMS: dict[str, type[Platform]] = {"musa": MusaPlatform, "cuda": CudaPlatfo
 DETECTION_ORDER = ("musa", "cuda", "cpu")
 
 
+def detect_platform_name(device: str = "auto") -> str:
+    """The platform's name ("cpu", "cuda", "musa") that ``device`` resolves to, without loading kernels."""
+    if device == "auto":
+        return next(n for n in DETECTION_ORDER if PLATFORMS[n].is_available())
+    name = device.partition(":")[0]
+    if name not in PLATFORMS:
+        raise ConfigError(f"unknown device {device!r} (choose auto, {', '.join(PLATFORMS)})")
+    return name
+
+
 def get_platform(device: str = "auto") -> Platform:
     """Resolve "auto", "cpu", "cuda", "cuda:1", "musa:0" ... to a Platform (kernels loaded)."""
     if device == "auto":
@@ -31,4 +41,4 @@ def get_platform(device: str = "auto") -> Platform:
     return platform
 
 
-__all__ = ["Capabilities", "Platform", "PLATFORMS", "get_platform", "CpuPlatform", "CudaPlatform", "MusaPlatform"]
+__all__ = ["Capabilities", "Platform", "PLATFORMS", "get_platform", "detect_platform_name", "CpuPlatform", "CudaPlatform", "MusaPlatform"]

@@ -29,7 +29,9 @@ from pagoda.server.responses_api import Responses, ResponsesRequest
 from pagoda.server.serving import OpenAIServing
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
-OPEN_PATHS = ("/health", "/metrics", "/", "/favicon.ico", "/version", "/docs", "/openapi.json")
+# A router in front (sglang-router) probes /health and the info routes without a key.
+OPEN_PATHS = ("/health", "/metrics", "/", "/favicon.ico", "/version", "/docs", "/openapi.json",
+              "/model_info", "/get_model_info", "/server_info", "/get_server_info")
 WEB_FILES = {"index.html": "text/html", "chat.js": "text/javascript", "chat.css": "text/css"}
 
 M = TypeVar("M", bound=BaseModel)
@@ -136,6 +138,26 @@ def create_app(
         if app.state.draining:
             return error_response(503, "the server is shutting down", "server_error", code="shutting_down")
         return JSONResponse({"status": "ok"})
+
+    # The probes sglang-router sends a worker as it registers it (it tries the new name, then the
+    # old one): the model's name, whether it is generative, and the server's settings. A worker
+    # that does not answer them is still registered, but as model "unknown".
+    def model_info_body() -> dict[str, Any]:
+        info = engine.model_info
+        return {"model_path": served_model_name, "tokenizer_path": served_model_name,
+                "is_generation": True, "architecture": info.architecture,
+                "max_model_len": info.context_length, "vocab_size": info.vocab_size}
+
+    def server_info_body() -> dict[str, Any]:
+        info = engine.model_info
+        return {"version": __version__, "engine": "pagoda", "served_model_name": served_model_name,
+                "context_length": info.context_length, "max_total_num_tokens": info.kv_tokens,
+                "dp_size": 1, "tp_size": info.tensor_parallel_size}
+
+    for path in ("/model_info", "/get_model_info"):
+        app.add_api_route(path, model_info_body, methods=["GET"])
+    for path in ("/server_info", "/get_server_info"):
+        app.add_api_route(path, server_info_body, methods=["GET"])
 
     @app.get("/version")
     async def version() -> dict[str, str]:

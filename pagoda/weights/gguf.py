@@ -237,9 +237,11 @@ class GGUFCheckpoint:
     def tensor_names(self) -> list[str]:
         return [hf for hf, _ in self._entries]
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    slices = True  # tensors(lazy=True) yields parts that dequantize only the rows/columns taken
+
+    def tensors(self, lazy: bool = False) -> Iterator[tuple[str, Any]]:
         for hf, t in self._entries:
-            yield hf, self._dequantize(hf, t)
+            yield hf, (_GGUFTensor(self, hf, t) if lazy else self._dequantize(hf, t))
 
     def _dequantize(self, hf: str, t: Any) -> torch.Tensor:
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF ne order -> torch order
@@ -252,3 +254,44 @@ class GGUFCheckpoint:
         if arr.dtype != np.float32 or not arr.flags.writeable or not arr.flags.c_contiguous:
             arr = np.array(arr, dtype=np.float32, order="C")  # F32 data is a read-only view of the mmap
         return torch.from_numpy(arr)
+
+
+class _GGUFTensor:
+    """One GGUF tensor, read in part (a tensor-parallel rank's share): ``get_shape()`` in torch
+    order, ``x[a:b]`` for rows, ``x[:, a:b]`` for columns. Only the rows taken are dequantized,
+    and of them only the quantization blocks the columns cover (when the columns fall on block
+    boundaries, as a rank's do; otherwise the rows are dequantized whole and cut). Q/K rows that
+    llama.cpp permuted within each head are un-permuted per head, so whole heads slice cleanly."""
+
+    def __init__(self, checkpoint: GGUFCheckpoint, hf: str, t: Any) -> None:
+        self.checkpoint, self.hf, self.t = checkpoint, hf, t
+        self.shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+
+    def get_shape(self) -> list[int]:
+        return list(self.shape)
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        rows, cols = (key, slice(None)) if isinstance(key, slice) else key
+        r0, r1, _ = rows.indices(self.shape[0])
+        data, qtype = self.t.data, self.t.tensor_type
+        part = data[r0:r1]
+        if len(self.shape) == 1:
+            arr = gguf.quants.dequantize(part, qtype)
+        else:
+            c0, c1, _ = cols.indices(self.shape[1])
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            if (c0, c1) != (0, self.shape[1]) and c0 % block == 0 and c1 % block == 0:
+                if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                    part = part[:, c0:c1]
+                else:
+                    part = part[:, c0 // block * size : c1 // block * size]
+                arr = gguf.quants.dequantize(part, qtype).reshape(r1 - r0, c1 - c0)
+            else:
+                arr = gguf.quants.dequantize(part, qtype).reshape(r1 - r0, self.shape[1])[:, c0:c1]
+        if ARCHITECTURES[self.checkpoint.architecture][1]:
+            cfg = self.checkpoint.hf_config
+            heads = {"q": cfg["num_attention_heads"], "k": cfg["num_key_value_heads"]}
+            for proj, n in heads.items():
+                if f".self_attn.{proj}_proj." in self.hf:
+                    arr = unpermute_qk(arr, int(n) * (r1 - r0) // self.shape[0])
+        return torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 
 from pagoda.errors import ModelLoadError
@@ -85,8 +84,12 @@ class SafetensorsCheckpoint:
     def tensor_names(self) -> list[str]:
         return [name for names in self._shards.values() for name in names]
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    slices = True  # tensors(lazy=True) yields slices that read only the rows/columns taken
+
+    def tensors(self, lazy: bool = False) -> Iterator[tuple[str, Any]]:
+        """(name, tensor) pairs; with ``lazy``, (name, safetensors slice): ``s.get_shape()`` and
+        ``s[a:b]`` / ``s[:, a:b]`` read just that part of the file (a tensor-parallel rank's share)."""
         for file, names in self._shards.items():
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in names:
-                    yield name, f.get_tensor(name)
+                    yield name, (f.get_slice(name) if lazy else f.get_tensor(name))

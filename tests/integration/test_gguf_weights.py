@@ -84,3 +84,28 @@ def test_smollm2_weights_match_transformers(ckpt: GGUFCheckpoint, hf_state_dict:
     raw = next(t for t in ckpt.reader.tensors if t.name == "blk.0.attn_q.weight")
     stored = torch.from_numpy(gguf.quants.dequantize(raw.data, raw.tensor_type))
     assert not torch.allclose(stored, hf_state_dict["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_lazy_parts_equal_slices_of_the_whole_tensor() -> None:
+    """A tensor-parallel rank reads rows, or columns on block boundaries, of a GGUF tensor:
+    the same values as cutting the whole dequantized (and Q/K un-permuted) tensor."""
+    from pagoda.weights.checkpoint import load_checkpoint
+    from pagoda.weights.default_model import default_model_path
+
+    ckpt = load_checkpoint(default_model_path())
+    wanted = {
+        "model.layers.0.self_attn.q_proj.weight": (slice(192, 384), slice(None)),  # heads 3-5 of 9
+        "model.layers.0.self_attn.k_proj.weight": (slice(64, 128), slice(None)),  # KV head 1 of 3
+        "model.layers.0.mlp.down_proj.weight": (slice(None), slice(512, 1024)),  # Q4_1 blocks 16-31
+        "model.layers.0.self_attn.o_proj.weight": (slice(None), slice(200, 300)),  # not on blocks
+        "model.embed_tokens.weight": (slice(16384, 32768), slice(None)),  # Q8_0 rows
+        "model.layers.0.input_layernorm.weight": (slice(0, 576), slice(None)),
+    }
+    lazy = dict(ckpt.tensors(lazy=True))
+    full = {name: t for name, t in ckpt.tensors() if name in wanted}
+    for name, (rows, cols) in wanted.items():
+        part = lazy[name]
+        assert part.get_shape() == list(full[name].shape)
+        got = part[rows] if full[name].dim() == 1 else part[rows, cols]
+        expected = full[name][rows] if full[name].dim() == 1 else full[name][rows, cols]
+        assert torch.equal(got, expected), name

@@ -20,6 +20,10 @@ RULES: dict[str, tuple[str, ...]] = {  # a file or folder under pagoda/ -> modul
             "pagoda.tokenizer", "pagoda.weights"),
     "cache": ("pagoda.models", "pagoda.engine", "pagoda.server"),
     "platforms": ("pagoda.models", "pagoda.engine", "pagoda.cache", "pagoda.server"),
+    # What a model may hold (parallel.py) imports nothing of pagoda's but errors; the rest of the
+    # package runs ranks (loader, runner, KV pool) but never the server.
+    "distributed/parallel.py": ("pagoda.models", "pagoda.engine", "pagoda.cache", "pagoda.server", "pagoda.ops"),
+    "distributed": ("pagoda.server", "pagoda.cli", "pagoda.structured"),
     "server": (*ENGINE_INTERNALS, "pagoda.cache", "pagoda.models", "pagoda.ops"),
     "cli.py": (*ENGINE_INTERNALS, "pagoda.cache", "pagoda.models", "pagoda.ops"),
 }
