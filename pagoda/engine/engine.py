@@ -425,4 +425,6 @@ class Engine:
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
+        if self.speculator is not None:
+            self.speculator.check_integrity(idle=not self.groups)
 

@@ -54,3 +54,6 @@ class NgramProposer:
 
     def release(self, req) -> None:
         req.spec_state = None
+
+    def check_integrity(self, idle: bool) -> None:
+        pass
