@@ -25,7 +25,7 @@ from pagoda.engine.request import Request, Status
 from pagoda.engine.sampler import Sampler, SamplingRow, compute_logprobs
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from pagoda.engine.speculative import accepted_length, rewind_generator
+from pagoda.engine.speculative.verify import sample_and_verify
 from pagoda.errors import ConfigError, InvalidRequestError
 from pagoda.models.loader import LoadedModel, load_model, resolve_dtype
 from pagoda.platforms import get_platform
@@ -324,47 +324,25 @@ class Engine:
         if not rows_idx:
             return result
         speculating = any(out.chunks[i].draft for i in rows_idx)
-        rows: list[SamplingRow] = []
-        spans: list[tuple[int, int]] = []
-        parts: list[torch.Tensor] = []
-        for i in rows_idx:
-            c = out.chunks[i]
-            req = c.request
-            start = len(rows)
-            # one row per position: the history before it includes the proposal up to there
-            for p in range(len(c.draft) + 1):
-                rows.append(SamplingRow(
-                    params=req.params, prompt_ids=req.prompt_ids,
-                    output_ids=req.output_ids + c.draft[:p] if p else req.output_ids,
-                    generator=req.generator, eos_token_ids=req.eos_ids, grammar=req.grammar,
-                ))
-            spans.append((start, len(rows)))
-            if speculating:
-                parts.append(all_logits[i] if c.draft else logits[i : i + 1])
-        if speculating:
-            batch_logits = torch.cat(parts)
-        else:  # all rows complete in a decode step: no copy of the [batch, vocab] logits
-            batch_logits = logits if len(rows_idx) == len(logits) else logits[rows_idx]
-        rewinds = {}
+        items = []
         for i in rows_idx:
             req = out.chunks[i].request
-            if out.chunks[i].draft and req.generator is not None and not req.params.greedy:
-                rewinds[i] = req.generator.get_state()
-        sampled = self.sampler(batch_logits, rows)
-        for i, (lo, hi) in zip(rows_idx, spans):
-            c = out.chunks[i]
-            picks = sampled.token_ids[lo:hi]
-            n = accepted_length(picks, c.draft) + 1 if c.draft else 1
+            row = SamplingRow(params=req.params, prompt_ids=req.prompt_ids, output_ids=req.output_ids,
+                              generator=req.generator, eos_token_ids=req.eos_ids, grammar=req.grammar)
+            items.append((row, out.chunks[i].draft))
+        if speculating:
+            batch_logits = torch.cat([all_logits[i] if out.chunks[i].draft else logits[i : i + 1] for i in rows_idx])
+        else:  # all rows complete in a decode step: no copy of the [batch, vocab] logits
+            batch_logits = logits if len(rows_idx) == len(logits) else logits[rows_idx]
+        sampled, spans = sample_and_verify(self.sampler, batch_logits, items)
+        for i, (row, _), (lo, hi) in zip(rows_idx, items, spans):
             tokens = []
-            for j in range(lo, lo + n):
+            for j in range(lo, hi):
                 lp = None
-                if rows[j].params.logprobs is not None:
+                if row.params.logprobs is not None:
                     lp = TokenLogprob(sampled.token_ids[j], sampled.logprobs[j], sampled.top_logprobs[j])
                 tokens.append((sampled.token_ids[j], lp))
             result[i] = tokens
-            if i in rewinds:
-                rewind_generator(c.request.generator, rewinds[i], n, batch_logits.shape[-1], torch.float32,
-                                 batch_logits.device)
         return result
 
     def _record_prompt_logprobs(self, out: SchedulerOutput, all_logits: dict[int, torch.Tensor]) -> None:

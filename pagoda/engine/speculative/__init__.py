@@ -8,6 +8,6 @@ schedules each as a chunk of 1 + len(draft) tokens; the runner returns logits fo
 from __future__ import annotations
 
 from pagoda.engine.speculative.ngram import NgramProposer
-from pagoda.engine.speculative.verify import accepted_length, rewind_generator
+from pagoda.engine.speculative.verify import accepted_length, sample_and_verify
 
-__all__ = ["NgramProposer", "accepted_length", "rewind_generator"]
+__all__ = ["NgramProposer", "accepted_length", "sample_and_verify"]

@@ -21,9 +21,12 @@ same tokens with speculation on or off, in any batch.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
+
+from pagoda.engine.sampler import Sampler, SamplerOutput, SamplingRow
 
 
 def accepted_length(picks: Sequence[int], draft: Sequence[int]) -> int:
@@ -44,3 +47,34 @@ def rewind_generator(gen: torch.Generator, state: torch.Tensor, draws: int, voca
     buf = torch.empty(vocab, dtype=dtype, device=device)
     for _ in range(draws):
         buf.exponential_(generator=gen)
+
+
+def sample_and_verify(
+    sampler: Sampler, logits: torch.Tensor, items: Sequence[tuple[SamplingRow, Sequence[int]]]
+) -> tuple[SamplerOutput, list[tuple[int, int]]]:
+    """Sample every position of every item and keep what the target confirms.
+
+    items: per sequence, its sampling row (history up to the last known token) and its proposal
+    (empty for an ordinary decode); logits: 1 + len(proposal) rows per item, in order.
+    Returns the sampler's output over all rows and, per item, the span of rows it emits
+    (the accepted proposal's positions plus the target's own next token).
+    """
+    rows: list[SamplingRow] = []
+    starts: list[int] = []
+    for row, draft in items:
+        starts.append(len(rows))
+        rows.append(row)
+        for p in range(1, len(draft) + 1):
+            rows.append(dataclasses.replace(row, output_ids=row.output_ids + list(draft[:p])))
+    rewinds = {
+        i: row.generator.get_state() for i, (row, draft) in enumerate(items)
+        if draft and row.generator is not None and not row.params.greedy
+    }
+    sampled = sampler(logits, rows)
+    spans = []
+    for i, ((row, draft), lo) in enumerate(zip(items, starts)):
+        n = accepted_length(sampled.token_ids[lo : lo + len(draft) + 1], draft) + 1
+        spans.append((lo, lo + n))
+        if i in rewinds:
+            rewind_generator(row.generator, rewinds[i], n, logits.shape[-1], torch.float32, logits.device)
+    return sampled, spans
