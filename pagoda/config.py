@@ -73,7 +73,7 @@ class EngineConfig:
         choices=SPECULATIVE_ALGORITHMS,
     )
     speculative_num_draft_tokens: int = _opt(8, "tokens proposed per speculating step (k)")
-    speculative_ngram_min_match: int = _opt(1, "shortest suffix n-gram to look up (ngram)")
+    speculative_ngram_min_match: int = _opt(2, "shortest suffix n-gram to look up (ngram)")
     speculative_ngram_max_match: int = _opt(4, "longest suffix n-gram to look up (ngram)")
     speculative_draft_model: str | None = _opt(None, "the draft model (HF directory or GGUF) for --speculative-algorithm draft")
     speculative_max_batch: int = _opt(

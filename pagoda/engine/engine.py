@@ -283,6 +283,7 @@ class Engine:
                 self.spec_num_steps += 1
                 self.spec_num_draft_tokens += len(chunk.draft)
                 self.spec_num_accepted_tokens += len(tokens) - 1
+                self.speculator.verified(req, len(chunk.draft), len(tokens) - 1)
                 if req.status is Status.RUNNING:
                     self.scheduler.trim(req)
             if tokens:

@@ -22,6 +22,7 @@ from pagoda.cache.kv_pool import KVPool
 from pagoda.cache.page_allocator import PageAllocator
 from pagoda.config import EngineConfig
 from pagoda.engine.model_runner import ModelRunner
+from pagoda.engine.speculative.ngram import next_length
 from pagoda.errors import ConfigError
 from pagoda.models.loader import load_model
 
@@ -32,6 +33,7 @@ GiB = 1 << 30
 class DraftState:
     pages: list[int] = field(default_factory=list)
     fed: list[int] = field(default_factory=list)  # tokens whose KV the draft cache holds, in order
+    length: int = 0  # the sequence's current proposal length (adaptive, as the n-gram proposer's)
 
 
 def _draft_config(config: EngineConfig) -> EngineConfig:
@@ -78,7 +80,8 @@ class DraftProposer:
                 continue
             state = req.spec_state
             if state is None:
-                state = req.spec_state = DraftState()
+                state = req.spec_state = DraftState(length=self.k)
+            limit = min(limit, state.length)
             keep = min(len(state.fed), len(ids) - 1)  # feed at least the last token
             if state.fed[:keep] != ids[:keep]:  # a rejected proposal: recompute from where it began
                 keep = next(i for i, (a, b) in enumerate(zip(state.fed, ids)) if a != b)
@@ -115,6 +118,11 @@ class DraftProposer:
             return False
         state.pages.extend(pages)
         return True
+
+    def verified(self, req, proposed: int, accepted: int) -> None:
+        state = req.spec_state
+        if state is not None:
+            state.length = next_length(state.length, proposed, accepted, self.k)
 
     def release(self, req) -> None:
         state = req.spec_state

@@ -5,6 +5,10 @@ the position just after its latest occurrence, extended incrementally as tokens 
 proposal costs O(max_match) dictionary look-ups plus the new tokens' entries, whatever the
 length of the prompt. The longest suffix that occurred before wins; among its occurrences the
 latest (the most recent context is the likeliest to be copied again).
+
+The proposal's length adapts per sequence (see `next_length`): a verified position costs a row
+of the target's forward whether or not it is accepted, so a sequence whose proposals keep
+failing proposes one token at a time until one is accepted whole, then doubles.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ from typing import Sequence
 class NgramIndex:
     """n-gram -> end of its latest occurrence that has a token after it."""
 
-    __slots__ = ("min_n", "max_n", "table", "indexed")
+    __slots__ = ("min_n", "max_n", "table", "indexed", "length")
 
-    def __init__(self, min_n: int, max_n: int) -> None:
+    def __init__(self, min_n: int, max_n: int, length: int = 0) -> None:
         self.min_n, self.max_n = min_n, max_n
         self.table: dict[tuple[int, ...], int] = {}
         self.indexed = 0  # n-grams ending before this position are in the table
+        self.length = length  # the sequence's current proposal length (adaptive)
 
     def propose(self, ids: Sequence[int], k: int) -> list[int]:
         """Up to k tokens that followed the longest earlier occurrence of ids' suffix."""
@@ -40,6 +45,14 @@ class NgramIndex:
         return []
 
 
+def next_length(length: int, proposed: int, accepted: int, k: int) -> int:
+    """The next proposal's length: after a rejection, what was accepted plus one; after a proposal
+    accepted whole, twice its length (at most k)."""
+    if accepted < proposed:
+        return accepted + 1
+    return min(k, max(length, 2 * proposed, 2))
+
+
 class NgramProposer:
     def __init__(self, num_draft_tokens: int, min_match: int, max_match: int) -> None:
         self.k, self.min_match, self.max_match = num_draft_tokens, min_match, max_match
@@ -49,8 +62,15 @@ class NgramProposer:
         for req, limit in zip(reqs, limits):
             index = req.spec_state
             if index is None:
-                index = req.spec_state = NgramIndex(self.min_match, self.max_match)
-            req.draft = index.propose(req.all_ids, min(self.k, limit)) if limit > 0 else []
+                index = req.spec_state = NgramIndex(self.min_match, self.max_match, self.k)
+            n = min(index.length, limit)
+            req.draft = index.propose(req.all_ids, n) if n > 0 else []
+
+    def verified(self, req, proposed: int, accepted: int) -> None:
+        """Feedback after verification: adapt the sequence's proposal length."""
+        index = req.spec_state
+        if index is not None:
+            index.length = next_length(index.length, proposed, accepted, self.k)
 
     def release(self, req) -> None:
         req.spec_state = None
