@@ -227,3 +227,29 @@ def test_draft_vocabulary_must_match(tiny_config_path, tmp_path) -> None:
     other.write_text(json.dumps(dict(TINY_LLAMA, vocab_size=256, eos_token_id=255)))
     with pytest.raises(ConfigError, match="vocabulary"):
         make_llm(tiny_config_path, speculative_algorithm="draft", speculative_draft_model=str(other))
+
+
+def test_metrics_expose_speculation(tiny_config_path) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from pagoda.server.metrics import _EngineCollector
+
+    llm = spec_llm(tiny_config_path)
+    llm.generate(copy_prompts(2, seed=19), GREEDY, use_tqdm=False)
+
+    class Front:  # what the collector reads of an AsyncEngine
+        num_in_flight = 0
+
+        def stats(self):
+            return llm.stats()
+
+    registry = CollectorRegistry()
+    registry.register(_EngineCollector(Front()))
+    text = generate_latest(registry).decode()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line.startswith("pagoda_spec")}
+    s = llm.stats()
+    assert values["pagoda_spec_decode_num_accepted_tokens_total"] == s.spec_num_accepted_tokens > 0
+    assert values["pagoda_spec_decode_num_draft_tokens_total"] == s.spec_num_draft_tokens
+    assert values["pagoda_spec_decode_num_drafts_total"] == s.spec_num_steps
+    assert values["pagoda_spec_decode_mean_acceptance_length"] == pytest.approx(s.spec_mean_acceptance_length)
+    assert values["pagoda_spec_decode_acceptance_rate"] == pytest.approx(s.spec_acceptance_rate)

@@ -8,7 +8,7 @@ latest (the most recent context is the likeliest to be copied again).
 
 The proposal's length adapts per sequence (see `next_length`): a verified position costs a row
 of the target's forward whether or not it is accepted, so a sequence whose proposals keep
-failing proposes one token at a time until one is accepted whole, then doubles.
+failing halves its proposals down to one token, and doubles them again once one is accepted whole.
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ class NgramIndex:
 
 
 def next_length(length: int, proposed: int, accepted: int, k: int) -> int:
-    """The next proposal's length: after a rejection, what was accepted plus one; after a proposal
-    accepted whole, twice its length (at most k)."""
+    """The next proposal's length: after a rejection, half the current length (or what was accepted
+    plus one, if more); after a proposal accepted whole, twice its length (at most k)."""
     if accepted < proposed:
-        return accepted + 1
+        return max(accepted + 1, length // 2)
     return min(k, max(length, 2 * proposed, 2))
 
 
