@@ -253,3 +253,43 @@ def test_metrics_expose_speculation(tiny_config_path) -> None:
     assert values["pagoda_spec_decode_num_drafts_total"] == s.spec_num_steps
     assert values["pagoda_spec_decode_mean_acceptance_length"] == pytest.approx(s.spec_mean_acceptance_length)
     assert values["pagoda_spec_decode_acceptance_rate"] == pytest.approx(s.spec_acceptance_rate)
+
+
+# ---- the real default model ------------------------------------------------------------
+
+COPY_TEXT = (
+    "The committee met on Tuesday to review the harbour accounts. The treasurer reported that the new crane had "
+    "cost less than planned, and that the fishing fleet had paid its mooring fees on time. The chair thanked "
+    "the volunteers who repaired the sea wall after the storm in March."
+)
+
+
+@pytest.fixture(scope="module")
+def real_plain() -> LLM:
+    return LLM()
+
+
+@pytest.mark.slow
+def test_real_model_greedy_is_identical_with_ngram(real_plain) -> None:
+    chat = [{"role": "user", "content": f"{COPY_TEXT}\n\n{COPY_TEXT}\n\nRepeat the text above exactly."}]
+    prompt = real_plain.tokenizer.encode_chat(chat)
+    params = SamplingParams(temperature=0, max_tokens=96)
+    want = real_plain.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    spec = LLM(speculative_algorithm="ngram")
+    got = run_checked(spec, [prompt], params)[0].outputs[0]
+    assert (got.token_ids, got.text) == (want.token_ids, want.text)
+    assert spec.stats().spec_mean_acceptance_length > 2.0
+
+
+@pytest.mark.slow
+def test_real_model_as_its_own_draft(real_plain) -> None:
+    from pagoda.weights.default_model import default_model_path
+
+    prompt = real_plain.tokenizer.encode_chat([{"role": "user", "content": "Write a haiku about autumn leaves."}])
+    params = SamplingParams(temperature=0, max_tokens=40)
+    want = real_plain.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    spec = LLM(speculative_algorithm="draft", speculative_draft_model=str(default_model_path()),
+               speculative_num_draft_tokens=4)
+    got = run_checked(spec, [prompt], params)[0].outputs[0]
+    assert got.token_ids == want.token_ids
+    assert spec.stats().spec_acceptance_rate > 0.9
