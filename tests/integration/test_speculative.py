@@ -18,6 +18,8 @@ def make_llm(tiny_config_path, **kw) -> LLM:
 
 
 def spec_llm(tiny_config_path, **kw) -> LLM:
+    """Speculating in every step of these small batches (the auto-off threshold has its own test)."""
+    kw.setdefault("speculative_max_batch", 16)
     return make_llm(tiny_config_path, speculative_algorithm="ngram", **kw)
 
 
@@ -208,12 +210,12 @@ def test_draft_model_random_and_self(tiny_config_path, draft_config, plain) -> N
     want = token_ids(plain.generate(prompts, GREEDY, use_tqdm=False))
     # a small random draft: mostly rejected, output unchanged
     small = make_llm(tiny_config_path, speculative_algorithm="draft", speculative_draft_model=str(draft_config),
-                     speculative_num_draft_tokens=4)
+                     speculative_num_draft_tokens=4, speculative_max_batch=16)
     assert token_ids(run_checked(small, prompts, GREEDY)) == want
     assert small.stats().spec_num_steps > 0
     # the model as its own draft: every proposal accepted
     selfd = make_llm(tiny_config_path, speculative_algorithm="draft", speculative_draft_model=str(tiny_config_path),
-                     speculative_num_draft_tokens=4)
+                     speculative_num_draft_tokens=4, speculative_max_batch=16)
     assert token_ids(run_checked(selfd, prompts, GREEDY)) == want
     assert selfd.stats().spec_acceptance_rate > 0.95
     seeded = SamplingParams(temperature=0.8, seed=5, max_tokens=30, ignore_eos=True)
