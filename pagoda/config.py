@@ -17,6 +17,16 @@ KV_CACHE_DTYPES = DTYPES + ("int8",)
 LOAD_FORMATS = ("auto", "dummy")
 QUANTIZATIONS = ("auto", "none", "bf16", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
+SPECULATIVE_ALGORITHMS = ("ngram", "draft")
+# vLLM's speculative_config keys -> ours
+_VLLM_SPEC_KEYS = {
+    "method": "speculative_algorithm",
+    "num_speculative_tokens": "speculative_num_draft_tokens",
+    "prompt_lookup_min": "speculative_ngram_min_match",
+    "prompt_lookup_max": "speculative_ngram_max_match",
+    "model": "speculative_draft_model",
+}
+_VLLM_METHODS = {"ngram": "ngram", "draft_model": "draft", "draft": "draft"}
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -68,6 +78,24 @@ class EngineConfig:
     nnodes: int = _opt(1, "machines the tensor-parallel group spans (each runs `pagoda serve` with its --node-rank)")
     node_rank: int = _opt(0, "this machine's place in the group: 0 serves HTTP, the others run worker ranks only")
     dist_init_addr: str | None = _opt(None, "HOST:PORT of node 0 where the ranks meet (needed with --nnodes > 1)")
+    speculative_algorithm: str | None = _opt(
+        None, "speculative decoding: ngram (prompt lookup: propose what followed the last n tokens earlier in "
+        "the prompt or output) or draft (a smaller model with the same vocabulary); off by default",
+        choices=SPECULATIVE_ALGORITHMS,
+    )
+    speculative_num_draft_tokens: int = _opt(8, "tokens proposed per speculating step (k)")
+    speculative_ngram_min_match: int = _opt(2, "shortest suffix n-gram to look up (ngram)")
+    speculative_ngram_max_match: int = _opt(4, "longest suffix n-gram to look up (ngram)")
+    speculative_draft_model: str | None = _opt(None, "the draft model (HF directory or GGUF) for --speculative-algorithm draft")
+    speculative_max_batch: int = _opt(
+        4, "speculate only while at most this many sequences run (beyond it a step's cost grows with its tokens "
+        "and verifying proposals costs more than the accepted ones save; measured on a 2-core CPU with the "
+        "default model, see README); 0 never speculates",
+    )
+    speculative_config: str | None = _opt(
+        None, 'vLLM-style JSON, e.g. {"method":"ngram","num_speculative_tokens":8,"prompt_lookup_max":4}; '
+        "its keys override the speculative_* options",
+    )
 
     def __post_init__(self) -> None:
         positive = ("page_size", "max_running_requests", "max_batched_tokens", "max_queued_requests",
@@ -111,6 +139,49 @@ class EngineConfig:
         if self.load_format == "dummy" and self.model is None and self.model_config is None:
             raise ConfigError("--load-format dummy needs --model-config (a config.json) or --model")
         self.rope_scaling_dict()  # validate early
+        self._check_speculative()
+
+    def _check_speculative(self) -> None:
+        if self.speculative_config is not None:
+            for ours, value in self.speculative_config_dict().items():
+                object.__setattr__(self, ours, value)
+        if self.speculative_algorithm is not None and self.speculative_algorithm not in SPECULATIVE_ALGORITHMS:
+            raise ConfigError(
+                f"speculative_algorithm must be one of {', '.join(SPECULATIVE_ALGORITHMS)} (got {self.speculative_algorithm!r})"
+            )
+        for name in ("speculative_num_draft_tokens", "speculative_ngram_min_match", "speculative_ngram_max_match"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer (got {value!r})")
+        if self.speculative_max_batch < 0:
+            raise ConfigError(f"speculative_max_batch must be >= 0 (got {self.speculative_max_batch})")
+        if self.speculative_ngram_min_match > self.speculative_ngram_max_match:
+            raise ConfigError("speculative_ngram_min_match must not exceed speculative_ngram_max_match")
+        if self.speculative_algorithm == "draft" and self.speculative_draft_model is None:
+            raise ConfigError("--speculative-algorithm draft needs --speculative-draft-model")
+
+    def speculative_config_dict(self) -> dict[str, Any]:
+        """vLLM's speculative_config JSON translated to our option names."""
+        try:
+            value = json.loads(self.speculative_config)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"speculative_config is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ConfigError("speculative_config must be a JSON object")
+        out: dict[str, Any] = {}
+        for key, v in value.items():
+            if key not in _VLLM_SPEC_KEYS:
+                raise ConfigError(
+                    f"speculative_config: unknown key {key!r} (known: {', '.join(sorted(_VLLM_SPEC_KEYS))})"
+                )
+            if key == "method":
+                if v not in _VLLM_METHODS:
+                    raise ConfigError(f"speculative_config: method must be one of {', '.join(_VLLM_METHODS)} (got {v!r})")
+                v = _VLLM_METHODS[v]
+            out[_VLLM_SPEC_KEYS[key]] = v
+        if "speculative_draft_model" in out and "speculative_algorithm" not in out:
+            out["speculative_algorithm"] = "draft"
+        return out
 
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         if self.rope_scaling is None:

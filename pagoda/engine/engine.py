@@ -23,13 +23,14 @@ from pagoda.engine.input_processor import InputLimits, InputProcessor, check_tok
 from pagoda.engine.model_runner import ModelRunner
 from pagoda.engine.output_processor import OutputProcessor
 from pagoda.engine.outputs import RequestOutput, TokenLogprob
-from pagoda.engine.request import Request
+from pagoda.engine.request import Request, Status
 from pagoda.engine.sampler import Sampler, SamplingRow, compute_logprobs
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from pagoda.distributed.channel import StepChannel
 from pagoda.distributed.launch import TensorParallelGroup, rank_device
 from pagoda.distributed.parallel import SINGLE
+from pagoda.engine.speculative.verify import sample_and_verify
 from pagoda.errors import ConfigError, InvalidRequestError
 from pagoda.models.loader import LoadedModel, load_model, resolve_dtype
 from pagoda.platforms import detect_platform_name, get_platform
@@ -37,6 +38,11 @@ from pagoda.platforms import detect_platform_name, get_platform
 log = logging.getLogger("pagoda.engine")
 
 GiB = 1 << 30
+# Past this many tokens a speculating sequence proposes proportionally fewer (at least 2): the CPU
+# decode-attention kernel reads the whole context once per row of a chunk, so at 2K tokens of the
+# default model a proposed row costs ~0.3 of a one-token step instead of ~0.15 (bench_speculative:
+# quote task 1.0-1.4x at k=8, 1.44x at k=4, same output).
+SPEC_FULL_CONTEXT = 1024
 
 
 @dataclass
@@ -52,10 +58,22 @@ class EngineStats:
     prompt_tokens_cached: int
     generation_tokens: int
     num_preemptions: int
+    spec_num_draft_tokens: int = 0  # tokens proposed and verified
+    spec_num_accepted_tokens: int = 0  # of those, confirmed by the target
+    spec_num_steps: int = 0  # verifications (one per speculating sequence and step)
 
     @property
     def kv_usage(self) -> float:
         return 1.0 - self.kv_pages_free / self.kv_pages_total
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.spec_num_accepted_tokens / self.spec_num_draft_tokens if self.spec_num_draft_tokens else 0.0
+
+    @property
+    def spec_mean_acceptance_length(self) -> float:
+        """Tokens per verification: the accepted ones plus the target's own."""
+        return 1.0 + self.spec_num_accepted_tokens / self.spec_num_steps if self.spec_num_steps else 0.0
 
 
 @dataclass(frozen=True)
@@ -172,6 +190,8 @@ class Engine:
         self.groups: dict[str, list[Request]] = {}
         self.prompts: dict[str, str | None] = {}
         self.generation_tokens = 0
+        self.spec_num_draft_tokens = self.spec_num_accepted_tokens = self.spec_num_steps = 0
+        self.speculator = self._build_speculator()
         self._ids = itertools.count()
 
     # ---- set-up ----------------------------------------------------------------------
@@ -233,6 +253,19 @@ class Engine:
             ),
             self.allocator,
         )
+
+    def _build_speculator(self):
+        cfg = self.config
+        if cfg.speculative_algorithm is None:
+            return None
+        if cfg.speculative_algorithm == "ngram":
+            from pagoda.engine.speculative.ngram import NgramProposer
+
+            return NgramProposer(cfg.speculative_num_draft_tokens, cfg.speculative_ngram_min_match,
+                                 cfg.speculative_ngram_max_match)
+        from pagoda.engine.speculative.draft import DraftProposer
+
+        return DraftProposer(cfg, self.platform, self.model_config, self.context_length)
 
     def kv_cache_dtype(self) -> torch.dtype:
         return kv_cache_dtype(self.config, self.loaded, self.platform)
@@ -298,27 +331,45 @@ class Engine:
     # ---- the step --------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        proposed = self._propose() if self.speculator is not None else []
         out = self.scheduler.schedule()
+        for req in proposed:
+            req.draft = []  # a proposal lives one step (the scheduler took it, or left it out)
         if not out.chunks:
             return []
         result = self.runner.run(out.chunks)
         self._record_prompt_logprobs(out, result.all_logits)
-        sampled = self._sample(out, result.last_logits)
-        logprob_of = {id(c.request): lp for c, (_, lp) in zip(out.chunks, sampled)}
+        emitted = self._sample(out, result.last_logits, result.all_logits)
         touched: dict[str, None] = {}
-        pooled = self._pool(out, result.hidden)
-        for req in self.scheduler.update(out, [t for t, _ in sampled]) + pooled:
-            if req.pooling is not None:  # an embedding: its prompt is computed, it is done
+        pooled = {id(req) for req in self._pool(out, result.hidden)}
+        for chunk, tokens in zip(out.chunks, emitted):
+            req = chunk.request
+            if req.status is not Status.RUNNING:
+                continue
+            self.scheduler.advance(chunk)
+            if id(req) in pooled:  # an embedding: its prompt is computed, it is done
                 self.scheduler.finish(req)
                 self._finish(req, "stop")
                 touched[req.group_id] = None
                 continue
-            self.generation_tokens += 1
-            reason = self.outputs.on_token(req, req.output_ids[-1], logprob_of[id(req)])
-            if reason is not None:
-                self.scheduler.finish(req)
-                self._finish(req, reason)
-            touched[req.group_id] = None
+            # token by token, exactly as without speculation: the first stop ends the sequence
+            for j, (token, logprob) in enumerate(tokens):
+                self.scheduler.append(req, token, after_verified=j > 0)
+                self.generation_tokens += 1
+                reason = self.outputs.on_token(req, token, logprob)
+                if reason is not None:
+                    self.scheduler.finish(req)
+                    self._finish(req, reason)
+                    break
+            if chunk.draft:
+                self.spec_num_steps += 1
+                self.spec_num_draft_tokens += len(chunk.draft)
+                self.spec_num_accepted_tokens += len(tokens) - 1
+                self.speculator.verified(req, len(chunk.draft), len(tokens) - 1)
+                if req.status is Status.RUNNING:
+                    self.scheduler.trim(req)
+            if tokens:
+                touched[req.group_id] = None
         return [self._pop_output(gid) if self._group_done(gid) else self._output(gid) for gid in touched]
 
     def _pool(self, out: SchedulerOutput, hidden: dict[int, torch.Tensor]) -> list[Request]:
@@ -335,35 +386,70 @@ class Engine:
                 done.append(req)
         return done
 
-    def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> list[tuple[int | None, TokenLogprob | None]]:
+    # ---- speculative decoding --------------------------------------------------------
+
+    def speculating(self) -> bool:
+        """Speculate this step? Only while the batch is small: past speculative_max_batch sequences
+        a step costs about in proportion to its tokens, and rejected proposals would cost more than
+        accepted ones save."""
+        return len(self.scheduler.running) <= self.config.speculative_max_batch
+
+    def _propose(self) -> list[Request]:
+        if not self.speculating():
+            return []
+        k = self.config.speculative_num_draft_tokens
+        reqs, limits = [], []
+        for req in self.scheduler.running:
+            if req.num_tokens - req.num_computed != 1 or req.in_prefill or req.grammar is not None:
+                continue  # prefilling, or constrained (its grammar would have to vet each proposal)
+            # never propose past max_tokens or the context: the target adds one token of its own
+            limit = min(k, req.max_tokens - len(req.output_ids) - 1, self.context_length - req.num_tokens - 1)
+            if req.num_tokens > SPEC_FULL_CONTEXT:  # each proposed row reads the whole context again
+                limit = min(limit, max(2, k * SPEC_FULL_CONTEXT // req.num_tokens))
+            if limit > 0:
+                reqs.append(req)
+                limits.append(limit)
+        if reqs:
+            self.speculator.propose(reqs, limits)
+        return reqs
+
+    def _sample(
+        self, out: SchedulerOutput, logits: torch.Tensor, all_logits: dict[int, torch.Tensor]
+    ) -> list[list[tuple[int, TokenLogprob | None]]]:
+        """Per chunk, the tokens it emits: none (a prompt chunk short of the end), one, or for a
+        speculating chunk its accepted proposal plus the target's next token."""
         rows_idx = [i for i, c in enumerate(out.chunks) if c.completes and c.request.pooling is None]
-        result: list[tuple[int | None, TokenLogprob | None]] = [(None, None)] * len(out.chunks)
+        result: list[list[tuple[int, TokenLogprob | None]]] = [[] for _ in out.chunks]
         if not rows_idx:
             return result
-        rows = [
-            SamplingRow(
-                params=c.request.params,
-                prompt_ids=c.request.prompt_ids,
-                output_ids=c.request.output_ids,
-                generator=c.request.generator,
-                eos_token_ids=c.request.eos_ids,
-                grammar=c.request.grammar,
-            )
-            for c in (out.chunks[i] for i in rows_idx)
-        ]
-        # all rows complete in a decode step: no copy of the [batch, vocab] logits
-        sampled = self.sampler(logits if len(rows_idx) == len(logits) else logits[rows_idx], rows)
-        for j, i in enumerate(rows_idx):
-            lp = None
-            if rows[j].params.logprobs is not None:
-                lp = TokenLogprob(sampled.token_ids[j], sampled.logprobs[j], sampled.top_logprobs[j])
-            result[i] = (sampled.token_ids[j], lp)
+        speculating = any(out.chunks[i].draft for i in rows_idx)
+        items = []
+        for i in rows_idx:
+            req = out.chunks[i].request
+            row = SamplingRow(params=req.params, prompt_ids=req.prompt_ids, output_ids=req.output_ids,
+                              generator=req.generator, eos_token_ids=req.eos_ids, grammar=req.grammar)
+            items.append((row, out.chunks[i].draft))
+        if speculating:
+            batch_logits = torch.cat([all_logits[i] if out.chunks[i].draft else logits[i : i + 1] for i in rows_idx])
+        else:  # all rows complete in a decode step: no copy of the [batch, vocab] logits
+            batch_logits = logits if len(rows_idx) == len(logits) else logits[rows_idx]
+        sampled, spans = sample_and_verify(self.sampler, batch_logits, items)
+        for i, (row, _), (lo, hi) in zip(rows_idx, items, spans):
+            tokens = []
+            for j in range(lo, hi):
+                lp = None
+                if row.params.logprobs is not None:
+                    lp = TokenLogprob(sampled.token_ids[j], sampled.logprobs[j], sampled.top_logprobs[j])
+                tokens.append((sampled.token_ids[j], lp))
+            result[i] = tokens
         return result
 
     def _record_prompt_logprobs(self, out: SchedulerOutput, all_logits: dict[int, torch.Tensor]) -> None:
         for i, logits in all_logits.items():
             chunk = out.chunks[i]
             req = chunk.request
+            if chunk.draft:
+                continue
             if chunk.start == 0:
                 req.prompt_logprobs = [None]
             targets = req.prompt_ids[chunk.start + 1 : chunk.start + chunk.num_tokens + 1]
@@ -377,6 +463,8 @@ class Engine:
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
         req.finish_time = time.monotonic()
+        if self.speculator is not None:
+            self.speculator.release(req)
 
     def _group_done(self, gid: str) -> bool:
         return all(r.finished for r in self.groups[gid])
@@ -407,8 +495,13 @@ class Engine:
             prompt_tokens_cached=s.prompt_tokens_cached,
             generation_tokens=self.generation_tokens,
             num_preemptions=s.num_preemptions,
+            spec_num_draft_tokens=self.spec_num_draft_tokens,
+            spec_num_accepted_tokens=self.spec_num_accepted_tokens,
+            spec_num_steps=self.spec_num_steps,
         )
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
+        if self.speculator is not None:
+            self.speculator.check_integrity(idle=not self.groups)
 

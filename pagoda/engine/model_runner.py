@@ -43,7 +43,7 @@ class ModelRunner:
         self.graphs = graphs
 
     def run(self, chunks: Sequence[ScheduledChunk]) -> StepOutput:
-        seqs = [(c.request.all_ids[c.start : c.start + c.num_tokens], c.start, c.request.pages) for c in chunks]
+        seqs = [(c.token_ids, c.start, c.request.pages) for c in chunks]
         return self.forward(self.prepare(seqs, [i for i, c in enumerate(chunks) if c.wants_all_logits]),
                             [i for i, c in enumerate(chunks) if c.request.pooling is not None])
 
@@ -71,13 +71,33 @@ class ModelRunner:
         if self.graphs is not None and not hidden_of and self.graphs.serves(batch):
             return StepOutput(last_logits=self.graphs.run(batch))
         hidden = self.model(batch)
-        ends = torch.tensor([s - 1 for s in batch.query_starts[1:]], device=self.device)
-        out = StepOutput(last_logits=self.model.compute_logits(hidden[ends]))
-        for b in batch.all_logits:
-            lo, hi = batch.query_starts[b], batch.query_starts[b + 1]
-            out.all_logits[b] = self.model.compute_logits(hidden[lo:hi])
+        out = self._logits(batch, hidden)
         for b in hidden_of:
             out.hidden[b] = hidden[batch.query_starts[b] : batch.query_starts[b + 1]].float()
+        return out
+
+    def _logits(self, batch: ForwardBatch, hidden: torch.Tensor) -> StepOutput:
+        starts = batch.query_starts
+        if not batch.all_logits:
+            ends = torch.tensor([s - 1 for s in starts[1:]], device=self.device)
+            return StepOutput(last_logits=self.model.compute_logits(hidden[ends]))
+        # one output-head pass for every row wanted (the head's weights are read once, not per sequence)
+        rows: list[int] = []
+        last: list[int] = []
+        spans: dict[int, tuple[int, int]] = {}
+        wanted = set(batch.all_logits)
+        for b in range(batch.batch_size):
+            lo, hi = starts[b], starts[b + 1]
+            if b in wanted:
+                spans[b] = (len(rows), len(rows) + hi - lo)
+                rows.extend(range(lo, hi))
+            else:
+                rows.append(hi - 1)
+            last.append(len(rows) - 1)
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        out = StepOutput(last_logits=logits[torch.tensor(last, device=self.device)])
+        for b, (lo, hi) in spans.items():
+            out.all_logits[b] = logits[lo:hi]
         return out
 
     def _logits_of_every_token(self, batch: ForwardBatch) -> torch.Tensor:

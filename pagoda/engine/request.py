@@ -47,6 +47,10 @@ class Request:
     num_cached_prompt: int = 0  # prompt tokens served from the prefix cache (first admission)
     prompt_cached_in_tree: bool = False
     num_preemptions: int = 0
+    # Speculative decoding: this step's proposed continuation (set by the engine, consumed by
+    # the scheduler) and the proposer's own per-sequence state (an n-gram index, a draft KV).
+    draft: list[int] = field(default_factory=list)
+    spec_state: object = None
     # Output state, owned by the engine.
     generator: torch.Generator | None = None
     detokenizer: "IncrementalDetokenizer | None" = None

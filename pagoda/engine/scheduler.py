@@ -34,17 +34,25 @@ class SchedulerConfig:
 class ScheduledChunk:
     request: Request
     start: int
-    num_tokens: int
+    num_tokens: int  # including the draft
+    draft: list[int] = field(default_factory=list)  # speculative decoding: proposed tokens after the last one
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The tokens the forward computes: known ones, then the proposal to verify."""
+        known = self.num_tokens - len(self.draft)
+        return self.request.all_ids[self.start : self.start + known] + self.draft
 
     @property
     def completes(self) -> bool:
         """After this chunk the request's last known token is computed: sample its next one."""
-        return self.start + self.num_tokens == self.request.num_tokens
+        return self.start + self.num_tokens - len(self.draft) == self.request.num_tokens
 
     @property
     def wants_all_logits(self) -> bool:
-        """A prompt chunk of a request that asked for prompt logprobs: logits for every token."""
-        return self.request.params.prompt_logprobs is not None and self.request.in_prefill
+        """A prompt chunk of a request that asked for prompt logprobs, or a speculating decode (its
+        verification needs the logits after each proposed token): logits for every token."""
+        return bool(self.draft) or (self.request.params.prompt_logprobs is not None and self.request.in_prefill)
 
 
 @dataclass
@@ -101,14 +109,18 @@ class Scheduler:
             if req not in self.running:  # preempted earlier in this loop
                 continue
             n = self._chunk_len(req, req.num_computed, budget)
+            draft, req.draft = req.draft[: budget - 1] if n == 1 else [], []
+            # a proposal only takes free (or evictable) pages: it never preempts anyone
+            if draft and not self._grow(req, req.num_computed + 1 + len(draft)):
+                draft = []
             while not self._grow(req, req.num_computed + n):
                 victim = self._pick_victim(exclude=out)
                 self._preempt(victim, out)
                 if victim is req:
                     break
             if req in self.running:
-                out.chunks.append(ScheduledChunk(req, req.num_computed, n))
-                budget -= n
+                out.chunks.append(ScheduledChunk(req, req.num_computed, n + len(draft), draft))
+                budget -= n + len(draft)
         self._admit_waiting(out, budget)
         return out
 
@@ -122,13 +134,32 @@ class Scheduler:
             req = chunk.request
             if req.status is not Status.RUNNING:
                 continue
-            req.num_computed = chunk.start + chunk.num_tokens
-            if not req.in_prefill and not req.prompt_cached_in_tree:
-                self._cache_prompt(req)
+            self.advance(chunk)
             if chunk.completes and token is not None:
-                req.output_ids.append(token)
+                self.append(req, token)
                 advanced.append(req)
         return advanced
+
+    def advance(self, chunk: ScheduledChunk) -> None:
+        """The chunk's known tokens are computed (a proposal's only once verified: see append)."""
+        req = chunk.request
+        req.num_computed = chunk.start + chunk.num_tokens - len(chunk.draft)
+        if not req.in_prefill and not req.prompt_cached_in_tree:
+            self._cache_prompt(req)
+
+    def append(self, req: Request, token: int, after_verified: bool = False) -> None:
+        """Append a sampled token. after_verified: the token before it was an accepted proposal,
+        whose KV this step computed, so it counts as computed now."""
+        if after_verified:
+            req.num_computed += 1
+        req.output_ids.append(token)
+
+    def trim(self, req: Request) -> None:
+        """Give back own pages past what the sequence's known tokens need (a rejected proposal's)."""
+        keep = max(self.pages_needed(req.num_tokens), req.num_shared_pages)
+        if len(req.pages) > keep:
+            self.allocator.decref(req.pages[keep:])
+            del req.pages[keep:]
 
     # ---- internals -------------------------------------------------------------------
 
@@ -163,6 +194,7 @@ class Scheduler:
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)
         out.chunks = [c for c in out.chunks if c.request is not req]
+        req.draft = []
         self._release(req)
         req.num_preemptions += 1
         self.num_preemptions += 1

@@ -44,6 +44,13 @@ class _EngineCollector(Collector):
             "pagoda_kv_cache_free_pages": ("KV-cache pages free", s.kv_pages_free),
             "pagoda_kv_cache_total_pages": ("KV-cache pages in all", s.kv_pages_total),
             "pagoda_kv_cache_cached_pages": ("pages held by the prefix cache", s.kv_pages_cached),
+            "pagoda_spec_decode_acceptance_rate": (
+                "speculative decoding: fraction of proposed tokens the target accepted", s.spec_acceptance_rate,
+            ),
+            "pagoda_spec_decode_mean_acceptance_length": (
+                "speculative decoding: tokens per verification (accepted proposals + the target's own)",
+                s.spec_mean_acceptance_length,
+            ),
             "pagoda_prefix_cache_hit_rate": (
                 "fraction of prompt tokens served from the prefix cache", s.prompt_tokens_cached / prompt_total
                 if prompt_total else 0.0,
@@ -56,6 +63,12 @@ class _EngineCollector(Collector):
             "pagoda_prompt_tokens_cached": ("prompt tokens served from the prefix cache", s.prompt_tokens_cached),
             "pagoda_generation_tokens": ("tokens generated", s.generation_tokens),
             "pagoda_num_preemptions": ("sequences preempted for lack of KV pages", s.num_preemptions),
+            "pagoda_spec_decode_num_draft_tokens": ("speculative decoding: tokens proposed and verified",
+                                                    s.spec_num_draft_tokens),
+            "pagoda_spec_decode_num_accepted_tokens": ("speculative decoding: proposed tokens the target accepted",
+                                                       s.spec_num_accepted_tokens),
+            "pagoda_spec_decode_num_drafts": ("speculative decoding: verifications (sequence-steps that speculated)",
+                                              s.spec_num_steps),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=float(value))
