@@ -57,9 +57,27 @@ class EngineConfig:
     disable_prefix_cache: bool = _opt(False, "turn off radix-tree prefix sharing")
     max_queued_requests: int = _opt(4096, "waiting requests beyond which new ones are refused")
     num_threads: int | None = _opt(None, "CPU threads for compute (default: all cores)")
+    enable_lora: bool = _opt(False, "serve LoRA adapters, loaded at run time too (implied by --lora-modules)")
+    lora_modules: tuple[str, ...] = _opt(
+        (), "LoRA adapters to serve, as name=path (a PEFT adapter directory or a llama.cpp GGUF LoRA file); "
+        "a request names one by its model field", nargs="+",
+    )
+    lora_paths: tuple[str, ...] = _opt((), "SGLang's spelling of --lora-modules (name=path, or a path named after "
+                                           "its last component)", nargs="+")
+    max_loras: int = _opt(4, "LoRA adapters resident at once; more stay on the host and are swapped in, the least "
+                             "recently used unpinned one out")
+    max_lora_rank: int = _opt(16, "the largest LoRA rank accepted (sizes the adapter slots)")
 
     def __post_init__(self) -> None:
-        positive = ("page_size", "max_running_requests", "max_batched_tokens", "max_queued_requests")
+        for name in ("lora_modules", "lora_paths"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            elif isinstance(value, dict):
+                value = tuple(f"{k}={v}" for k, v in value.items())
+            object.__setattr__(self, name, tuple(value or ()))
+        positive = ("page_size", "max_running_requests", "max_batched_tokens", "max_queued_requests", "max_loras",
+                    "max_lora_rank")
         for name in positive:
             value = getattr(self, name)
             if value is None and name == "max_batched_tokens":
@@ -89,6 +107,25 @@ class EngineConfig:
         if self.load_format == "dummy" and self.model is None and self.model_config is None:
             raise ConfigError("--load-format dummy needs --model-config (a config.json) or --model")
         self.rope_scaling_dict()  # validate early
+        self.lora_adapters()
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.enable_lora or bool(self.lora_modules or self.lora_paths)
+
+    def lora_adapters(self) -> list[tuple[str, str]]:
+        """(name, path) of every adapter named at start (--lora-modules, then --lora-paths)."""
+        out: list[tuple[str, str]] = []
+        for spec in (*self.lora_modules, *self.lora_paths):
+            name, sep, path = spec.partition("=")
+            if not sep:
+                name, path = spec.rstrip("/").rsplit("/", 1)[-1].removesuffix(".gguf"), spec
+            if not name or not path:
+                raise ConfigError(f"LoRA adapters are given as name=path (got {spec!r})")
+            if any(name == n for n, _ in out):
+                raise ConfigError(f"two LoRA adapters are named {name!r}")
+            out.append((name, path))
+        return out
 
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         if self.rope_scaling is None:

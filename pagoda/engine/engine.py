@@ -26,6 +26,7 @@ from pagoda.engine.sampler import Sampler, SamplingRow, compute_logprobs
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from pagoda.errors import ConfigError, InvalidRequestError
+from pagoda.lora import LoRAAdapter, LoRAManager
 from pagoda.models.loader import LoadedModel, load_model, resolve_dtype
 from pagoda.platforms import get_platform
 
@@ -89,6 +90,7 @@ class Engine:
         self.model_config = self.loaded.config
         self.context_length = self.loaded.context_length
         self.tokenizer = load_model_tokenizer(config, self.loaded.path, self.loaded.read_gguf)
+        self.lora = self._init_lora()
         self._init_kv_cache()
         self.inputs = InputProcessor(
             self.tokenizer, self.model_config.eos_token_id,
@@ -126,6 +128,20 @@ class Engine:
             "KV cache: %d tokens in %d pages (%.2f GiB, %s)", self.kv_tokens, size.num_pages,
             size.num_pages * size.bytes_per_page / GiB, str(size.dtype).removeprefix("torch."),
         )
+
+    def _init_lora(self) -> LoRAManager | None:
+        """The adapter pool (only when LoRA is enabled: otherwise no slot memory, no hook work),
+        with the adapters named at start."""
+        cfg = self.config
+        if not cfg.lora_enabled:
+            return None
+        lora = LoRAManager(self.loaded.model, cfg.max_loras, cfg.max_lora_rank)
+        for name, path in cfg.lora_adapters():
+            try:
+                lora.add(lora.read(name, path))
+            except InvalidRequestError as e:
+                raise ConfigError(f"LoRA adapter {name!r}: {e.message}") from None
+        return lora
 
     def _size_kv_cache(self) -> KVCacheSize:
         """As many pages as the memory budget holds, but no more than the running requests can use."""
@@ -166,6 +182,7 @@ class Engine:
                 enable_prefix_cache=not cfg.disable_prefix_cache,
             ),
             self.allocator,
+            self.lora,
         )
 
     def kv_cache_dtype(self) -> torch.dtype:
@@ -185,20 +202,48 @@ class Engine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         priority: int = 0,
+        lora: str | None = None,
     ) -> None:
         prompt_text = prompt if isinstance(prompt, str) else None
-        self.enqueue(request_id, self.make_requests(request_id, prompt, params, priority), prompt_text)
+        self.enqueue(request_id, self.make_requests(request_id, prompt, params, priority, lora), prompt_text)
 
     def make_requests(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, priority: int = 0
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, priority: int = 0,
+        lora: str | None = None,
     ) -> list[Request]:
         """Tokenize and validate into the n sequences of one request (InputProcessor's: no engine
-        state touched, so a frontend may call it on its own thread)."""
-        return self.inputs.make_requests(request_id, prompt, params, priority)
+        state touched, so a frontend may call it on its own thread); `lora` names the adapter."""
+        if lora is not None:
+            self.check_lora(lora)
+        group = self.inputs.make_requests(request_id, prompt, params, priority)
+        for req in group:
+            req.lora_name = lora
+        return group
+
+    def check_lora(self, name: str) -> None:
+        """Raise InvalidRequestError unless `name` is a loaded adapter (read-only: any thread)."""
+        if self.lora is None:
+            raise InvalidRequestError(
+                f"the LoRA adapter {name!r} does not exist: this engine serves no adapters (start it with "
+                "--lora-modules or --enable-lora)", "model")
+        if self.lora.get(name) is None:
+            raise InvalidRequestError(f"the LoRA adapter {name!r} does not exist (or is being unloaded)", "model")
 
     def enqueue(self, request_id: str, group: list[Request], prompt: str | None) -> None:
         if request_id in self.groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        taken: list[Request] = []
+        try:
+            for req in group:
+                if req.lora_name is not None:
+                    if self.lora is None:
+                        raise InvalidRequestError("this engine serves no LoRA adapters", "model")
+                    req.lora_uid = self.lora.ref(req.lora_name)
+                    taken.append(req)
+        except InvalidRequestError:
+            for req in taken:
+                self.lora.unref(req.lora_name)
+            raise
         self.groups[request_id] = group
         self.prompts[request_id] = prompt
         for req in group:
@@ -286,6 +331,40 @@ class Engine:
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
         req.finish_time = time.monotonic()
+        if req.lora_name is not None and self.lora is not None:
+            self.lora.unref(req.lora_name)
+
+    # ---- LoRA adapters ---------------------------------------------------------------
+
+    def read_lora(self, name: str, path: str) -> LoRAAdapter:
+        """Read and check an adapter's files (any thread); `add_lora` then registers it."""
+        if self.lora is None:
+            raise InvalidRequestError("LoRA is not enabled: start the engine with --enable-lora or --lora-modules",
+                                      "lora_name")
+        if not name:
+            raise InvalidRequestError("lora_name must not be empty", "lora_name")
+        return self.lora.read(name, path)
+
+    def add_lora(self, adapter: LoRAAdapter) -> None:
+        """Register a read adapter (engine thread)."""
+        assert self.lora is not None
+        self.lora.add(adapter)
+
+    def load_lora(self, name: str, path: str) -> None:
+        self.add_lora(self.read_lora(name, path))
+
+    def unload_lora(self, name: str) -> int:
+        """Unload an adapter (engine thread): 0 if done now, else the number of unfinished
+        requests using it; it goes when the last of them ends."""
+        if self.lora is None:
+            raise InvalidRequestError("LoRA is not enabled: this engine serves no adapters", "lora_name")
+        return self.lora.remove(name).deferred
+
+    def lora_adapters(self) -> list[tuple[str, str]]:
+        """(name, path) of the adapters requests may name (read-only: any thread)."""
+        if self.lora is None:
+            return []
+        return [(a.name, a.path) for a in list(self.lora.adapters.values()) if a.name not in self.lora.unloading]
 
     def _group_done(self, gid: str) -> bool:
         return all(r.finished for r in self.groups[gid])
@@ -320,4 +399,6 @@ class Engine:
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
+        if self.lora is not None:
+            self.lora.check_integrity(idle=not self.groups)
 

@@ -29,12 +29,38 @@ class ModelRunner:
         self.page_size = kv_pool.page_size
 
     def run(self, chunks: Sequence[ScheduledChunk]) -> StepOutput:
+        slots = [c.request.lora_slot for c in chunks]
+        if max(slots, default=-1) >= 0:
+            return self._run_with_adapters(chunks, slots)
         seqs = [(c.request.all_ids[c.start : c.start + c.num_tokens], c.start, c.request.pages) for c in chunks]
         return self.forward(self.prepare(seqs, [i for i, c in enumerate(chunks) if c.wants_all_logits]))
 
-    def prepare(self, seqs: Sequence[tuple[Sequence[int], int, Sequence[int]]], all_logits: Sequence[int] = ()) -> ForwardBatch:
-        """The batch of sequences given as (new token ids, position of the first, page table)."""
-        return ForwardBatch.build(seqs, self.page_size, self.device, self.kv.layers, all_logits)
+    def _run_with_adapters(self, chunks: Sequence[ScheduledChunk], slots: list[int]) -> StepOutput:
+        """A step with LoRA adapters: sequences ordered by adapter slot, so each adapter's rows
+        are one contiguous segment (ops.lora_apply: two matmuls per adapter per linear);
+        logits come back in the chunks' order."""
+        order = sorted(range(len(chunks)), key=slots.__getitem__)
+        seqs = []
+        for i in order:
+            c = chunks[i]
+            seqs.append((c.request.all_ids[c.start : c.start + c.num_tokens], c.start, c.request.pages))
+        all_logits = [j for j, i in enumerate(order) if chunks[i].wants_all_logits]
+        out = self.forward(self.prepare(seqs, all_logits, [slots[i] for i in order]))
+        inverse = [0] * len(order)
+        for j, i in enumerate(order):
+            inverse[i] = j
+        if order != sorted(order):
+            out.last_logits = out.last_logits[torch.tensor(inverse, device=out.last_logits.device)]
+        out.all_logits = {order[j]: logits for j, logits in out.all_logits.items()}
+        return out
+
+    def prepare(
+        self, seqs: Sequence[tuple[Sequence[int], int, Sequence[int]]], all_logits: Sequence[int] = (),
+        lora_slots: Sequence[int] | None = None,
+    ) -> ForwardBatch:
+        """The batch of sequences given as (new token ids, position of the first, page table),
+        and each one's LoRA pool slot (-1: the base model)."""
+        return ForwardBatch.build(seqs, self.page_size, self.device, self.kv.layers, all_logits, lora_slots)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> StepOutput:

@@ -87,8 +87,8 @@ def _plan(spec: DecoderStackSpec, kv_caches) -> StackPlan | None:
 @kernel("decoder_stack", priority=20)
 def decoder_stack_c(spec: DecoderStackSpec, x: torch.Tensor, batch: ForwardBatch):
     lib = native.library()
-    if lib is None or x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous():
-        return DECLINE
+    if lib is None or x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous() or batch.lora_ids is not None:
+        return DECLINE  # (LoRA adapters in the step: the per-op path adds them after each linear)
     plan = _plan(spec, batch.kv_caches)
     if plan is None or max(batch.query_lens) > MAX_CHUNK:
         return DECLINE

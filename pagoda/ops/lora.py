@@ -1,0 +1,69 @@
+"""LoRA: how resident adapters' weights sit beside one linear, and a step's adapter segments.
+
+A linear that adapters may target holds one ``LoRAStack``: for each slot of the adapter pool,
+A and B such that the slot's rows get ``y += scaling * (x A^T) B^T`` on top of the base matmul
+(computed once for all rows, in whatever format the base weights are). A fused projection
+(qkv, gate_up) stacks its targeted parts: A's rows part after part ([parts * rank, in]), B
+block-diagonal ([out, parts * rank]), so one pair of matmuls serves the whole projection.
+``width[slot]`` is how many of A's rows the slot uses (0: no adapter there or it leaves this
+linear alone); the rest stays zero.
+
+Which adapter each token uses travels in the step's ForwardBatch (``lora_ids``: a pool slot
+per token, -1 for none); ``lora_segments`` is its host view as runs of equal slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pagoda.ops.forward_batch import ForwardBatch
+
+
+@dataclass(eq=False)
+class LoRAStack:
+    a: torch.Tensor  # [slots, max_width, in] float32
+    b: torch.Tensor  # [slots, out, max_width] float32
+    width: list[int] = field(default_factory=list)  # per slot: rows of a (columns of b) in use
+    scaling: list[float] = field(default_factory=list)  # per slot: alpha / rank (or alpha / sqrt(rank))
+
+    @classmethod
+    def empty(cls, slots: int, max_width: int, in_features: int, out_features: int, device: torch.device) -> "LoRAStack":
+        return cls(
+            torch.zeros(slots, max_width, in_features, device=device),
+            torch.zeros(slots, out_features, max_width, device=device),
+            [0] * slots, [0.0] * slots,
+        )
+
+    def set(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        """Put an adapter's fused A [w, in] and B [out, w] in a slot."""
+        w = a.shape[0]
+        if w > self.a.shape[1] or b.shape != (self.b.shape[1], w) or a.shape[1] != self.a.shape[2]:
+            raise ValueError(f"LoRA weights of shape {tuple(a.shape)}, {tuple(b.shape)} do not fit this stack")
+        self.clear(slot)
+        self.a[slot, :w].copy_(a)
+        self.b[slot, :, :w].copy_(b)
+        self.width[slot], self.scaling[slot] = w, float(scaling)
+
+    def clear(self, slot: int) -> None:
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        self.width[slot], self.scaling[slot] = 0, 0.0
+
+
+def lora_segments(batch: ForwardBatch) -> list[tuple[int, int, int]]:
+    """(slot, first row, end row) for each run of consecutive tokens using one adapter (rows
+    without an adapter are left out). The model runner orders sequences by adapter, so a
+    step has one run per adapter."""
+    if batch.lora_ids is None:
+        return []
+    ids = batch.lora_ids.tolist()
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[start]:
+            if ids[start] >= 0:
+                runs.append((ids[start], start, i))
+            start = i
+    return runs
