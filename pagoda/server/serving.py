@@ -60,9 +60,27 @@ class OpenAIServing:
         self.template_knows_tools = "tools" in (template or "")
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'",
-                           param="model", code="model_not_found")
+        self.resolve_model(model)
+
+    def resolve_model(self, model: str | None, lora_path: str | None = None) -> str | None:
+        """The LoRA adapter a request names (None: the base model): `model` is the served model
+        or an adapter's name; SGLang's `lora_path` names the adapter beside the base's name."""
+        adapters = {name for name, _ in self.engine.lora_adapters()}
+        if lora_path is not None:
+            if lora_path not in adapters:
+                raise APIError(404, f"the LoRA adapter '{lora_path}' does not exist", param="lora_path",
+                               code="model_not_found")
+            if model not in (None, self.model_name, lora_path):
+                raise APIError(400, f"model '{model}' and lora_path '{lora_path}' name different models",
+                               param="model")
+            return lora_path
+        if model is None or model == self.model_name:
+            return None
+        if model in adapters:
+            return model
+        known = f"'{self.model_name}'" + (f" and its LoRA adapters {', '.join(sorted(adapters))}" if adapters else "")
+        raise APIError(404, f"the model '{model}' does not exist; this server serves {known}",
+                       param="model", code="model_not_found")
 
     @staticmethod
     def _common(req: _SamplingFields) -> dict[str, Any]:
@@ -120,7 +138,8 @@ class OpenAIServing:
     # ---- chat ------------------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
-        self.check_model(req.model)
+        lora = self.resolve_model(req.model, req.lora_path)
+        model_name = lora or self.model_name
         max_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         renames = {"max_tokens": max_name, "logprobs": "top_logprobs"}
         top_n = (req.top_logprobs or 0) if req.logprobs else None
@@ -137,13 +156,13 @@ class OpenAIServing:
                            param="messages")
         prompt_ids = await self.encode_chat(req.messages, tools, req.add_generation_prompt, req.chat_template_kwargs)
         request_id = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
-        streams = await submit(self.engine, [prompt_ids], params, request_id, req.priority, renames)
+        streams = await submit(self.engine, [prompt_ids], params, request_id, req.priority, renames, lora)
         trackers = self._trackers(request_id, 1)
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return SSEResponse(self._chat_events(follow(self.engine, streams, trackers), request_id, created,
-                                                 req.n, top_n, include_usage, tools))
+                                                 req.n, top_n, include_usage, tools, model_name))
         (final,) = await collect(self.engine, streams, trackers, raw)
         choices = []
         for c in final.outputs:
@@ -154,13 +173,13 @@ class OpenAIServing:
                 "finish_reason": finish_reason(c.finish_reason, bool(parsed.calls)), "stop_reason": c.stop_reason,
             })
         return JSONResponse({"id": request_id, "object": "chat.completion", "created": created,
-                             "model": self.model_name, "choices": choices, "usage": usage([final])})
+                             "model": model_name, "choices": choices, "usage": usage([final])})
 
     async def _chat_events(
         self, outputs: AsyncIterator[tuple[int, RequestOutput]], request_id: str, created: int, n: int,
-        top_n: int | None, include_usage: bool, tools: list[dict[str, Any]],
+        top_n: int | None, include_usage: bool, tools: list[dict[str, Any]], model_name: str,
     ) -> AsyncIterator[str]:
-        base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
+        base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name}
         extra = {"usage": None} if include_usage else {}
 
         def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None,
@@ -215,7 +234,8 @@ class OpenAIServing:
     # ---- completions -----------------------------------------------------------------
 
     async def completions(self, req: CompletionRequest, raw: Request) -> Response:
-        self.check_model(req.model)
+        lora = self.resolve_model(req.model, req.lora_path)
+        model_name = lora or self.model_name
         score_only = req.max_tokens == 0  # echo + max_tokens 0: prompt logprobs only (lm-eval)
         best_of = req.best_of if req.best_of is not None and req.best_of > req.n else None
         logprobs = req.logprobs if req.logprobs is not None or best_of is None else 0
@@ -226,13 +246,13 @@ class OpenAIServing:
         fields["structured"] = self._structured(req, renames)
         params = make_params(fields, renames)
         request_id = f"cmpl-{req.request_id or uuid.uuid4().hex}"
-        streams = await submit(self.engine, req.prompts, params, request_id, req.priority, renames)
+        streams = await submit(self.engine, req.prompts, params, request_id, req.priority, renames, lora)
         trackers = self._trackers(request_id, len(streams))
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             events = self._completion_events(follow(self.engine, streams, trackers), req, request_id, created,
-                                              score_only, include_usage)
+                                              score_only, include_usage, model_name)
             return SSEResponse(events)
         finals = await collect(self.engine, streams, trackers, raw)
         choices: list[dict[str, Any]] = []
@@ -245,7 +265,7 @@ class OpenAIServing:
                                                        whole=True))
         completion_tokens = 0 if score_only else None
         return JSONResponse({"id": request_id, "object": "text_completion", "created": created,
-                             "model": self.model_name, "choices": choices,
+                             "model": model_name, "choices": choices,
                              "usage": usage(finals, completion_tokens)})
 
     def _prompt_text(self, output: RequestOutput) -> str:
@@ -276,9 +296,9 @@ class OpenAIServing:
 
     async def _completion_events(
         self, outputs: AsyncIterator[tuple[int, RequestOutput]], req: CompletionRequest, request_id: str,
-        created: int, score_only: bool, include_usage: bool,
+        created: int, score_only: bool, include_usage: bool, model_name: str,
     ) -> AsyncIterator[str]:
-        base = {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name}
+        base = {"id": request_id, "object": "text_completion", "created": created, "model": model_name}
         extra = {"usage": None} if include_usage else {}
         started: set[int] = set()
         done: set[int] = set()

@@ -42,14 +42,15 @@ def rename_param(e: InvalidRequestError, renames: dict[str, str] | None) -> APIE
 
 async def submit(
     engine: AsyncEngine, prompts: list[str | list[int]], params: SamplingParams, request_id: str, priority: int,
-    renames: dict[str, str] | None = None,
+    renames: dict[str, str] | None = None, lora: str | None = None,
 ) -> list[RequestStream]:
-    """Queue one engine request per prompt; if any is refused, the ones already queued are aborted."""
+    """Queue one engine request per prompt (`lora`: the adapter they run with); if any is
+    refused, the ones already queued are aborted."""
     streams: list[RequestStream] = []
     try:
         for i, prompt in enumerate(prompts):
             rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-            streams.append(await engine.add_request(prompt, params, rid, priority))
+            streams.append(await engine.add_request(prompt, params, rid, priority, lora))
     except InvalidRequestError as e:
         abort_unfinished(engine, streams)
         raise rename_param(e, renames) from None
