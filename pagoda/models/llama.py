@@ -178,6 +178,9 @@ class LlamaForCausalLM(nn.Module):
                 o=layer.self_attn.o_proj.kernel_weight, gate_up=layer.mlp.gate_up_proj.kernel_weight,
                 down=layer.mlp.down_proj.kernel_weight, input_norm=layer.input_layernorm.weight,
                 post_attention_norm=layer.post_attention_layernorm.weight,
+                lora=None if layer.self_attn.qkv_proj.lora is None else (
+                    layer.self_attn.qkv_proj.lora, layer.self_attn.o_proj.lora, layer.mlp.gate_up_proj.lora,
+                    layer.mlp.down_proj.lora),
             )
             for layer in self.layers
         )
@@ -208,6 +211,7 @@ class LlamaForCausalLM(nn.Module):
         for path, n in parts.items():
             linear = self.get_submodule(path)
             linear.lora = ops.LoRAStack.empty(slots, n * max_rank, linear.in_features, linear.out_features, device)
+        self.stack_spec = self._describe_stack()  # a fused stack kernel adds them too
 
     def set_lora(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> None:
         """Put one adapter in a slot: per linear path, its fused A [w, in] and B [out, w] (the

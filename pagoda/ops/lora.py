@@ -24,32 +24,43 @@ from pagoda.ops.forward_batch import ForwardBatch
 @dataclass(eq=False)
 class LoRAStack:
     a: torch.Tensor  # [slots, max_width, in] float32
-    b: torch.Tensor  # [slots, out, max_width] float32
+    bt: torch.Tensor  # [slots, max_width, out] float32: B transposed
     width: list[int] = field(default_factory=list)  # per slot: rows of a (columns of b) in use
     scaling: list[float] = field(default_factory=list)  # per slot: alpha / rank (or alpha / sqrt(rank))
+    width_t: torch.Tensor | None = None  # the same two lists as tensors, for kernels ([slots] int32 / float32)
+    scaling_t: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, slots: int, max_width: int, in_features: int, out_features: int, device: torch.device) -> "LoRAStack":
         return cls(
             torch.zeros(slots, max_width, in_features, device=device),
-            torch.zeros(slots, out_features, max_width, device=device),
+            torch.zeros(slots, max_width, out_features, device=device),
             [0] * slots, [0.0] * slots,
+            torch.zeros(slots, dtype=torch.int32, device=device), torch.zeros(slots, device=device),
         )
+
+    @property
+    def max_width(self) -> int:
+        return self.a.shape[1]
 
     def set(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         """Put an adapter's fused A [w, in] and B [out, w] in a slot."""
         w = a.shape[0]
-        if w > self.a.shape[1] or b.shape != (self.b.shape[1], w) or a.shape[1] != self.a.shape[2]:
+        if w > self.a.shape[1] or b.shape != (self.bt.shape[2], w) or a.shape[1] != self.a.shape[2]:
             raise ValueError(f"LoRA weights of shape {tuple(a.shape)}, {tuple(b.shape)} do not fit this stack")
         self.clear(slot)
         self.a[slot, :w].copy_(a)
-        self.b[slot, :, :w].copy_(b)
-        self.width[slot], self.scaling[slot] = w, float(scaling)
+        self.bt[slot, :w].copy_(b.t())
+        self._note(slot, w, float(scaling))
 
     def clear(self, slot: int) -> None:
         self.a[slot].zero_()
-        self.b[slot].zero_()
-        self.width[slot], self.scaling[slot] = 0, 0.0
+        self.bt[slot].zero_()
+        self._note(slot, 0, 0.0)
+
+    def _note(self, slot: int, width: int, scaling: float) -> None:
+        self.width[slot], self.scaling[slot] = width, scaling
+        self.width_t[slot], self.scaling_t[slot] = width, scaling
 
 
 def lora_segments(batch: ForwardBatch) -> list[tuple[int, int, int]]:
@@ -67,3 +78,8 @@ def lora_segments(batch: ForwardBatch) -> list[tuple[int, int, int]]:
                 runs.append((ids[start], start, i))
             start = i
     return runs
+
+
+def lora_segment_table(batch: ForwardBatch) -> torch.Tensor:
+    """``lora_segments`` as an int64 tensor [runs, 3] on the host (for C kernels)."""
+    return torch.tensor(batch.view(lora_segments), dtype=torch.int64).reshape(-1, 3)

@@ -140,7 +140,7 @@ def lora_apply(y: torch.Tensor, x: torch.Tensor, batch: ForwardBatch, stack: LoR
             continue
         xa = x[lo:hi].float() @ stack.a[slot, :w].t()
         if y.dtype == torch.float32:
-            y[lo:hi].addmm_(xa, stack.b[slot, :, :w].t(), alpha=stack.scaling[slot])
+            y[lo:hi].addmm_(xa, stack.bt[slot, :w], alpha=stack.scaling[slot])
         else:
-            y[lo:hi] += (torch.mm(xa, stack.b[slot, :, :w].t()) * stack.scaling[slot]).to(y.dtype)
+            y[lo:hi] += (torch.mm(xa, stack.bt[slot, :w]) * stack.scaling[slot]).to(y.dtype)
     return y
