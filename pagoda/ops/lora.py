@@ -29,6 +29,9 @@ class LoRAStack:
     scaling: list[float] = field(default_factory=list)  # per slot: alpha / rank (or alpha / sqrt(rank))
     width_t: torch.Tensor | None = None  # the same two lists as tensors, for kernels ([slots] int32 / float32)
     scaling_t: torch.Tensor | None = None
+    # [slots, max_width, 2] int32: the outputs each row of bt touches (first, end): a fused
+    # projection's B is block-diagonal, so a kernel skips the zeros beside each part's block
+    cols_t: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, slots: int, max_width: int, in_features: int, out_features: int, device: torch.device) -> "LoRAStack":
@@ -37,6 +40,7 @@ class LoRAStack:
             torch.zeros(slots, max_width, out_features, device=device),
             [0] * slots, [0.0] * slots,
             torch.zeros(slots, dtype=torch.int32, device=device), torch.zeros(slots, device=device),
+            torch.zeros(slots, max_width, 2, dtype=torch.int32, device=device),
         )
 
     @property
@@ -51,11 +55,18 @@ class LoRAStack:
         self.clear(slot)
         self.a[slot, :w].copy_(a)
         self.bt[slot, :w].copy_(b.t())
+        nonzero = self.bt[slot, :w] != 0
+        any_ = nonzero.any(dim=1)
+        first = nonzero.int().argmax(dim=1)
+        last = nonzero.shape[1] - nonzero.flip(1).int().argmax(dim=1)
+        self.cols_t[slot, :w, 0] = torch.where(any_, first, 0)
+        self.cols_t[slot, :w, 1] = torch.where(any_, last, 0)
         self._note(slot, w, float(scaling))
 
     def clear(self, slot: int) -> None:
         self.a[slot].zero_()
         self.bt[slot].zero_()
+        self.cols_t[slot].zero_()
         self._note(slot, 0, 0.0)
 
     def _note(self, slot: int, width: int, scaling: float) -> None:

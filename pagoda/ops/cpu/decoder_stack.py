@@ -122,7 +122,7 @@ _LORA_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # spec ->
 
 def _lora_table(spec: DecoderStackSpec) -> torch.Tensor | None:
     """Per layer, the LoRA stacks of its four linears as STACK_LORA_SLOTS entries (A, B^T,
-    width and scaling addresses, max width), or None when a layer has none the C kernel takes."""
+    column ranges, width and scaling addresses, max width), or None when a layer has none the C kernel takes."""
     if spec in _LORA_TABLES:
         return _LORA_TABLES[spec]
     entries: list[int] | None = []
@@ -134,7 +134,8 @@ def _lora_table(spec: DecoderStackSpec) -> torch.Tensor | None:
             entries = None
             break
         for s in stacks:
-            entries += [s.a.data_ptr(), s.bt.data_ptr(), s.width_t.data_ptr(), s.scaling_t.data_ptr(), s.max_width]
+            entries += [s.a.data_ptr(), s.bt.data_ptr(), s.cols_t.data_ptr(), s.width_t.data_ptr(), s.scaling_t.data_ptr(),
+                        s.max_width]
     table = None if entries is None else torch.tensor(entries, dtype=torch.int64)
     assert table is None or table.numel() == len(spec.layers) * STACK_LORA_SLOTS
     _LORA_TABLES[spec] = table

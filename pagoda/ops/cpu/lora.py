@@ -31,7 +31,7 @@ def lora_apply_c(y: torch.Tensor, x: torch.Tensor, batch: ForwardBatch, stack: L
     segments = batch.view(lora_segment_table)
     lib.lora_apply(
         y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), segments.data_ptr(), segments.shape[0],
-        stack.a.data_ptr(), stack.bt.data_ptr(), stack.width_t.data_ptr(), stack.scaling_t.data_ptr(),
+        stack.a.data_ptr(), stack.bt.data_ptr(), stack.cols_t.data_ptr(), stack.width_t.data_ptr(), stack.scaling_t.data_ptr(),
         stack.max_width, x.shape[1], y.shape[1], torch.get_num_threads(),
     )
     return y

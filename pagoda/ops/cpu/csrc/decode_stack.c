@@ -16,8 +16,8 @@
  * residual [T, hidden] float32 receives the residual stream (the final norm adds them).
  * cos/sin [T, D], slots [T], rows [T, 3] and the block table as the per-op kernels take them.
  * lora_table (0: no adapters in this step): per layer STACK_LORA_SLOTS entries, for the qkv,
- * o, gate_up and down linears in turn their LoRA stack's A, B^T, width and scaling addresses
- * and its max width; lora_segments [lora_nseg, 3] the (slot, first row, end row) runs. Each
+ * o, gate_up and down linears in turn their LoRA stack's A, B^T, column ranges, width and
+ * scaling addresses and its max width; lora_segments [lora_nseg, 3] the (slot, first row, end row) runs. Each
  * linear's adapters are added after its matmul (and the QKV bias), by the kernel the per-op
  * path's lora_apply calls.
  */
@@ -29,11 +29,11 @@
 
 enum { QKV = 0, O = 3, GATE_UP = 6, DOWN = 9, INPUT_NORM = 12, POST_NORM = 13, QKV_BIAS = 14, K_CACHE = 15, V_CACHE = 16 };
 
-/* the adapters of one linear (e: its 5 LoRA table entries) added into out [rows, n] */
+/* the adapters of one linear (e: its 6 LoRA table entries) added into out [rows, n] */
 static void lora(const int64_t *e, const float *x, float *out, const int64_t *segments, int nseg, int64_t n,
                  int64_t k, int num_threads) {
     lora_apply(out, n, x, k, segments, nseg, (const float *)e[0], (const float *)e[1], (const int32_t *)e[2],
-               (const float *)e[3], e[4], k, n, num_threads);
+               (const int32_t *)e[3], (const float *)e[4], e[5], k, n, num_threads);
 }
 
 /* out [rows, n] float32 = x [rows, k] float32 times the tiles at w[0..2] */
@@ -78,14 +78,14 @@ void decode_stack(const int64_t *table, int num_layers, int bits, float *x, floa
         paged_decode_attention(q, q_size, k_cache, v_cache, kv_kind, block_table, bt_stride, rows, t, att, 0, q_size,
                                hq, hk, d, page_size, scale, max_len, num_threads);
         matmul(w + O, bits, att, x, t, hidden, q_size, num_threads);
-        if (lw) lora(lw + 5, att, x, lora_segments, lora_nseg, hidden, q_size, num_threads);
+        if (lw) lora(lw + 6, att, x, lora_segments, lora_nseg, hidden, q_size, num_threads);
         add_rms_norm(x, 0, residual, (const float *)w[POST_NORM], h, 0, residual, t, hidden, eps, jiutian,
                      num_threads);
         matmul(w + GATE_UP, bits, h, gate_up, t, 2 * inter, hidden, num_threads);
-        if (lw) lora(lw + 10, h, gate_up, lora_segments, lora_nseg, 2 * inter, hidden, num_threads);
+        if (lw) lora(lw + 12, h, gate_up, lora_segments, lora_nseg, 2 * inter, hidden, num_threads);
         silu_and_mul(gate_up, 0, act, 0, t, inter, num_threads);
         matmul(w + DOWN, bits, act, x, t, hidden, inter, num_threads);
-        if (lw) lora(lw + 15, act, x, lora_segments, lora_nseg, hidden, inter, num_threads);
+        if (lw) lora(lw + 18, act, x, lora_segments, lora_nseg, hidden, inter, num_threads);
     }
     free(h);
     free(qkv);
