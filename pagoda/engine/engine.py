@@ -25,7 +25,7 @@ from pagoda.engine.request import Request
 from pagoda.engine.sampler import Sampler, SamplingRow, compute_logprobs
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from pagoda.errors import ConfigError, InvalidRequestError
+from pagoda.errors import ConfigError, InvalidRequestError, ModelNotFoundError
 from pagoda.lora import LoRAAdapter, LoRAManager
 from pagoda.models.loader import LoadedModel, load_model, resolve_dtype
 from pagoda.platforms import get_platform
@@ -223,11 +223,11 @@ class Engine:
     def check_lora(self, name: str) -> None:
         """Raise InvalidRequestError unless `name` is a loaded adapter (read-only: any thread)."""
         if self.lora is None:
-            raise InvalidRequestError(
+            raise ModelNotFoundError(
                 f"the LoRA adapter {name!r} does not exist: this engine serves no adapters (start it with "
                 "--lora-modules or --enable-lora)", "model")
         if self.lora.get(name) is None:
-            raise InvalidRequestError(f"the LoRA adapter {name!r} does not exist (or is being unloaded)", "model")
+            raise ModelNotFoundError(f"the LoRA adapter {name!r} does not exist (or is being unloaded)", "model")
 
     def enqueue(self, request_id: str, group: list[Request], prompt: str | None) -> None:
         if request_id in self.groups:

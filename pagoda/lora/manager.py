@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from pagoda.errors import InvalidRequestError
+from pagoda.errors import InvalidRequestError, ModelNotFoundError
 from pagoda.lora.adapter import LoRAAdapter, LoRAModelInfo, load_adapter
 
 log = logging.getLogger("pagoda.lora")
@@ -97,7 +97,7 @@ class LoRAManager:
         """A request naming `name` was queued: its uid (the prefix cache's salt)."""
         adapter = self.get(name)
         if adapter is None:
-            raise InvalidRequestError(f"the LoRA adapter {name!r} does not exist (or is being unloaded)", "model")
+            raise ModelNotFoundError(f"the LoRA adapter {name!r} does not exist (or is being unloaded)", "model")
         self.users[name] += 1
         return adapter.uid
 

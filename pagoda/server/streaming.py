@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 from pagoda.engine.async_engine import AsyncEngine, RequestStream
 from pagoda.engine.outputs import RequestOutput, TokenLogprob
 from pagoda.engine.sampling_params import SamplingParams
-from pagoda.errors import InvalidRequestError
+from pagoda.errors import InvalidRequestError, ModelNotFoundError
 from pagoda.server.errors import APIError, api_error_from, error_body
 from pagoda.server.metrics import RequestTracker
 
@@ -37,6 +37,8 @@ def make_params(fields: dict[str, Any], renames: dict[str, str] | None = None) -
 
 def rename_param(e: InvalidRequestError, renames: dict[str, str] | None) -> APIError:
     param = (renames or {}).get(e.param or "", e.param)
+    if isinstance(e, ModelNotFoundError):  # e.g. a LoRA adapter unloaded since the model was resolved
+        return APIError(404, e.message, param=param, code="model_not_found")
     return APIError(400, e.message, param=param)
 
 
