@@ -31,6 +31,10 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
         if annotation == "bool":
             group.add_argument(*flags, dest=name, action="store_true", help=meta["help"])
             continue
+        if meta.get("nargs"):  # list-valued: --lora-modules a=x b=y
+            group.add_argument(*flags, dest=name, nargs=meta["nargs"], default=list(default), metavar="VALUE",
+                               help=meta["help"])
+            continue
         kind = {"int": int, "float": float}.get(str(annotation).split(" ")[0], str)
         group.add_argument(*flags, dest=name, type=kind, default=default, choices=meta.get("choices"), help=meta["help"])
 

@@ -97,9 +97,28 @@ class EngineConfig:
         "its keys override the speculative_* options",
     )
 
+    enable_lora: bool = _opt(False, "serve LoRA adapters, loaded at run time too (implied by --lora-modules)")
+    lora_modules: tuple[str, ...] = _opt(
+        (), "LoRA adapters to serve, as name=path (a PEFT adapter directory or a llama.cpp GGUF LoRA file); "
+        "a request names one by its model field", nargs="+",
+    )
+    lora_paths: tuple[str, ...] = _opt((), "SGLang's spelling of --lora-modules (name=path, or a path named after "
+                                           "its last component)", nargs="+")
+    max_loras: int = _opt(4, "LoRA adapters resident at once; more stay on the host and are swapped in, the least "
+                             "recently used unpinned one out")
+    max_lora_rank: int = _opt(16, "the largest LoRA rank accepted (sizes the adapter slots)")
+
+
     def __post_init__(self) -> None:
+        for name in ("lora_modules", "lora_paths"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            elif isinstance(value, dict):
+                value = tuple(f"{k}={v}" for k, v in value.items())
+            object.__setattr__(self, name, tuple(value or ()))
         positive = ("page_size", "max_running_requests", "max_batched_tokens", "max_queued_requests",
-                    "graph_max_batch_size")
+                    "graph_max_batch_size", "max_loras", "max_lora_rank")
         for name in positive:
             value = getattr(self, name)
             if value is None and name == "max_batched_tokens":
@@ -140,6 +159,9 @@ class EngineConfig:
             raise ConfigError("--load-format dummy needs --model-config (a config.json) or --model")
         self.rope_scaling_dict()  # validate early
         self._check_speculative()
+        self.lora_adapters()
+        if self.lora_enabled and self.tensor_parallel_size > 1:
+            raise ConfigError("LoRA adapters are not served with tensor parallelism yet (--tensor-parallel-size 1)")
 
     def _check_speculative(self) -> None:
         if self.speculative_config is not None:
@@ -181,6 +203,24 @@ class EngineConfig:
             out[_VLLM_SPEC_KEYS[key]] = v
         if "speculative_draft_model" in out and "speculative_algorithm" not in out:
             out["speculative_algorithm"] = "draft"
+        return out
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.enable_lora or bool(self.lora_modules or self.lora_paths)
+
+    def lora_adapters(self) -> list[tuple[str, str]]:
+        """(name, path) of every adapter named at start (--lora-modules, then --lora-paths)."""
+        out: list[tuple[str, str]] = []
+        for spec in (*self.lora_modules, *self.lora_paths):
+            name, sep, path = spec.partition("=")
+            if not sep:
+                name, path = spec.rstrip("/").rsplit("/", 1)[-1].removesuffix(".gguf"), spec
+            if not name or not path:
+                raise ConfigError(f"LoRA adapters are given as name=path (got {spec!r})")
+            if any(name == n for n, _ in out):
+                raise ConfigError(f"two LoRA adapters are named {name!r}")
+            out.append((name, path))
         return out
 
     def rope_scaling_dict(self) -> dict[str, Any] | None:

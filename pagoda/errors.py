@@ -22,5 +22,9 @@ class InvalidRequestError(PagodaError):
         self.param = param
 
 
+class ModelNotFoundError(InvalidRequestError):
+    """A request names a model or LoRA adapter that is not served (or was just unloaded): HTTP 404."""
+
+
 class EngineOverloadedError(PagodaError):
     """The waiting queue is full; the client should retry later (HTTP 503 with Retry-After)."""

@@ -9,6 +9,7 @@ outputs come back on its own asyncio.Queue.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -103,15 +104,17 @@ class AsyncEngine:
 
     async def add_request(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
-        priority: int = 0, pooling: str | None = None,
+        priority: int = 0, pooling: str | None = None, lora: str | None = None,
     ) -> RequestStream:
-        """Validate and queue a request; raises InvalidRequestError / EngineOverloadedError at once.
-        `pooling` ("last" or "mean") makes it an embedding request (see Engine.make_requests)."""
+        """Validate and queue a request (`lora`: the adapter it runs with); raises
+        InvalidRequestError / EngineOverloadedError at once. `pooling` ("last" or "mean") makes it
+        an embedding request (see Engine.make_requests)."""
         request_id = request_id or self.engine.new_request_id()
         waiting = self.queue_depth()
         if waiting >= self.engine.config.max_queued_requests:
             raise EngineOverloadedError(f"the server is busy: {waiting} requests are already waiting")
-        group = await asyncio.to_thread(self.engine.make_requests, request_id, prompt, params, priority, pooling)
+        group = await asyncio.to_thread(self.engine.make_requests, request_id, prompt, params, priority, pooling,
+                                        lora)
         stream = RequestStream(request_id)
         with self._lock:
             if request_id in self._streams:
@@ -122,10 +125,10 @@ class AsyncEngine:
 
     async def generate(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
-        priority: int = 0,
+        priority: int = 0, lora: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Incremental outputs of one request; leaving the loop early aborts it."""
-        stream = await self.add_request(prompt, params, request_id, priority)
+        stream = await self.add_request(prompt, params, request_id, priority, lora)
         try:
             async for output in stream:
                 yield output
@@ -139,6 +142,31 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    # ---- LoRA adapters ---------------------------------------------------------------
+
+    def lora_adapters(self) -> list[tuple[str, str]]:
+        """(name, path) of the adapters requests may name."""
+        return self.engine.lora_adapters()
+
+    def check_lora(self, name: str) -> None:
+        """Raise InvalidRequestError unless `name` is a loaded adapter."""
+        self.engine.check_lora(name)
+
+    async def load_lora(self, name: str, path: str) -> None:
+        """Read an adapter (off the engine thread), then register it between two steps;
+        InvalidRequestError for a bad path, rank or target."""
+        adapter = await asyncio.to_thread(self.engine.read_lora, name, path)
+        await self._on_engine_thread(self.engine.add_lora, adapter)
+
+    async def unload_lora(self, name: str) -> int:
+        """0 if unloaded now; else the requests still using it (it goes when the last ends)."""
+        return await self._on_engine_thread(self.engine.unload_lora, name)
+
+    async def _on_engine_thread(self, fn: Any, *args: Any) -> Any:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("call", fn, args, future))
+        return await asyncio.wrap_future(future)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopped.set()
@@ -182,6 +210,12 @@ class AsyncEngine:
                 self.engine.enqueue(request_id, group, prompt)
             except PagodaError as e:
                 self._deliver(request_id, e, True)
+        elif kind == "call":
+            _, fn, args, future = item
+            try:
+                future.set_result(fn(*args))
+            except Exception as e:
+                future.set_exception(e)
         elif kind == "abort":
             output = self.engine.abort(item[1])
             if output is not None:

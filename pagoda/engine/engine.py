@@ -31,7 +31,8 @@ from pagoda.distributed.channel import StepChannel
 from pagoda.distributed.launch import TensorParallelGroup, rank_device
 from pagoda.distributed.parallel import SINGLE
 from pagoda.engine.speculative.verify import sample_and_verify
-from pagoda.errors import ConfigError, InvalidRequestError
+from pagoda.errors import ConfigError, InvalidRequestError, ModelNotFoundError
+from pagoda.lora import LoRAAdapter, LoRAManager
 from pagoda.models.loader import LoadedModel, load_model, resolve_dtype
 from pagoda.platforms import detect_platform_name, get_platform
 
@@ -165,6 +166,7 @@ class Engine:
         self.model_config = self.loaded.config
         self.context_length = self.loaded.context_length
         self.tokenizer = load_model_tokenizer(config, self.loaded.path, self.loaded.read_gguf)
+        self.lora = self._init_lora()
         self._init_kv_cache()
         self.inputs = InputProcessor(
             self.tokenizer, self.model_config.eos_token_id,
@@ -225,6 +227,20 @@ class Engine:
                                    self.platform.new_graph)
         log.info("decode graphs take %.2f GiB", (free - self.platform.free_memory()) / GiB)
 
+    def _init_lora(self) -> LoRAManager | None:
+        """The adapter pool (only when LoRA is enabled: otherwise no slot memory, no hook work),
+        with the adapters named at start."""
+        cfg = self.config
+        if not cfg.lora_enabled:
+            return None
+        lora = LoRAManager(self.loaded.model, cfg.max_loras, cfg.max_lora_rank)
+        for name, path in cfg.lora_adapters():
+            try:
+                lora.add(lora.read(name, path))
+            except InvalidRequestError as e:
+                raise ConfigError(f"LoRA adapter {name!r}: {e.message}") from None
+        return lora
+
     def _size_kv_cache(self) -> KVCacheSize:
         return kv_cache_size(self.config, self.platform, self.loaded, self.kv_cache_dtype(),
                              self._graph_memory_estimate())
@@ -252,6 +268,7 @@ class Engine:
                 enable_prefix_cache=not cfg.disable_prefix_cache,
             ),
             self.allocator,
+            self.lora,
         )
 
     def _build_speculator(self):
@@ -286,23 +303,51 @@ class Engine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         priority: int = 0,
+        lora: str | None = None,
     ) -> None:
         prompt_text = prompt if isinstance(prompt, str) else None
-        self.enqueue(request_id, self.make_requests(request_id, prompt, params, priority), prompt_text)
+        self.enqueue(request_id, self.make_requests(request_id, prompt, params, priority, lora=lora), prompt_text)
 
     def make_requests(
         self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, priority: int = 0,
-        pooling: str | None = None,
+        pooling: str | None = None, lora: str | None = None,
     ) -> list[Request]:
         """Tokenize and validate into the n sequences of one request (InputProcessor's: no engine
         state touched, so a frontend may call it on its own thread). With `pooling` ("last" or
         "mean") it is an embedding request: prefilled in the same batches as any other, nothing
-        sampled, its output carrying the pooled final hidden state (see _pool)."""
-        return self.inputs.make_requests(request_id, prompt, params, priority, pooling)
+        sampled, its output carrying the pooled final hidden state (see _pool). `lora` names the
+        adapter it runs with."""
+        if lora is not None:
+            self.check_lora(lora)
+        group = self.inputs.make_requests(request_id, prompt, params, priority, pooling)
+        for req in group:
+            req.lora_name = lora
+        return group
+
+    def check_lora(self, name: str) -> None:
+        """Raise InvalidRequestError unless `name` is a loaded adapter (read-only: any thread)."""
+        if self.lora is None:
+            raise ModelNotFoundError(
+                f"the LoRA adapter {name!r} does not exist: this engine serves no adapters (start it with "
+                "--lora-modules or --enable-lora)", "model")
+        if self.lora.get(name) is None:
+            raise ModelNotFoundError(f"the LoRA adapter {name!r} does not exist (or is being unloaded)", "model")
 
     def enqueue(self, request_id: str, group: list[Request], prompt: str | None) -> None:
         if request_id in self.groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        taken: list[Request] = []
+        try:
+            for req in group:
+                if req.lora_name is not None:
+                    if self.lora is None:
+                        raise InvalidRequestError("this engine serves no LoRA adapters", "model")
+                    req.lora_uid = self.lora.ref(req.lora_name)
+                    taken.append(req)
+        except InvalidRequestError:
+            for req in taken:
+                self.lora.unref(req.lora_name)
+            raise
         self.groups[request_id] = group
         self.prompts[request_id] = prompt
         for req in group:
@@ -465,6 +510,40 @@ class Engine:
         req.finish_time = time.monotonic()
         if self.speculator is not None:
             self.speculator.release(req)
+        if req.lora_name is not None and self.lora is not None:
+            self.lora.unref(req.lora_name)
+
+    # ---- LoRA adapters ---------------------------------------------------------------
+
+    def read_lora(self, name: str, path: str) -> LoRAAdapter:
+        """Read and check an adapter's files (any thread); `add_lora` then registers it."""
+        if self.lora is None:
+            raise InvalidRequestError("LoRA is not enabled: start the engine with --enable-lora or --lora-modules",
+                                      "lora_name")
+        if not name:
+            raise InvalidRequestError("lora_name must not be empty", "lora_name")
+        return self.lora.read(name, path)
+
+    def add_lora(self, adapter: LoRAAdapter) -> None:
+        """Register a read adapter (engine thread)."""
+        assert self.lora is not None
+        self.lora.add(adapter)
+
+    def load_lora(self, name: str, path: str) -> None:
+        self.add_lora(self.read_lora(name, path))
+
+    def unload_lora(self, name: str) -> int:
+        """Unload an adapter (engine thread): 0 if done now, else the number of unfinished
+        requests using it; it goes when the last of them ends."""
+        if self.lora is None:
+            raise InvalidRequestError("LoRA is not enabled: this engine serves no adapters", "lora_name")
+        return self.lora.remove(name).deferred
+
+    def lora_adapters(self) -> list[tuple[str, str]]:
+        """(name, path) of the adapters requests may name (read-only: any thread)."""
+        if self.lora is None:
+            return []
+        return [(a.name, a.path) for a in list(self.lora.adapters.values()) if a.name not in self.lora.unloading]
 
     def _group_done(self, gid: str) -> bool:
         return all(r.finished for r in self.groups[gid])
@@ -504,4 +583,6 @@ class Engine:
         self.scheduler.check_integrity()
         if self.speculator is not None:
             self.speculator.check_integrity(idle=not self.groups)
+        if self.lora is not None:
+            self.lora.check_integrity(idle=not self.groups)
 

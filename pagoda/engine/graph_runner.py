@@ -98,6 +98,7 @@ class DecodeGraphRunner:
     def serves(self, batch: ForwardBatch) -> bool:
         return (
             bool(self.graphs) and batch.is_decode_only and batch.batch_size <= self.max_batch and not batch.all_logits
+            and batch.lora_ids is None
             and batch.block_table.shape[1] <= self.block_table.shape[1]
         )
 

@@ -58,17 +58,22 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
+        lora: str | Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
+        """`lora`: the LoRA adapter every prompt runs with, or one per prompt (None: the base model)."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # one prompt, as text or token ids
         prompts = list(prompts)
         params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ConfigError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        loras = [lora] * len(prompts) if lora is None or isinstance(lora, str) else list(lora)
+        if len(loras) != len(prompts):
+            raise ConfigError(f"got {len(loras)} LoRA adapters for {len(prompts)} prompts")
         ids = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             rid = self.engine.new_request_id()
-            self.engine.add_request(rid, prompt, p or SamplingParams(), priority[i] if priority else 0)
+            self.engine.add_request(rid, prompt, p or SamplingParams(), priority[i] if priority else 0, loras[i])
             ids.append(rid)
         return self._run(ids, use_tqdm)
 
@@ -91,13 +96,25 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def stream(
-        self, prompt: Prompt, sampling_params: SamplingParams | None = None, priority: int = 0
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None, priority: int = 0,
+        lora: str | None = None,
     ) -> Iterator[RequestOutput]:
         """One request's incremental outputs (``delta_text`` is each one's new text), the last
         one finished. The request is queued when iteration starts; leaving early aborts it."""
         request_id = self.engine.new_request_id()
-        self.engine.add_request(request_id, prompt, sampling_params or SamplingParams(), priority)
+        self.engine.add_request(request_id, prompt, sampling_params or SamplingParams(), priority, lora)
         yield from self._follow([request_id])
+
+    def load_lora(self, name: str, path: str) -> None:
+        """Load a LoRA adapter (a PEFT directory or a GGUF LoRA file) that prompts may then name."""
+        self.engine.load_lora(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        """Unload an adapter (offline, nothing is in flight between calls)."""
+        self.engine.unload_lora(name)
+
+    def lora_adapters(self) -> list[str]:
+        return [name for name, _ in self.engine.lora_adapters()]
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

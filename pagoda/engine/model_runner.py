@@ -43,13 +43,32 @@ class ModelRunner:
         self.graphs = graphs
 
     def run(self, chunks: Sequence[ScheduledChunk]) -> StepOutput:
-        seqs = [(c.token_ids, c.start, c.request.pages) for c in chunks]
-        return self.forward(self.prepare(seqs, [i for i, c in enumerate(chunks) if c.wants_all_logits]),
-                            [i for i, c in enumerate(chunks) if c.request.pooling is not None])
+        """The step's forward; outputs are indexed by chunk. With LoRA adapters the sequences go in
+        adapter-slot order, so each adapter's rows are one contiguous segment (ops.lora_apply: two
+        matmuls per adapter per linear), and the outputs come back in the chunks' order."""
+        slots = [c.request.lora_slot for c in chunks]
+        adapters = max(slots, default=-1) >= 0
+        order = sorted(range(len(chunks)), key=slots.__getitem__) if adapters else list(range(len(chunks)))
+        seqs = [(chunks[i].token_ids, chunks[i].start, chunks[i].request.pages) for i in order]
+        all_logits = [j for j, i in enumerate(order) if chunks[i].wants_all_logits]
+        hidden_of = [j for j, i in enumerate(order) if chunks[i].request.pooling is not None]
+        out = self.forward(self.prepare(seqs, all_logits, [slots[i] for i in order] if adapters else None), hidden_of)
+        if order != sorted(order):
+            inverse = [0] * len(order)
+            for j, i in enumerate(order):
+                inverse[i] = j
+            out.last_logits = out.last_logits[torch.tensor(inverse, device=out.last_logits.device)]
+            out.all_logits = {order[j]: logits for j, logits in out.all_logits.items()}
+            out.hidden = {order[j]: h for j, h in out.hidden.items()}
+        return out
 
-    def prepare(self, seqs: Sequence[tuple[Sequence[int], int, Sequence[int]]], all_logits: Sequence[int] = ()) -> ForwardBatch:
-        """The batch of sequences given as (new token ids, position of the first, page table)."""
-        return ForwardBatch.build(seqs, self.page_size, self.device, self.kv.layers, all_logits)
+    def prepare(
+        self, seqs: Sequence[tuple[Sequence[int], int, Sequence[int]]], all_logits: Sequence[int] = (),
+        lora_slots: Sequence[int] | None = None,
+    ) -> ForwardBatch:
+        """The batch of sequences given as (new token ids, position of the first, page table),
+        and each one's LoRA pool slot (-1: the base model)."""
+        return ForwardBatch.build(seqs, self.page_size, self.device, self.kv.layers, all_logits, lora_slots)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, hidden_of: Sequence[int] = ()) -> StepOutput:

@@ -34,6 +34,9 @@ class Request:
     index: int = 0  # which of the n choices of its group
     group_id: str = ""
     leader: "Request | None" = None  # n > 1: siblings wait for the leader's prompt to be cached
+    lora_name: str | None = None  # the LoRA adapter it runs with (None: the base model)
+    lora_uid: int = 0  # that adapter's never-reused id: salts its prefix-cache keys (0: base)
+    lora_slot: int = -1  # its adapter's pool slot while running (-1: none)
     arrival: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)

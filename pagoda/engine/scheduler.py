@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pagoda.cache.page_allocator import PageAllocator
 from pagoda.cache.radix_tree import RadixTree
@@ -61,13 +62,27 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
 
 
+class AdapterSlots(Protocol):
+    """The LoRA adapter pool as the scheduler sees it: a running request pins its adapter's slot."""
+
+    def acquire(self, name: str) -> int | None: ...  # the slot, or None while every slot is pinned
+
+    def release(self, name: str) -> None: ...
+
+
+# Prefix-cache keys of an adapter's requests are salted with its uid (token ids are below 2^32),
+# so two adapters, or an adapter and the base model, never share KV pages.
+_LORA_SALT = 1 << 32
+
+
 def _order(req: Request) -> tuple[int, float]:
     return (req.priority, req.arrival)
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: PageAllocator) -> None:
+    def __init__(self, config: SchedulerConfig, allocator: PageAllocator, lora: AdapterSlots | None = None) -> None:
         self.config = config
+        self.lora = lora
         self.allocator = allocator
         self.page_size = allocator.page_size
         self.tree = RadixTree(allocator, enabled=config.enable_prefix_cache)
@@ -205,10 +220,11 @@ class Scheduler:
         """Hand computed full pages to the radix tree, drop own references, unpin the prefix."""
         full = req.num_computed // self.page_size
         if full:
-            self.tree.insert(req.all_ids[: full * self.page_size], req.pages[:full])
+            self.tree.insert(self._key(req, req.all_ids[: full * self.page_size]), req.pages[:full])
         self.allocator.decref(req.own_pages)
         if req.prefix_handle is not None:
             self.tree.unlock(req.prefix_handle)
+        self._unpin(req)
         req.pages, req.num_shared_pages, req.prefix_handle, req.num_computed = [], 0, None, 0
 
     def _cache_prompt(self, req: Request) -> None:
@@ -217,7 +233,32 @@ class Scheduler:
         full = len(req.prompt_ids) // self.page_size
         if not self.tree.enabled or full == 0:
             return
-        self.tree.insert(req.prompt_ids[: full * self.page_size], req.pages[:full])
+        self.tree.insert(self._key(req, req.prompt_ids[: full * self.page_size]), req.pages[:full])
+
+    @staticmethod
+    def _key(req: Request, token_ids: list[int]) -> list[int]:
+        """The request's prefix-cache key: its token ids, salted by its adapter."""
+        if not req.lora_uid:
+            return token_ids
+        salt = req.lora_uid * _LORA_SALT
+        return [t + salt for t in token_ids]
+
+    def _pin(self, req: Request) -> bool:
+        """Pin the request's adapter in a pool slot (False: no slot free now)."""
+        if req.lora_name is None:
+            return True
+        assert self.lora is not None, "a LoRA request reached a scheduler without an adapter pool"
+        slot = self.lora.acquire(req.lora_name)
+        if slot is None:
+            return False
+        req.lora_slot = slot
+        return True
+
+    def _unpin(self, req: Request) -> None:
+        if req.lora_slot >= 0:
+            assert self.lora is not None
+            self.lora.release(req.lora_name)
+            req.lora_slot = -1
 
     def _blocked(self, req: Request) -> bool:
         """n > 1 siblings wait until the leader's prompt is in the prefix cache."""
@@ -230,11 +271,11 @@ class Scheduler:
         for req in list(self.waiting):
             if budget == 0 or len(self.running) >= self.config.max_running_requests:
                 return
-            if req in out.preempted or self._blocked(req):
+            if req in out.preempted or self._blocked(req) or not self._pin(req):
                 continue
             # prompt logprobs and mean pooling need every prompt position computed, cached or not
             use_cache = self.tree.enabled and req.params.prompt_logprobs is None and req.pooling != "mean"
-            match = self.tree.match_prefix(req.all_ids) if use_cache else None
+            match = self.tree.match_prefix(self._key(req, req.all_ids)) if use_cache else None
             if match is not None:
                 self.tree.lock(match.handle)
             cached = match.num_tokens if match else 0
@@ -244,6 +285,7 @@ class Scheduler:
             if own is None:
                 if match is not None:
                     self.tree.unlock(match.handle)
+                self._unpin(req)
                 return
             self.waiting.remove(req)
             req.pages, req.num_shared_pages = shared + own, len(shared)

@@ -41,7 +41,13 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramete
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b). Fused projections are several HF weights stacked along rows."""
+    """y = x W^T (+ b). Fused projections are several HF weights stacked along rows.
+
+    LoRA hook: a linear adapters may target holds `lora` (an ops.LoRAStack, set by
+    `enable_lora`); when the step's batch names adapters, their low-rank products are added
+    to the base output (ops.lora_apply), whatever the base weights' format."""
+
+    lora: ops.LoRAStack | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -60,7 +66,13 @@ class Linear(nn.Module):
     def finalize(self) -> None:
         """Called once after all weights are loaded (quantized layers repack here)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: ops.ForwardBatch | None = None) -> torch.Tensor:
+        y = self.matmul_base(x)
+        if self.lora is not None and batch is not None and batch.lora_ids is not None:
+            y = ops.lora_apply(y, x, batch, self.lora)
+        return y
+
+    def matmul_base(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
@@ -93,7 +105,7 @@ class QuantizedLinear(Linear):
     def finalize(self) -> None:
         self.qweight = self.prepack(self.qweight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul_base(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.qweight, self.bias)
 
 
@@ -119,7 +131,7 @@ class BF16Linear(Linear):
     def finalize(self) -> None:
         self.packed = ops.linear_prepack(self.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul_base(self, x: torch.Tensor) -> torch.Tensor:
         return ops.packed_linear(x, self.weight, self.packed, self.bias)
 
 

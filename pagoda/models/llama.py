@@ -50,14 +50,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv_proj(x, batch).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = batch.kv(self.layer_id)
         q = ops.rotary_store_kv(q, k, v, *self.rotary(batch), k_cache, v_cache, batch.slot_mapping, self.dtype)
         out = ops.paged_attention(q, k_cache, v_cache, batch, self.scale, self.out_dtype)
-        return self.parallel.all_reduce(self.o_proj(out.reshape(t, self.q_size)))
+        return self.parallel.all_reduce(self.o_proj(out.reshape(t, self.q_size), batch))
 
 
 def attention_shard(cfg: ModelConfig, parallel: ParallelContext) -> tuple[int, int, int]:
@@ -84,8 +84,8 @@ class MLP(nn.Module):
         self.gate_up_proj = make_linear(cfg.hidden_size, 2 * self.inter, False, dtype, device, quant)
         self.down_proj = make_linear(self.inter, cfg.hidden_size, False, dtype, device, quant)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.parallel.all_reduce(self.down_proj(ops.silu_and_mul(self.gate_up_proj(x))))
+    def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
+        return self.parallel.all_reduce(self.down_proj(ops.silu_and_mul(self.gate_up_proj(x, batch)), batch))
 
 
 class DecoderLayer(nn.Module):
@@ -108,7 +108,7 @@ class DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, batch)
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        return self.mlp(x, batch), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -236,6 +236,9 @@ class LlamaForCausalLM(nn.Module):
                 o=layer.self_attn.o_proj.kernel_weight, gate_up=layer.mlp.gate_up_proj.kernel_weight,
                 down=layer.mlp.down_proj.kernel_weight, input_norm=layer.input_layernorm.weight,
                 post_attention_norm=layer.post_attention_layernorm.weight,
+                lora=None if layer.self_attn.qkv_proj.lora is None else (
+                    layer.self_attn.qkv_proj.lora, layer.self_attn.o_proj.lora, layer.mlp.gate_up_proj.lora,
+                    layer.mlp.down_proj.lora),
             )
             for layer in self.layers
         )
@@ -244,6 +247,45 @@ class LlamaForCausalLM(nn.Module):
             cfg.head_dim, cfg.rms_norm_eps, cfg.norm_variant, cfg.head_dim**-0.5, self.dtype,
             self.quantization and self.quantization.activation_dtype, self.rotary.cos, self.rotary.sin,
         )
+
+    # ---- LoRA hooks (filled by the engine's adapter pool, pagoda/lora/) ----------------
+
+    def lora_targets(self) -> dict[str, tuple[str, int, int, int]]:
+        """The projections adapters may target, by HF module name ("model.layers.0.self_attn.q_proj")
+        -> (our linear's path, first row inside it, rows, input features)."""
+        out = {}
+        for name, (path, row0, shape, _) in self._expected_weights().items():
+            if name.startswith("model.layers.") and name.endswith("_proj.weight"):
+                out[name.removesuffix(".weight")] = (path.removesuffix(".weight"), row0, shape[0], shape[1])
+        return out
+
+    def enable_lora(self, slots: int, max_rank: int) -> None:
+        """Give every targetable linear a LoRA stack of `slots` adapters of rank <= max_rank
+        (a fused projection: max_rank per part)."""
+        parts: dict[str, int] = {}
+        for path, *_ in self.lora_targets().values():
+            parts[path] = parts.get(path, 0) + 1
+        device = self.embed_tokens.device
+        for path, n in parts.items():
+            linear = self.get_submodule(path)
+            linear.lora = ops.LoRAStack.empty(slots, n * max_rank, linear.in_features, linear.out_features, device)
+        self.stack_spec = self._describe_stack()  # a fused stack kernel adds them too
+
+    def set_lora(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> None:
+        """Put one adapter in a slot: per linear path, its fused A [w, in] and B [out, w] (the
+        ops.LoRAStack layout); linears it does not name are cleared."""
+        for path, linear in self._lora_linears():
+            if path in weights:
+                linear.lora.set(slot, *weights[path], scaling)
+            else:
+                linear.lora.clear(slot)
+
+    def clear_lora(self, slot: int) -> None:
+        for _, linear in self._lora_linears():
+            linear.lora.clear(slot)
+
+    def _lora_linears(self) -> list[tuple[str, Linear]]:
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, Linear) and m.lora is not None]
 
     def _expected_weights(self) -> dict[str, tuple[str, int, tuple[int, ...], tuple[int, int, int] | None]]:
         """HF name -> (our parameter path, first row inside it, the checkpoint tensor's shape,

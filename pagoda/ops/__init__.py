@@ -7,10 +7,12 @@ registered for the tensors' device type and falls back to the reference.
 
 from pagoda.ops.decoder_stack import DecoderLayerSpec, DecoderStackSpec
 from pagoda.ops.forward_batch import ForwardBatch, ForwardMode
+from pagoda.ops.lora import LoRAStack, lora_segments
 from pagoda.ops.reference import (
     add_rms_norm,
     decoder_stack,
     linear_prepack,
+    lora_apply,
     packed_linear,
     paged_attention,
     rms_norm,
@@ -48,7 +50,10 @@ __all__ = [
     "int8_linear",
     "int8_prepack",
     "kernel",
+    "LoRAStack",
     "linear_prepack",
+    "lora_apply",
+    "lora_segments",
     "packed_linear",
     "paged_attention",
     "register_kernel",

@@ -26,6 +26,10 @@ class DecoderLayerSpec:
     down: Any
     input_norm: torch.Tensor
     post_attention_norm: torch.Tensor
+    # The LoRA stacks of qkv, o, gate_up and down (pagoda/ops/lora.py), when adapters are
+    # enabled: a step whose batch names adapters adds them after each linear, as the per-op
+    # path does (Linear's hook).
+    lora: tuple[Any, Any, Any, Any] | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -52,14 +52,17 @@ class ForwardBatch:
     kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()  # per layer: (k cache, v cache)
     all_logits: tuple[int, ...] = ()  # sequences that want logits for every token, not just the last
     static: bool = False  # the tensors are a captured graph's buffers (see above)
+    lora_ids: torch.Tensor | None = None  # [T] int64: each token's LoRA pool slot, -1 for none; None: no adapter
     _views: dict[Callable[..., Any], Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(
         cls, seqs: Sequence[tuple[Sequence[int], int, Sequence[int]]], page_size: int, device: torch.device,
         kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]] = (), all_logits: Sequence[int] = (),
+        lora_slots: Sequence[int] | None = None,
     ) -> "ForwardBatch":
-        """From each sequence's (new token ids, position of the first, page table)."""
+        """From each sequence's (new token ids, position of the first, page table), and optionally
+        each sequence's LoRA pool slot (-1: the base model)."""
         ids, positions, slots = [], [], []
         max_pages = max(len(pages) for _, _, pages in seqs)
         block_table = torch.zeros(len(seqs), max_pages, dtype=torch.long)
@@ -71,6 +74,10 @@ class ForwardBatch:
             slots.append(table[pos // page_size] * page_size + pos % page_size)
             ids.extend(token_ids)
         seq_lens = [start + len(token_ids) for token_ids, start, _ in seqs]
+        lora_ids = None
+        if lora_slots is not None and any(s >= 0 for s in lora_slots):
+            lens = torch.tensor([len(token_ids) for token_ids, _, _ in seqs])
+            lora_ids = torch.tensor(list(lora_slots), dtype=torch.long).repeat_interleave(lens).to(device)
         return cls(
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
             positions=torch.cat(positions).to(device),
@@ -82,6 +89,7 @@ class ForwardBatch:
             page_size=page_size,
             kv_caches=kv_caches,
             all_logits=tuple(all_logits),
+            lora_ids=lora_ids,
         )
 
     @property

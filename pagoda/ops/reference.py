@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from pagoda.ops.decoder_stack import DecoderStackSpec
 from pagoda.ops.forward_batch import ForwardBatch
 from pagoda.ops.kv_quant import gather_rows, store_rows
+from pagoda.ops.lora import LoRAStack, lora_segments
 from pagoda.ops.registry import DECLINE, reference
 
 
@@ -125,3 +126,21 @@ def decoder_stack(spec: DecoderStackSpec, x: torch.Tensor, batch: ForwardBatch):
     op by op. That per-op path is the definition a kernel must match: a platform registers a
     kernel here to run a step's whole stack natively (pagoda/ops/cpu/decoder_stack.py)."""
     return DECLINE
+
+
+@reference("lora_apply")
+def lora_apply(y: torch.Tensor, x: torch.Tensor, batch: ForwardBatch, stack: LoRAStack) -> torch.Tensor:
+    """Add each row's adapter to a linear's base output, in place: for every run of rows
+    using pool slot s (``lora_segments``), y += scaling[s] * (x A[s]^T) B[s]^T, computed in
+    float32 (two segment matmuls per adapter, as Punica's and SGLang's segment kernels
+    group them); rows without an adapter are untouched. Returns y."""
+    for slot, lo, hi in batch.view(lora_segments):
+        w = stack.width[slot]
+        if w == 0:
+            continue
+        xa = x[lo:hi].float() @ stack.a[slot, :w].t()
+        if y.dtype == torch.float32:
+            y[lo:hi].addmm_(xa, stack.bt[slot, :w], alpha=stack.scaling[slot])
+        else:
+            y[lo:hi] += (torch.mm(xa, stack.bt[slot, :w]) * stack.scaling[slot]).to(y.dtype)
+    return y

@@ -17,7 +17,7 @@ class CpuPlatform(Platform):
     capabilities = Capabilities(graph_capture=False)
     kernel_modules = (
         "pagoda.ops.cpu.elementwise", "pagoda.ops.cpu.linear", "pagoda.ops.cpu.attention",
-        "pagoda.ops.cpu.decoder_stack",
+        "pagoda.ops.cpu.decoder_stack", "pagoda.ops.cpu.lora",
     )
 
     @classmethod

@@ -24,7 +24,14 @@ from pagoda.server.anthropic_api import AnthropicMessages, CountTokensRequest, M
 from pagoda.server.embeddings import EmbeddingRequest, Embeddings
 from pagoda.server.errors import APIError, GuardMiddleware, error_response, install_exception_handlers, validation_error
 from pagoda.server.metrics import CONTENT_TYPE, ServerMetrics
-from pagoda.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from pagoda.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    LoadLoRAAdapterRequest,
+    TokenizeRequest,
+    UnloadLoRAAdapterRequest,
+)
 from pagoda.server.responses_api import Responses, ResponsesRequest
 from pagoda.server.serving import OpenAIServing
 
@@ -118,18 +125,44 @@ def create_app(
     async def completions(request: Request) -> Response:
         return await serving.completions(await parse(request, CompletionRequest), request)
 
-    def model_card() -> dict[str, Any]:
-        return {"id": served_model_name, "object": "model", "created": created, "owned_by": "pagoda",
-                "root": served_model_name, "max_model_len": engine.model_info.context_length}
+    def model_card(lora: tuple[str, str] | None = None) -> dict[str, Any]:
+        card = {"id": served_model_name, "object": "model", "created": created, "owned_by": "pagoda",
+                "root": served_model_name, "parent": None, "max_model_len": engine.model_info.context_length}
+        if lora is not None:  # an adapter: vLLM's card, its base as parent
+            card.update(id=lora[0], root=lora[1], parent=served_model_name)
+        return card
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(), *(model_card(a) for a in engine.lora_adapters())]}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str) -> dict[str, Any]:
-        serving.check_model(model)
-        return model_card()
+        lora = serving.resolve_model(model)
+        return model_card(None if lora is None else next(a for a in engine.lora_adapters() if a[0] == lora))
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> Response:
+        req = await parse(request, LoadLoRAAdapterRequest)
+        if req.lora_name == served_model_name:
+            raise APIError(400, f"'{req.lora_name}' is the base model's name", param="lora_name")
+        await engine.load_lora(req.lora_name, req.lora_path)
+        return JSONResponse({"object": "lora_adapter", "lora_name": req.lora_name, "status": "loaded",
+                             "message": f"Success: LoRA adapter '{req.lora_name}' added successfully."})
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> Response:
+        req = await parse(request, UnloadLoRAAdapterRequest)
+        if req.lora_name not in {name for name, _ in engine.lora_adapters()}:
+            raise APIError(404, f"the LoRA adapter '{req.lora_name}' does not exist", param="lora_name",
+                           code="lora_not_found")
+        in_use = await engine.unload_lora(req.lora_name)
+        if in_use:
+            return JSONResponse({"object": "lora_adapter", "lora_name": req.lora_name, "status": "unloading",
+                                 "message": f"LoRA adapter '{req.lora_name}' is in use by {in_use} request(s): "
+                                            "new requests are refused and it unloads when the last one ends."})
+        return JSONResponse({"object": "lora_adapter", "lora_name": req.lora_name, "status": "unloaded",
+                             "message": f"Success: LoRA adapter '{req.lora_name}' removed successfully."})
 
     @app.get("/health")
     async def health() -> Response:

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pagoda.errors import ConfigError, EngineOverloadedError, InvalidRequestError
+from pagoda.errors import ConfigError, EngineOverloadedError, InvalidRequestError, ModelNotFoundError
 from pagoda.server.protocol import VALIDATOR_PARAMS
 
 log = logging.getLogger("pagoda.server")
@@ -74,6 +74,8 @@ def api_error_from(exc: Exception) -> APIError:
     """Map an engine or validation exception to its APIError; anything unknown is a 500."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, ModelNotFoundError):
+        return APIError(404, exc.message, param=exc.param, code="model_not_found")
     if isinstance(exc, InvalidRequestError):
         return APIError(400, exc.message, param=exc.param)
     if isinstance(exc, EngineOverloadedError):

@@ -61,7 +61,8 @@ class ResponseFormat(_Strict):
 class _SamplingFields(_Strict):
     """Fields both endpoints share; None means "SamplingParams' default"."""
 
-    model: str | None = None
+    model: str | None = None  # the served model, or a LoRA adapter's name
+    lora_path: str | None = None  # SGLang's way to name the adapter (by its name, as --lora-paths gave it)
     n: int = 1
     temperature: float | None = None
     top_p: float | None = None
@@ -318,6 +319,20 @@ class TokenizeRequest(_Strict):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError('give exactly one of "prompt" or "messages"')
         return self
+
+
+class LoadLoRAAdapterRequest(_Strict):
+    """vLLM's POST /v1/load_lora_adapter body."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(_Strict):
+    """vLLM's POST /v1/unload_lora_adapter body (lora_int_id is accepted and ignored)."""
+
+    lora_name: str
+    lora_int_id: int | None = None
 
 
 class DetokenizeRequest(_Strict):

@@ -60,6 +60,7 @@ class ChatRun:
     n: int
     top_n: int | None  # top logprobs asked for (None: no logprobs)
     prompt_tokens: int
+    model_name: str  # the served model's, or the LoRA adapter's the request named
 
     def finish_reason(self, reason: str | None, made_calls: bool) -> str | None:
         return finish_reason(reason, made_calls, self.forced_named)
@@ -89,9 +90,27 @@ class OpenAIServing:
         self.template_knows_tools = "tools" in (template or "")
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'",
-                           param="model", code="model_not_found")
+        self.resolve_model(model)
+
+    def resolve_model(self, model: str | None, lora_path: str | None = None) -> str | None:
+        """The LoRA adapter a request names (None: the base model): `model` is the served model
+        or an adapter's name; SGLang's `lora_path` names the adapter beside the base's name."""
+        adapters = {name for name, _ in self.engine.lora_adapters()}
+        if lora_path is not None:
+            if lora_path not in adapters:
+                raise APIError(404, f"the LoRA adapter '{lora_path}' does not exist", param="lora_path",
+                               code="model_not_found")
+            if model not in (None, self.model_name, lora_path):
+                raise APIError(400, f"model '{model}' and lora_path '{lora_path}' name different models",
+                               param="model")
+            return lora_path
+        if model is None or model == self.model_name:
+            return None
+        if model in adapters:
+            return model
+        known = f"'{self.model_name}'" + (f" and its LoRA adapters {', '.join(sorted(adapters))}" if adapters else "")
+        raise APIError(404, f"the model '{model}' does not exist; this server serves {known}",
+                       param="model", code="model_not_found")
 
     @staticmethod
     def _common(req: _SamplingFields) -> dict[str, Any]:
@@ -155,7 +174,7 @@ class OpenAIServing:
         """Validate, render and submit a chat request (errors raise here, before any byte is sent).
         The other chat-shaped APIs translate their requests into a ChatCompletionRequest first, and
         `renames` their names for the fields errors name (e.g. max_tokens -> max_output_tokens)."""
-        self.check_model(req.model)
+        lora = self.resolve_model(req.model, req.lora_path)
         max_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         renames = {"max_tokens": max_name, "logprobs": "top_logprobs", **(renames or {})}
         top_n = (req.top_logprobs or 0) if req.logprobs else None
@@ -170,9 +189,10 @@ class OpenAIServing:
             raise APIError(400, "this model has no tokenizer, so it cannot chat: use /v1/completions with token ids",
                            param="messages")
         prompt_ids = await self.encode_chat(req.messages, tools, req.add_generation_prompt, req.chat_template_kwargs)
-        streams = await submit(self.engine, [prompt_ids], params, request_id, req.priority, renames)
+        streams = await submit(self.engine, [prompt_ids], params, request_id, req.priority, renames, lora=lora)
         return ChatRun(request_id, streams, self.trackers(request_id, 1), tools,
-                       bool(tools) and req.forced_function is not None, req.n, top_n, len(prompt_ids))
+                       bool(tools) and req.forced_function is not None, req.n, top_n, len(prompt_ids),
+                       lora or self.model_name)
 
     async def collect_chat(self, run: ChatRun, raw: Request) -> tuple[RequestOutput, list[ChoiceDelta]]:
         """The final output and each choice parsed whole (by the machine that parses streams)."""
@@ -214,10 +234,10 @@ class OpenAIServing:
                 "finish_reason": run.finish_reason(c.finish_reason, bool(p.calls)), "stop_reason": c.stop_reason,
             })
         return JSONResponse({"id": run.request_id, "object": "chat.completion", "created": created,
-                             "model": self.model_name, "choices": choices, "usage": usage([final])})
+                             "model": run.model_name, "choices": choices, "usage": usage([final])})
 
     async def _chat_events(self, run: ChatRun, created: int, include_usage: bool) -> AsyncIterator[str]:
-        base = {"id": run.request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
+        base = {"id": run.request_id, "object": "chat.completion.chunk", "created": created, "model": run.model_name}
         extra = {"usage": None} if include_usage else {}
         top_n = run.top_n
 
@@ -262,7 +282,8 @@ class OpenAIServing:
     # ---- completions -----------------------------------------------------------------
 
     async def completions(self, req: CompletionRequest, raw: Request) -> Response:
-        self.check_model(req.model)
+        lora = self.resolve_model(req.model, req.lora_path)
+        model_name = lora or self.model_name
         score_only = req.max_tokens == 0  # echo + max_tokens 0: prompt logprobs only (lm-eval)
         best_of = req.best_of if req.best_of is not None and req.best_of > req.n else None
         logprobs = req.logprobs if req.logprobs is not None or best_of is None else 0
@@ -273,13 +294,13 @@ class OpenAIServing:
         fields["structured"] = self._structured(req, renames)
         params = make_params(fields, renames)
         request_id = f"cmpl-{req.request_id or uuid.uuid4().hex}"
-        streams = await submit(self.engine, req.prompts, params, request_id, req.priority, renames)
+        streams = await submit(self.engine, req.prompts, params, request_id, req.priority, renames, lora=lora)
         trackers = self.trackers(request_id, len(streams))
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             events = self._completion_events(follow(self.engine, streams, trackers), req, request_id, created,
-                                              score_only, include_usage)
+                                              score_only, include_usage, model_name)
             return SSEResponse(events)
         finals = await collect(self.engine, streams, trackers, raw)
         choices: list[dict[str, Any]] = []
@@ -292,7 +313,7 @@ class OpenAIServing:
                                                        whole=True))
         completion_tokens = 0 if score_only else None
         return JSONResponse({"id": request_id, "object": "text_completion", "created": created,
-                             "model": self.model_name, "choices": choices,
+                             "model": model_name, "choices": choices,
                              "usage": usage(finals, completion_tokens)})
 
     def _prompt_text(self, output: RequestOutput) -> str:
@@ -323,9 +344,9 @@ class OpenAIServing:
 
     async def _completion_events(
         self, outputs: AsyncIterator[tuple[int, RequestOutput]], req: CompletionRequest, request_id: str,
-        created: int, score_only: bool, include_usage: bool,
+        created: int, score_only: bool, include_usage: bool, model_name: str,
     ) -> AsyncIterator[str]:
-        base = {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name}
+        base = {"id": request_id, "object": "text_completion", "created": created, "model": model_name}
         extra = {"usage": None} if include_usage else {}
         started: set[int] = set()
         done: set[int] = set()

@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 from pagoda.engine.async_engine import AsyncEngine, RequestStream
 from pagoda.engine.outputs import RequestOutput, TokenLogprob
 from pagoda.engine.sampling_params import SamplingParams
-from pagoda.errors import InvalidRequestError
+from pagoda.errors import InvalidRequestError, ModelNotFoundError
 from pagoda.server.errors import APIError, api_error_from, error_body
 from pagoda.server.metrics import RequestTracker
 
@@ -37,20 +37,22 @@ def make_params(fields: dict[str, Any], renames: dict[str, str] | None = None) -
 
 def rename_param(e: InvalidRequestError, renames: dict[str, str] | None) -> APIError:
     param = (renames or {}).get(e.param or "", e.param)
+    if isinstance(e, ModelNotFoundError):  # e.g. a LoRA adapter unloaded since the model was resolved
+        return APIError(404, e.message, param=param, code="model_not_found")
     return APIError(400, e.message, param=param)
 
 
 async def submit(
     engine: AsyncEngine, prompts: list[str | list[int]], params: SamplingParams | None, request_id: str,
-    priority: int, renames: dict[str, str] | None = None, pooling: str | None = None,
+    priority: int, renames: dict[str, str] | None = None, pooling: str | None = None, lora: str | None = None,
 ) -> list[RequestStream]:
-    """Queue one engine request per prompt (embedding requests with `pooling`); if any is refused,
-    the ones already queued are aborted."""
+    """Queue one engine request per prompt (embedding requests with `pooling`; `lora`: the adapter
+    they run with); if any is refused, the ones already queued are aborted."""
     streams: list[RequestStream] = []
     try:
         for i, prompt in enumerate(prompts):
             rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-            streams.append(await engine.add_request(prompt, params, rid, priority, pooling))
+            streams.append(await engine.add_request(prompt, params, rid, priority, pooling, lora))
     except InvalidRequestError as e:
         abort_unfinished(engine, streams)
         raise rename_param(e, renames) from None

@@ -145,3 +145,47 @@ def test_short_prompt_chunks_ride_along(quantization):
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
     for a, b in zip(kv.k + kv.v, kv_ref.k + kv_ref.v):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _with_adapters(model: LlamaForCausalLM, ranks: list[int]) -> None:
+    """Random adapters in pool slots 0.. (every projection; fused A and block-diagonal B)."""
+    model.enable_lora(len(ranks), max(ranks))
+    g = torch.Generator().manual_seed(3)
+    for slot, rank in enumerate(ranks):
+        weights = {}
+        for path, parts in (("self_attn.qkv_proj", 3), ("self_attn.o_proj", 1), ("mlp.gate_up_proj", 2),
+                            ("mlp.down_proj", 1)):
+            for i, layer in enumerate(model.layers):
+                linear = layer.get_submodule(path)
+                w = parts * rank
+                weights[f"layers.{i}.{path}"] = (torch.randn(w, linear.in_features, generator=g) * 0.3,
+                                                 torch.randn(linear.out_features, w, generator=g) * 0.3)
+        model.set_lora(slot, weights, 0.5)
+
+
+@needs_c_quant
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_stack_with_lora_adapters_matches_the_per_op_path(quantization):
+    """Decodes of three adapters and the base model in one step: the stack adds each linear's
+    adapters as the per-op path's lora_apply does, bit for bit; the adapters change the result."""
+    model = _model("Qwen2ForCausalLM", quantization)
+    _with_adapters(model, [2, 8, 4])
+    cfg = model.config
+    kv = KVPool(cfg.num_hidden_layers, 64, PAGE, cfg.num_key_value_heads, cfg.head_dim, torch.bfloat16,
+                torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    for cache in kv.k + kv.v:
+        cache.copy_(torch.randn(cache.shape, generator=g))
+    lens, slots = [5, 13, 7, 30, 2, 9], [0, 0, -1, 2, 1, 1]
+    seqs = [([i + 3], n, list(range(1 + 9 * i, 10 + 9 * i))) for i, n in enumerate(lens)]
+    batch = ForwardBatch.build(seqs, PAGE, torch.device("cpu"), kv.layers, lora_slots=slots)
+    kv_ref = _clone_kv(kv)
+    twin = ForwardBatch.build(seqs, PAGE, torch.device("cpu"), kv_ref.layers, lora_slots=slots)
+    x = model.embed_tokens[batch.input_ids]
+    got = decoder_stack_c(model.stack_spec, x, batch)
+    assert got is not DECLINE
+    want = model.run_layers(x, twin)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    plain = ForwardBatch.build(seqs, PAGE, torch.device("cpu"), _clone_kv(kv).layers)
+    base = decoder_stack_c(model.stack_spec, x, plain)
+    assert torch.equal(base[0][2], got[0][2]) and not torch.equal(base[0][0], got[0][0])

@@ -63,3 +63,5 @@ def test_shared_constants_match() -> None:
                     "KV_INT8": native.KV_KIND[torch.int8]}
     slots = re.search(r"#define\s+STACK_LAYER_SLOTS\s+(\d+)", HEADER)
     assert slots and int(slots.group(1)) == native.STACK_LAYER_SLOTS
+    lora = re.search(r"#define\s+STACK_LORA_SLOTS\s+(\d+)", HEADER)
+    assert lora and int(lora.group(1)) == native.STACK_LORA_SLOTS

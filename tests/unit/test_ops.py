@@ -39,6 +39,23 @@ def _attention_inputs(
     return q, k_cache, v_cache, batch, d**-0.5
 
 
+def _lora_inputs(g: torch.Generator) -> list[tuple]:
+    """Three slots (ranks 4 and 8 of 16, one empty) over a ragged batch whose rows are in runs
+    by adapter, base rows between; one bfloat16 case (declined by the C kernel)."""
+    stack = ops.LoRAStack.empty(3, 16, 40, 72, torch.device("cpu"))
+    stack.set(0, torch.randn(4, 40, generator=g), torch.randn(72, 4, generator=g), 0.5)
+    stack.set(2, torch.randn(8, 40, generator=g), torch.randn(72, 8, generator=g), 2.0)
+    out = []
+    for lens, slots in (([3, 1, 1, 5], [0, 0, -1, 2]), ([1] * 6, [-1, 0, 0, 1, 2, 2]), ([7], [2])):
+        t = sum(lens)
+        batch = ops.ForwardBatch.build([(list(range(n)), 0, [1, 2]) for n in lens], 16, torch.device("cpu"),
+                                       lora_slots=slots)
+        out.append((torch.randn(t, 72, generator=g), torch.randn(t, 40, generator=g), batch, stack))
+    y, x, batch, _ = out[0]
+    out.append((y.to(torch.bfloat16), x.to(torch.bfloat16), batch, stack))
+    return out
+
+
 def _inputs(name: str):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 32, generator=g)
@@ -78,6 +95,8 @@ def _inputs(name: str):
         caches = [torch.zeros(32, 1, 16) for _ in range(2)]
         cases.append((q.view(7, 2, 16), k.view(7, 1, 16), v.view(7, 1, 16), cos, sin, *caches, slots))
         return cases
+    if name == "lora_apply":
+        return _lora_inputs(g)
     if name == "silu_and_mul":
         return [(torch.randn(3, 2 * 40, generator=g) * 4,), (torch.randn(300, 2 * 256, generator=g),),
                 (torch.randn(2, 2 * 1100, generator=g).to(bf16),)]
@@ -151,6 +170,12 @@ def test_kernel_matches_reference(name: str, kernel) -> None:
                 else:
                     torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
             continue
+        if name == "lora_apply":  # adds into y in place: each tier gets its own copy
+            got = kernel.fn(args[0].clone(), *args[1:])
+            ref = op.reference(args[0].clone(), *args[1:])
+            if got is not ops.DECLINE:
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+            continue
         got = kernel.fn(*args)
         ref = op.reference(*args)
         if got is ops.DECLINE:
@@ -192,7 +217,8 @@ def test_c_decode_attention_is_built_and_used() -> None:
 
 def test_every_cpu_kernel_is_exercised() -> None:
     """Guards the table above: a new CPU kernel must come with inputs here."""
-    covered_here = {"rms_norm", "add_rms_norm", "paged_attention", "rotary_store_kv", "silu_and_mul", "argmax_rows"}
+    covered_here = {"rms_norm", "add_rms_norm", "paged_attention", "rotary_store_kv", "silu_and_mul", "argmax_rows",
+                    "lora_apply"}
     covered_in_test_quant = {"int4_prepack", "int4_linear", "int8_prepack", "int8_linear", "linear_prepack", "packed_linear"}
     covered_elsewhere = {"decoder_stack"}  # test_decoder_stack.py
     assert {name for name, _ in KERNELS} <= covered_here | covered_in_test_quant | covered_elsewhere

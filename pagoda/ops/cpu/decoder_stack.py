@@ -7,7 +7,9 @@ step, which at one sequence cost about as much as the arithmetic (and slow the k
 after them). Short prompt chunks ride along (mixed steps are the rule under load), their
 attention computed by the decode kernel row by row in float32 rather than by SDPA; long
 chunks, and models it does not cover, are declined (the model runs them op by op). It reads
-the model only through its DecoderStackSpec (pagoda/ops/decoder_stack.py).
+the model only through its DecoderStackSpec (pagoda/ops/decoder_stack.py). Steps with LoRA
+adapters stay in it: each linear's adapters are added right after its matmul by the C
+kernel the per-op path's lora_apply calls (csrc/lora.c), so the two paths agree as before.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import torch
 from pagoda.ops.cpu import native
 from pagoda.ops.cpu.attention import token_rows
 from pagoda.ops.cpu.linear import Int4Tiles, Int8Tiles
-from pagoda.ops.cpu.native import KV_KIND, STACK_LAYER_SLOTS
+from pagoda.ops.cpu.lora import MAX_WIDTH as LORA_MAX_WIDTH
+from pagoda.ops.cpu.native import KV_KIND, STACK_LAYER_SLOTS, STACK_LORA_SLOTS
 from pagoda.ops.decoder_stack import DecoderStackSpec
 from pagoda.ops.forward_batch import ForwardBatch
+from pagoda.ops.lora import lora_segment_table
 from pagoda.ops.registry import DECLINE, kernel
 
 # Prompt chunks up to this long ride along in the C stack (their attention as rows of the
@@ -92,6 +96,12 @@ def decoder_stack_c(spec: DecoderStackSpec, x: torch.Tensor, batch: ForwardBatch
     plan = _plan(spec, batch.kv_caches)
     if plan is None or max(batch.query_lens) > MAX_CHUNK:
         return DECLINE
+    lora_table, segments = None, None
+    if batch.lora_ids is not None:  # adapters in the step: added after each linear, as the per-op path does
+        lora_table = _lora_table(spec)
+        if lora_table is None:
+            return DECLINE
+        segments = batch.view(lora_segment_table)
     cos, sin = spec.rope_cos[batch.positions], spec.rope_sin[batch.positions]
     out, residual = x.clone(), torch.empty_like(x)
     rows, block_table = batch.view(token_rows), batch.block_table
@@ -100,6 +110,33 @@ def decoder_stack_c(spec: DecoderStackSpec, x: torch.Tensor, batch: ForwardBatch
         spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.intermediate_size, spec.norm_eps,
         spec.norm_variant == "jiutian", cos.data_ptr(), sin.data_ptr(), plan.kv_kind, batch.slot_mapping.data_ptr(),
         block_table.data_ptr(), block_table.stride(0), rows.data_ptr(), batch.page_size, spec.attn_scale,
-        max(batch.seq_lens), torch.get_num_threads(),
+        max(batch.seq_lens), 0 if lora_table is None else lora_table.data_ptr(),
+        0 if segments is None else segments.data_ptr(), 0 if segments is None else segments.shape[0],
+        torch.get_num_threads(),
     )
     return out, residual
+
+
+_LORA_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # spec -> LoRA table or None
+
+
+def _lora_table(spec: DecoderStackSpec) -> torch.Tensor | None:
+    """Per layer, the LoRA stacks of its four linears as STACK_LORA_SLOTS entries (A, B^T,
+    column ranges, width and scaling addresses, max width), or None when a layer has none the C kernel takes."""
+    if spec in _LORA_TABLES:
+        return _LORA_TABLES[spec]
+    entries: list[int] | None = []
+    for layer in spec.layers:
+        stacks = layer.lora
+        if stacks is None or any(
+            s is None or s.a.dtype != torch.float32 or s.max_width > LORA_MAX_WIDTH for s in stacks
+        ):
+            entries = None
+            break
+        for s in stacks:
+            entries += [s.a.data_ptr(), s.bt.data_ptr(), s.cols_t.data_ptr(), s.width_t.data_ptr(), s.scaling_t.data_ptr(),
+                        s.max_width]
+    table = None if entries is None else torch.tensor(entries, dtype=torch.int64)
+    assert table is None or table.numel() == len(spec.layers) * STACK_LORA_SLOTS
+    _LORA_TABLES[spec] = table
+    return table

@@ -90,6 +90,7 @@ def _compile(compiler: str, target: Path) -> None:
 DTYPE_FLAG = {torch.float32: 0, torch.bfloat16: 1}  # the C kernels' dtype flag per activation tensor
 KV_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # a KV cache's form (enum kv_kind in kernels.h)
 STACK_LAYER_SLOTS = 17  # addresses per layer in decode_stack's table (kernels.h)
+STACK_LORA_SLOTS = 24  # entries per layer in decode_stack's LoRA table (kernels.h)
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {  # the C functions and their argument types (see the sources for their meaning)
@@ -102,10 +103,11 @@ SIGNATURES = {  # the C functions and their argument types (see the sources for 
     "int4_matmul": [_P, _P, _P, _P, _I32, _P, _I32, _I64, _I64, _I64, _I32],
     "int8_matmul": [_P, _P, _P, _I32, _P, _I32, _I64, _I64, _I64, _I32],
     "argmax_rows": [_P, _I32, _I64, _I64, _P, _I32],
+    "lora_apply": [_P, _I64, _P, _I64, _P, _I32, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I32],
     "quant_matmul_available": [],
     "quant_matmul_rounded_rows": [],
     "decode_stack": [_P, _I32, _I32, _P, _P, _I64, _I64, _I32, _I32, _I32, _I64, _F32, _I32, _P, _P, _I32, _P, _P, _I64,
-                     _P, _I32, _F32, _I32, _I32],
+                     _P, _I32, _F32, _I32, _P, _P, _I32, _I32],
 }
 RESTYPES = {"quant_matmul_available": ctypes.c_int, "quant_matmul_rounded_rows": ctypes.c_int}
 

@@ -15,6 +15,11 @@
  * x [T, hidden] float32: the embeddings on entry, the last layer's MLP output on return;
  * residual [T, hidden] float32 receives the residual stream (the final norm adds them).
  * cos/sin [T, D], slots [T], rows [T, 3] and the block table as the per-op kernels take them.
+ * lora_table (0: no adapters in this step): per layer STACK_LORA_SLOTS entries, for the qkv,
+ * o, gate_up and down linears in turn their LoRA stack's A, B^T, column ranges, width and
+ * scaling addresses and its max width; lora_segments [lora_nseg, 3] the (slot, first row, end row) runs. Each
+ * linear's adapters are added after its matmul (and the QKV bias), by the kernel the per-op
+ * path's lora_apply calls.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -23,6 +28,13 @@
 #include "kernels.h"
 
 enum { QKV = 0, O = 3, GATE_UP = 6, DOWN = 9, INPUT_NORM = 12, POST_NORM = 13, QKV_BIAS = 14, K_CACHE = 15, V_CACHE = 16 };
+
+/* the adapters of one linear (e: its 6 LoRA table entries) added into out [rows, n] */
+static void lora(const int64_t *e, const float *x, float *out, const int64_t *segments, int nseg, int64_t n,
+                 int64_t k, int num_threads) {
+    lora_apply(out, n, x, k, segments, nseg, (const float *)e[0], (const float *)e[1], (const int32_t *)e[2],
+               (const int32_t *)e[3], (const float *)e[4], e[5], k, n, num_threads);
+}
 
 /* out [rows, n] float32 = x [rows, k] float32 times the tiles at w[0..2] */
 static void matmul(const int64_t *w, int bits, const float *x, float *out, int64_t rows, int64_t n, int64_t k,
@@ -38,7 +50,7 @@ void decode_stack(const int64_t *table, int num_layers, int bits, float *x, floa
                   int64_t hidden, int hq, int hk, int d, int64_t inter, float eps, int jiutian, const float *cos,
                   const float *sin, int kv_kind, const int64_t *slots, const int64_t *block_table,
                   int64_t bt_stride, const int64_t *rows, int page_size, float scale, int max_len,
-                  int num_threads) {
+                  const int64_t *lora_table, const int64_t *lora_segments, int lora_nseg, int num_threads) {
     const int64_t q_size = (int64_t)hq * d, qkv_size = q_size + 2 * (int64_t)hk * d;
     float *h = malloc(sizeof(float) * (size_t)(t * hidden));
     float *qkv = malloc(sizeof(float) * (size_t)(t * qkv_size));
@@ -48,6 +60,7 @@ void decode_stack(const int64_t *table, int num_layers, int bits, float *x, floa
     float *act = malloc(sizeof(float) * (size_t)(t * inter));
     for (int l = 0; l < num_layers; l++) {
         const int64_t *w = table + (int64_t)l * STACK_LAYER_SLOTS;
+        const int64_t *lw = lora_table ? lora_table + (int64_t)l * STACK_LORA_SLOTS : 0;
         if (l == 0) {
             rms_norm(x, (const float *)w[INPUT_NORM], h, 0, t, hidden, eps, jiutian, num_threads);
             memcpy(residual, x, sizeof(float) * (size_t)(t * hidden));
@@ -58,17 +71,21 @@ void decode_stack(const int64_t *table, int num_layers, int bits, float *x, floa
         matmul(w + QKV, bits, h, qkv, t, qkv_size, hidden, num_threads);
         if (w[QKV_BIAS])
             for (int64_t i = 0; i < t * qkv_size; i++) qkv[i] += ((const float *)w[QKV_BIAS])[i % qkv_size];
+        if (lw) lora(lw, h, qkv, lora_segments, lora_nseg, qkv_size, hidden, num_threads);
         void *k_cache = (void *)w[K_CACHE], *v_cache = (void *)w[V_CACHE];
         rotary_store_kv(qkv, qkv + q_size, qkv + q_size + (int64_t)hk * d, 0, qkv_size, cos, sin, q, 0, k_cache,
                         v_cache, kv_kind, slots, t, hq, hk, d, num_threads);
         paged_decode_attention(q, q_size, k_cache, v_cache, kv_kind, block_table, bt_stride, rows, t, att, 0, q_size,
                                hq, hk, d, page_size, scale, max_len, num_threads);
         matmul(w + O, bits, att, x, t, hidden, q_size, num_threads);
+        if (lw) lora(lw + 6, att, x, lora_segments, lora_nseg, hidden, q_size, num_threads);
         add_rms_norm(x, 0, residual, (const float *)w[POST_NORM], h, 0, residual, t, hidden, eps, jiutian,
                      num_threads);
         matmul(w + GATE_UP, bits, h, gate_up, t, 2 * inter, hidden, num_threads);
+        if (lw) lora(lw + 12, h, gate_up, lora_segments, lora_nseg, 2 * inter, hidden, num_threads);
         silu_and_mul(gate_up, 0, act, 0, t, inter, num_threads);
         matmul(w + DOWN, bits, act, x, t, hidden, inter, num_threads);
+        if (lw) lora(lw + 18, act, x, lora_segments, lora_nseg, hidden, inter, num_threads);
     }
     free(h);
     free(qkv);

@@ -44,15 +44,22 @@ void int4_matmul(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, co
 void int8_matmul(const int8_t *qp, const uint16_t *d16, const void *x, int x_bf16, void *out, int out_bf16,
                  int64_t rows, int64_t n, int64_t k, int num_threads);
 
+void lora_apply(float *y, int64_t y_stride, const float *x, int64_t x_stride, const int64_t *segments, int nseg,
+                const float *a, const float *bt, const int32_t *cols, const int32_t *width, const float *scaling,
+                int64_t max_width, int64_t in, int64_t out, int num_threads);
+
 void argmax_rows(const void *x, int x_bf16, int64_t rows, int64_t cols, int64_t *out, int num_threads);
 int quant_matmul_available(void);
 int quant_matmul_rounded_rows(void);
 
-/* decode_stack's table: addresses per layer (decode_stack.c says which). */
+/* decode_stack's table: addresses per layer (decode_stack.c says which); its LoRA table:
+ * per layer and linear (qkv, o, gate_up, down) A, B^T, column ranges, width, scaling and max width. */
 #define STACK_LAYER_SLOTS 17
+#define STACK_LORA_SLOTS 24
 void decode_stack(const int64_t *table, int num_layers, int bits, float *x, float *residual, int64_t t,
                   int64_t hidden, int hq, int hk, int d, int64_t inter, float eps, int jiutian, const float *cos,
                   const float *sin, int kv_kind, const int64_t *slots, const int64_t *block_table,
-                  int64_t bt_stride, const int64_t *rows, int page_size, float scale, int max_len, int num_threads);
+                  int64_t bt_stride, const int64_t *rows, int page_size, float scale, int max_len,
+                  const int64_t *lora_table, const int64_t *lora_segments, int lora_nseg, int num_threads);
 
 #endif
