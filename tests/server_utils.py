@@ -128,3 +128,22 @@ def sse_payloads(lines: Any) -> list[Any]:
             break
         out.append(json.loads(data))
     return out
+
+
+def run_in_app(engine, coro_fn, **app_options: Any) -> Any:
+    """coro_fn(http, client) against a fresh in-process app around a shared AsyncEngine (model
+    "tiny"): `http` an httpx client on the app, `client` the openai SDK's over it."""
+    import asyncio
+
+    import openai
+
+    from pagoda.server.app import create_app
+
+    app = create_app(engine, "tiny", **app_options)
+
+    async def main() -> Any:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            client = openai.AsyncOpenAI(base_url="http://t/v1", api_key="x", http_client=http, max_retries=0)
+            return await coro_fn(http, client)
+
+    return asyncio.run(main())

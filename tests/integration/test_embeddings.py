@@ -15,21 +15,12 @@ import pytest
 import torch
 
 from pagoda.engine.async_engine import AsyncEngine
-from pagoda.server.app import create_app
+from tests.server_utils import run_in_app as run
 from tests.server_utils import ServerProcess, shared_real_server
 
 HIDDEN = 64  # TINY_LLAMA's hidden size
 
 
-def run(engine: AsyncEngine, coro_fn, **app_options: Any) -> Any:
-    app = create_app(engine, "tiny", **app_options)
-
-    async def main() -> Any:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
-            client = openai.AsyncOpenAI(base_url="http://t/v1", api_key="x", http_client=http, max_retries=0)
-            return await coro_fn(http, client)
-
-    return asyncio.run(main())
 
 
 def vectors(response: Any) -> list[np.ndarray]:

@@ -6,7 +6,6 @@ plain conversation over a real server."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -16,7 +15,7 @@ import openai
 import pytest
 
 from pagoda.engine.async_engine import AsyncEngine
-from pagoda.server.app import create_app
+from tests.server_utils import run_in_app as run
 from tests.integration.test_structured_server import BOUNDED, PARAMS
 from tests.server_utils import ServerProcess, shared_real_server
 from tests.unit.test_structured import SCHEMA, loads
@@ -25,15 +24,6 @@ from tests.unit.test_tool_parsers import ADD
 TOOLS = [{"type": "function", **t["function"]} for t in (BOUNDED, ADD)]
 
 
-def run(engine: AsyncEngine, coro_fn, **app_options: Any) -> Any:
-    app = create_app(engine, "tiny", **app_options)
-
-    async def main() -> Any:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
-            client = openai.AsyncOpenAI(base_url="http://t/v1", api_key="x", http_client=http, max_retries=0)
-            return await coro_fn(http, client)
-
-    return asyncio.run(main())
 
 
 def streamed_and_whole(

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from pagoda.engine.async_engine import AsyncEngine
-from pagoda.server.app import create_app
+from tests.server_utils import run_in_app as run
 from tests.server_utils import sse_payloads
 from tests.unit.test_structured import SCHEMA, loads
 from tests.unit.test_tool_parsers import ADD, WEATHER
@@ -28,16 +28,6 @@ TOOLS = [BOUNDED, ADD]
 PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
 
-def run(engine: AsyncEngine, coro_fn, **app_options: Any) -> Any:
-    """Run coro_fn(http, client) against a fresh app around the shared engine."""
-    app = create_app(engine, "tiny", **app_options)
-
-    async def main() -> Any:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
-            client = openai.AsyncOpenAI(base_url="http://t/v1", api_key="x", http_client=http, max_retries=0)
-            return await coro_fn(http, client)
-
-    return asyncio.run(main())
 
 
 ERRORS = [

@@ -33,21 +33,13 @@ from __future__ import annotations
 
 import torch
 
+from pagoda.ops.cuda.triton_common import (
+    AVAILABLE, CACHE_DTYPES, FLOAT_DTYPES, interpreted, next_pow2, runnable, tl, triton,
+)
 from pagoda.ops.forward_batch import ForwardBatch
 from pagoda.ops.kv_quant import cache_row_width, group_size
 from pagoda.ops.registry import DECLINE, kernel
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    triton = None
-    tl = None
-
-AVAILABLE = triton is not None
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CACHE_DTYPES = _FLOAT_DTYPES + (torch.int8,)
 _LOG2E = 1.4426950408889634
 
 # Decode split heuristic: at least this many context tokens per split, at most this many
@@ -57,30 +49,22 @@ MAX_SPLITS = 32
 TARGET_PROGRAMS = 1024
 
 
+def _runnable(*tensors: torch.Tensor) -> bool:
+    return AVAILABLE and runnable(_prefill_kernel, *tensors)
+
+
 def interpreting() -> bool:
-    """True when this module's kernels run in Triton's CPU interpreter: they were defined
-    while TRITON_INTERPRET=1 was set (Triton decides when a kernel is decorated)."""
-    return AVAILABLE and not isinstance(_prefill_kernel, triton.runtime.JITFunction)
+    """True when this module's kernels run in Triton's CPU interpreter."""
+    return AVAILABLE and interpreted(_prefill_kernel)  # (no kernels are defined without triton)
 
 
-def _runnable(t: torch.Tensor) -> bool:
-    """Compiled Triton needs accelerator tensors; the interpreter needs host ones, and triton's
-    own library interpreted too (it is not when triton was imported before TRITON_INTERPRET
-    was set: then nothing runs)."""
-    if not AVAILABLE:
-        return False
-    if interpreting():
-        return t.device.type == "cpu" and not isinstance(tl.zeros, triton.runtime.JITFunction)
-    return t.device.type != "cpu"
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def _check_caches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Shapes, dtypes and strides the kernels assume (False: decline)."""
-    if q.dtype not in _FLOAT_DTYPES or k_cache.dtype not in _CACHE_DTYPES or v_cache.dtype != k_cache.dtype:
+    if q.dtype not in FLOAT_DTYPES or k_cache.dtype not in CACHE_DTYPES or v_cache.dtype != k_cache.dtype:
         return False
     if q.dim() != 3 or k_cache.dim() != 3:
         return False
@@ -314,7 +298,7 @@ def decode_attention(
     if seq_lens.shape != (q.shape[0],) or block_table.dtype.is_floating_point or seq_lens.dtype.is_floating_point:
         return DECLINE
     out_dtype = out_dtype or q.dtype
-    if out_dtype not in _FLOAT_DTYPES:
+    if out_dtype not in FLOAT_DTYPES:
         return DECLINE
     batch, hq, head_dim = q.shape
     hk = k_cache.shape[1]
@@ -327,7 +311,7 @@ def decode_attention(
     if num_splits is None:
         num_splits = default_num_splits(batch, hk, block_table.shape[1] * page_size)
     num_splits = max(1, int(num_splits))
-    d_pad = max(16, _next_pow2(head_dim))
+    d_pad = max(16, next_pow2(head_dim))
     if num_splits > 1:  # partial (max, sum, acc) per split, combined by _decode_reduce_kernel
         m = torch.empty((batch, hq, num_splits), dtype=torch.float32, device=q.device)
         l_part = torch.empty_like(m)
@@ -340,14 +324,14 @@ def decode_attention(
         q, k_cache, v_cache, _scale_view(k_cache), _scale_view(v_cache), block_table, seq_lens, m, l_part, acc, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         block_table.stride(0), out.stride(0), out.stride(1), page_size, scale * _LOG2E,
-        NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), HEAD_DIM=head_dim, D_PAD=d_pad,
+        NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=max(16, next_pow2(group)), HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_N=_block_n(dot_dtype), QUANT_GROUP=group_size(head_dim), INT8=int8,
         DOT_DTYPE=dot_dtype, PRECISION=precision,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, hq)](
             m, l_part, acc, out, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, S_PAD=_next_pow2(num_splits), HEAD_DIM=head_dim, D_PAD=d_pad,
+            NUM_SPLITS=num_splits, S_PAD=next_pow2(num_splits), HEAD_DIM=head_dim, D_PAD=d_pad,
         )
     return out
 
@@ -374,7 +358,7 @@ def prefill_attention(
     if block_table.dtype.is_floating_point or query_starts.dtype.is_floating_point or seq_lens.dtype.is_floating_point:
         return DECLINE
     out_dtype = out_dtype or q.dtype
-    if out_dtype not in _FLOAT_DTYPES:
+    if out_dtype not in FLOAT_DTYPES:
         return DECLINE
     tokens, hq, head_dim = q.shape
     hk = k_cache.shape[1]
@@ -386,7 +370,7 @@ def prefill_attention(
         max_query_len = int((query_starts[1:] - query_starts[:-1]).max())
     if block_table.stride(-1) != 1:
         block_table = block_table.contiguous()
-    group_pad = _next_pow2(group)
+    group_pad = next_pow2(group)
     dot_dtype, precision = _compute_dtype(q, k_cache)
     rows = 16 if interpreting() or dot_dtype == tl.float32 else 64  # query rows (tokens x group heads)
     block_q = max(1, rows // group_pad)  # a group wider than `rows` still gets one token's rows
@@ -396,7 +380,7 @@ def prefill_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), block_table.stride(0), page_size, scale * _LOG2E,
         CAUSAL=bool(causal), GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim,
-        D_PAD=max(16, _next_pow2(head_dim)), BLOCK_N=_block_n(dot_dtype),
+        D_PAD=max(16, next_pow2(head_dim)), BLOCK_N=_block_n(dot_dtype),
         QUANT_GROUP=group_size(head_dim), INT8=k_cache.dtype == torch.int8,
         DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=_prefill_warps(dot_dtype),
     )

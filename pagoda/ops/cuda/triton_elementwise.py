@@ -17,39 +17,26 @@ from __future__ import annotations
 
 import torch
 
+from pagoda.ops.cuda.triton_common import (
+    AVAILABLE, CACHE_DTYPES, FLOAT_DTYPES, interpreted, next_pow2, runnable, tl, triton,
+)
 from pagoda.ops.kv_quant import cache_row_width, group_size
 from pagoda.ops.registry import DECLINE, kernel
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    triton = None
-    tl = None
-
-AVAILABLE = triton is not None
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CACHE_DTYPES = _FLOAT_DTYPES + (torch.int8,)
 _MAX_BLOCK = 4096  # elements of a row one loop step handles
 
 
-def interpreting() -> bool:
-    """True when this module's kernels run in Triton's CPU interpreter (see triton_attention)."""
-    return AVAILABLE and not isinstance(_silu_and_mul_kernel, triton.runtime.JITFunction)
-
-
 def _runnable(*tensors: torch.Tensor) -> bool:
-    """All on one device Triton can run on in this process (see triton_attention._runnable)."""
-    if not AVAILABLE or any(t.device != tensors[0].device for t in tensors):
-        return False
-    if interpreting():
-        return tensors[0].device.type == "cpu" and not isinstance(tl.zeros, triton.runtime.JITFunction)
-    return tensors[0].device.type != "cpu"
+    return AVAILABLE and runnable(_silu_and_mul_kernel, *tensors)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
+def interpreting() -> bool:
+    """True when this module's kernels run in Triton's CPU interpreter."""
+    return AVAILABLE and interpreted(_silu_and_mul_kernel)  # (no kernels are defined without triton)
+
+
+
+
 
 
 def _warps(block: int) -> int:
@@ -232,7 +219,7 @@ def _norm(x, residual, weight, eps, variant, out_dtype):
     tensors = (x, weight) if residual is None else (x, residual, weight)
     if variant not in ("llama", "jiutian") or not _runnable(*tensors) or x.dim() == 0:
         return DECLINE
-    if any(t.dtype not in _FLOAT_DTYPES for t in tensors) or out_dtype not in _FLOAT_DTYPES:
+    if any(t.dtype not in FLOAT_DTYPES for t in tensors) or out_dtype not in FLOAT_DTYPES:
         return DECLINE
     n_cols = x.shape[-1]
     if weight.shape != (n_cols,) or (residual is not None and residual.shape != x.shape) or n_cols == 0:
@@ -249,7 +236,7 @@ def _norm(x, residual, weight, eps, variant, out_dtype):
         sum2 = summed.view(-1, n_cols)
     rows = x2.shape[0]
     if rows:
-        block = min(_next_pow2(n_cols), _MAX_BLOCK)
+        block = min(next_pow2(n_cols), _MAX_BLOCK)
         _rms_norm_kernel[(rows,)](
             x2, r2, weight, out2, sum2, x2.stride(0), r2.stride(0), out2.stride(0), sum2.stride(0), n_cols, float(eps),
             HAS_RESIDUAL=residual is not None, JIUTIAN=variant == "jiutian", BLOCK=block, ONE_BLOCK=block >= n_cols,
@@ -261,14 +248,14 @@ def _norm(x, residual, weight, eps, variant, out_dtype):
 @kernel("silu_and_mul", priority=20)
 def silu_and_mul(x: torch.Tensor):
     """reference.silu_and_mul: silu(gate) * up of a fused [..., 2I] projection, in x's dtype."""
-    if not _runnable(x) or x.dtype not in _FLOAT_DTYPES or x.dim() == 0 or x.shape[-1] % 2:
+    if not _runnable(x) or x.dtype not in FLOAT_DTYPES or x.dim() == 0 or x.shape[-1] % 2:
         return DECLINE
     n_cols = x.shape[-1] // 2
     x2 = _rows(x)
     out = torch.empty((*x.shape[:-1], n_cols), dtype=x.dtype, device=x.device)
     out2 = out.view(-1, n_cols)
     if x2.shape[0] and n_cols:
-        block = min(_next_pow2(n_cols), 1024)
+        block = min(next_pow2(n_cols), 1024)
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n_cols, block))](
             x2, out2, x2.stride(0), out2.stride(0), n_cols, BLOCK=block)
     return out
@@ -287,11 +274,11 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     out_dtype = out_dtype or q.dtype
     if not _runnable(q, k, v, cos, sin, k_cache, v_cache, slot_mapping):
         return DECLINE
-    if any(t.dtype not in _FLOAT_DTYPES for t in (q, k, v)) or out_dtype not in _FLOAT_DTYPES:
+    if any(t.dtype not in FLOAT_DTYPES for t in (q, k, v)) or out_dtype not in FLOAT_DTYPES:
         return DECLINE
     if cos.dtype != torch.float32 or sin.dtype != torch.float32 or slot_mapping.dtype.is_floating_point:
         return DECLINE
-    if k_cache.dtype not in _CACHE_DTYPES or v_cache.dtype != k_cache.dtype:
+    if k_cache.dtype not in CACHE_DTYPES or v_cache.dtype != k_cache.dtype:
         return DECLINE
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or k_cache.dim() != 3 or v_cache.shape != k_cache.shape:
         return DECLINE
@@ -319,7 +306,7 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
         q, k, v, cos, sin, q_out, k_cache, v_cache, ks, vs, slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
         q_out.stride(0), q_out.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        hq, hk, HEAD_DIM=head_dim, NG_PAD=_next_pow2(head_dim // g), G=g, INT8=int8,
+        hq, hk, HEAD_DIM=head_dim, NG_PAD=next_pow2(head_dim // g), G=g, INT8=int8,
     )
     return q_out
 
@@ -341,13 +328,13 @@ def sample_from_probs(probs: torch.Tensor, exp_noise: torch.Tensor):
 
 def _argmax(x, noise):
     tensors = (x,) if noise is None else (x, noise)
-    if not _runnable(*tensors) or any(t.dim() != 2 or t.dtype not in _FLOAT_DTYPES for t in tensors):
+    if not _runnable(*tensors) or any(t.dim() != 2 or t.dtype not in FLOAT_DTYPES for t in tensors):
         return DECLINE
     if x.shape[1] == 0 or x.shape[1] >= 2**31 - 1 or any(t.stride(-1) != 1 for t in tensors):
         return DECLINE
     out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     if x.shape[0]:
-        block = min(_next_pow2(x.shape[1]), 1024)
+        block = min(next_pow2(x.shape[1]), 1024)
         _argmax_kernel[(x.shape[0],)](
             x, x if noise is None else noise, out, x.stride(0), 0 if noise is None else noise.stride(0), x.shape[1],
             HAS_NOISE=noise is not None, BLOCK=block, num_warps=_warps(block),
