@@ -128,7 +128,7 @@ class AsyncEngine:
         priority: int = 0, lora: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Incremental outputs of one request; leaving the loop early aborts it."""
-        stream = await self.add_request(prompt, params, request_id, priority, lora)
+        stream = await self.add_request(prompt, params, request_id, priority, lora=lora)
         try:
             async for output in stream:
                 yield output

@@ -252,3 +252,22 @@ def test_load_and_unload_under_load(engine, adapters) -> None:
     engine.engine.check_integrity()  # no leaked KV page, no pinned or referenced adapter slot
     lora = engine.engine.lora
     assert set(lora.adapters) == {"s0", "s1"} and lora.loads > 3
+
+
+def test_async_generate_runs_the_named_adapter(engine) -> None:
+    """AsyncEngine.generate(..., lora=name) runs that adapter, as the HTTP routes do; an unknown
+    name is refused."""
+    from pagoda.errors import ModelNotFoundError
+
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    async def tokens(lora):
+        out = None
+        async for out in engine.generate([5, 6, 7, 8], params, lora=lora):
+            pass
+        return out.outputs[0].token_ids
+
+    base, adapted = asyncio.run(tokens(None)), asyncio.run(tokens("s0"))
+    assert len(base) == len(adapted) == 6 and adapted != base
+    with pytest.raises(ModelNotFoundError):
+        asyncio.run(tokens("nope"))
