@@ -31,11 +31,16 @@ class PageAllocator:
             raise ValueError(f"need num_pages >= 1 and page_size >= 1, got {num_pages}, {page_size}")
         self.num_pages = num_pages
         self.page_size = page_size
-        self.num_storage_pages = num_pages + 1
+        self.num_storage_pages = self.storage_pages(num_pages)
         self._refcount = [0] * self.num_storage_pages
         # A stack popped from the end: fresh pages come out in ascending order,
         # recently freed pages are reused first.
         self._free = list(range(num_pages, NULL_PAGE, -1))
+
+    @staticmethod
+    def storage_pages(num_pages: int) -> int:
+        """Pages the KV storage holds for `num_pages` usable ones (the null page as well)."""
+        return num_pages + 1
 
     def num_free(self) -> int:
         return len(self._free)

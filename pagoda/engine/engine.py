@@ -19,6 +19,9 @@ import torch
 from pagoda.cache.kv_pool import KVPool
 from pagoda.cache.page_allocator import PageAllocator
 from pagoda.config import EngineConfig
+from pagoda.distributed.channel import StepChannel
+from pagoda.distributed.launch import TensorParallelGroup, rank_device
+from pagoda.distributed.parallel import SINGLE
 from pagoda.engine.input_processor import InputLimits, InputProcessor, check_token_ids, load_model_tokenizer
 from pagoda.engine.model_runner import ModelRunner
 from pagoda.engine.output_processor import OutputProcessor
@@ -27,9 +30,6 @@ from pagoda.engine.request import Request, Status
 from pagoda.engine.sampler import Sampler, SamplingRow, compute_logprobs
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from pagoda.distributed.channel import StepChannel
-from pagoda.distributed.launch import TensorParallelGroup, rank_device
-from pagoda.distributed.parallel import SINGLE
 from pagoda.engine.speculative.verify import sample_and_verify
 from pagoda.errors import ConfigError, InvalidRequestError, ModelNotFoundError
 from pagoda.lora import LoRAAdapter, LoRAManager
@@ -40,9 +40,8 @@ log = logging.getLogger("pagoda.engine")
 
 GiB = 1 << 30
 # Past this many tokens a speculating sequence proposes proportionally fewer (at least 2): the CPU
-# decode-attention kernel reads the whole context once per row of a chunk, so at 2K tokens of the
-# default model a proposed row costs ~0.3 of a one-token step instead of ~0.15 (bench_speculative:
-# quote task 1.0-1.4x at k=8, 1.44x at k=4, same output).
+# decode-attention kernel attends over the whole context once per row of a chunk, so a proposed
+# row costs more the longer the context (benchmarks/bench_speculative.py, docs/BENCHMARKS.md).
 SPEC_FULL_CONTEXT = 1024
 
 
@@ -132,7 +131,7 @@ def kv_cache_size(
 
 def build_kv_pool(config: EngineConfig, platform, loaded: LoadedModel, size: KVCacheSize) -> KVPool:
     mc = loaded.config
-    storage_pages = PageAllocator(size.num_pages, config.page_size).num_storage_pages
+    storage_pages = PageAllocator.storage_pages(size.num_pages)
     return KVPool(mc.num_hidden_layers, storage_pages, config.page_size, loaded.kv_heads, mc.head_dim, size.dtype,
                   platform.device(), platform.alloc_streamed)
 
