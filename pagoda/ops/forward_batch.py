@@ -62,30 +62,39 @@ class ForwardBatch:
         lora_slots: Sequence[int] | None = None,
     ) -> "ForwardBatch":
         """From each sequence's (new token ids, position of the first, page table), and optionally
-        each sequence's LoRA pool slot (-1: the base model)."""
-        ids, positions, slots = [], [], []
-        max_pages = max(len(pages) for _, _, pages in seqs)
-        block_table = torch.zeros(len(seqs), max_pages, dtype=torch.long)
-        for b, (token_ids, start, pages) in enumerate(seqs):
-            table = torch.tensor(pages, dtype=torch.long)
-            block_table[b, : len(pages)] = table
-            pos = torch.arange(start, start + len(token_ids), dtype=torch.long)
-            positions.append(pos)
-            slots.append(table[pos // page_size] * page_size + pos % page_size)
+        each sequence's LoRA pool slot (-1: the base model). The host work does not grow with the
+        batch in torch calls (a 256-sequence decode is a handful of ops, not thousands of launches
+        on an accelerator), and the tensors reach the device in one copy."""
+        query_lens = [len(token_ids) for token_ids, _, _ in seqs]
+        seq_lens = [start + q for (_, start, _), q in zip(seqs, query_lens)]
+        ids: list[int] = []
+        positions: list[int] = []
+        for token_ids, start, _ in seqs:
             ids.extend(token_ids)
-        seq_lens = [start + len(token_ids) for token_ids, start, _ in seqs]
+            positions.extend(range(start, start + len(token_ids)))
+        width = max(len(pages) for _, _, pages in seqs)
+        table: list[int] = []
+        for _, _, pages in seqs:
+            table.extend(pages)
+            table.extend([0] * (width - len(pages)))
+        n, b = len(ids), len(seqs)
+        host = torch.tensor(ids + positions + [0] * n + seq_lens + table, dtype=torch.long)
+        pos, block_table = host[n : 2 * n], host[3 * n + b :].view(b, width)
+        rows = torch.arange(b) if n == b else torch.repeat_interleave(torch.arange(b), torch.tensor(query_lens))
+        torch.add(block_table[rows, pos // page_size] * page_size, pos % page_size, out=host[2 * n : 3 * n])
+        dev = host.to(device)
         lora_ids = None
         if lora_slots is not None and any(s >= 0 for s in lora_slots):
-            lens = torch.tensor([len(token_ids) for token_ids, _, _ in seqs])
-            lora_ids = torch.tensor(list(lora_slots), dtype=torch.long).repeat_interleave(lens).to(device)
+            lora_ids = torch.tensor(list(lora_slots), dtype=torch.long).repeat_interleave(torch.tensor(query_lens))
+            lora_ids = lora_ids.to(device)
         return cls(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-            positions=torch.cat(positions).to(device),
-            query_lens=[len(token_ids) for token_ids, _, _ in seqs],
+            input_ids=dev[:n],
+            positions=dev[n : 2 * n],
+            query_lens=query_lens,
             seq_lens=seq_lens,
-            slot_mapping=torch.cat(slots).to(device),
-            block_table=block_table.to(device),
-            context_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            slot_mapping=dev[2 * n : 3 * n],
+            block_table=dev[3 * n + b :].view(b, width),
+            context_lens=dev[3 * n : 3 * n + b].to(torch.int32),
             page_size=page_size,
             kv_caches=kv_caches,
             all_logits=tuple(all_logits),

@@ -22,8 +22,8 @@ def test_auto_is_bf16_with_quantization_and_the_compute_dtype_without(tiny_confi
 
 
 def test_bf16_cache_decodes_close_to_float32(tiny_config_path) -> None:
-    dense = _llm(tiny_config_path)
-    narrow = _llm(tiny_config_path, kv_cache_dtype="bfloat16")
+    dense = _llm(tiny_config_path, dtype="float32")  # float32 pages on every device (a GPU's default is bf16)
+    narrow = _llm(tiny_config_path, dtype="float32", kv_cache_dtype="bfloat16")
     ids = list(range(5, 45))
     exact = prefill_logits(dense.engine.runner, ids)
     # one token at a time: every position after the first reads bf16 keys/values from the pages
