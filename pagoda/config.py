@@ -66,6 +66,10 @@ class EngineConfig:
     chunked_prefill_size: int = _opt(512, "longest prompt chunk prefilled in one step (0: no chunking)")
     disable_prefix_cache: bool = _opt(False, "turn off radix-tree prefix sharing")
     max_queued_requests: int = _opt(4096, "waiting requests beyond which new ones are refused")
+    stream_interval: int = _opt(
+        0, "tokens per streamed output of a request; 0: auto (one while the server keeps up with the engine, more "
+        "when a step's outputs would cost the server a large share of the step: many sequences on a fast device)",
+    )
     disable_graphs: bool = _opt(False, "run decode steps eagerly instead of replaying captured graphs (CUDA/MUSA)")
     graph_max_batch_size: int = _opt(256, "largest decode batch captured as a graph (larger ones run eagerly)")
     num_threads: int | None = _opt(None, "CPU threads for compute (default: all cores; shared among this node's "
@@ -125,6 +129,8 @@ class EngineConfig:
                 continue  # the platform's
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer (got {value!r})")
+        if not isinstance(self.stream_interval, int) or self.stream_interval < 0:
+            raise ConfigError(f"stream_interval must be >= 0 (0: auto; got {self.stream_interval!r})")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

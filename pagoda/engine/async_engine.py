@@ -32,14 +32,24 @@ class RequestStream:
     request_id: str
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     finished: bool = False
+    _held: BaseException | None = None  # an error that arrived behind outputs merged into one
 
     def __aiter__(self) -> "RequestStream":
         return self
 
     async def __anext__(self) -> RequestOutput:
+        """The next output; a reader that fell behind gets the outputs waiting for it as one (their
+        deltas joined), as vLLM does: under load the server writes one event per request per
+        read, not per engine step, and keeps up with the engine."""
         if self.finished:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        item, self._held = self._held or await self._queue.get(), None
+        while not isinstance(item, BaseException) and not item.finished and not self._queue.empty():
+            later = self._queue.get_nowait()
+            if isinstance(later, BaseException):
+                self._held = later
+                break
+            item = later.absorb(item)
         if isinstance(item, BaseException):
             self.finished = True
             raise item

@@ -11,6 +11,7 @@ import atexit
 import dataclasses
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -43,6 +44,10 @@ GiB = 1 << 30
 # decode-attention kernel attends over the whole context once per row of a chunk, so a proposed
 # row costs more the longer the context (benchmarks/bench_speculative.py, docs/BENCHMARKS.md).
 SPEC_FULL_CONTEXT = 1024
+# A server's Python cost of one streamed output (asyncio, SSE framing, a socket write: ~60 us sampled
+# with py-spy on this project's CPU at 256 streams), and the share of a step those may take.
+STREAM_EVENT_S = 60e-6
+STREAM_SHARE = 0.25
 
 
 @dataclass
@@ -191,6 +196,7 @@ class Engine:
         self.groups: dict[str, list[Request]] = {}
         self.prompts: dict[str, str | None] = {}
         self.generation_tokens = 0
+        self._step_s = 0.0  # moving average of a step's wall time (stream_interval's auto)
         self.spec_num_draft_tokens = self.spec_num_accepted_tokens = self.spec_num_steps = 0
         self.speculator = self._build_speculator()
         self._ids = itertools.count()
@@ -375,6 +381,22 @@ class Engine:
     # ---- the step --------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
+        outputs = self._step()
+        self._step_s += 0.2 * (time.perf_counter() - start - self._step_s)
+        return outputs
+
+    def stream_interval(self) -> int:
+        """Tokens a request gathers before its next output (its first token and its end go out at
+        once). Each output costs a server ~STREAM_EVENT_S of Python on the same interpreter; auto
+        keeps a step's outputs under STREAM_SHARE of the step (a 256-sequence decode on a GPU takes
+        ~10 ms, and 256 outputs would triple it), and is 1 wherever the step is the slower part."""
+        if self.config.stream_interval:
+            return self.config.stream_interval
+        events_s = len(self.scheduler.running) * STREAM_EVENT_S
+        return max(1, math.ceil(events_s / (STREAM_SHARE * self._step_s))) if self._step_s > 0 else 1
+
+    def _step(self) -> list[RequestOutput]:
         proposed = self._propose() if self.speculator is not None else []
         out = self.scheduler.schedule()
         for req in proposed:
@@ -414,7 +436,9 @@ class Engine:
                     self.scheduler.trim(req)
             if tokens:
                 touched[req.group_id] = None
-        return [self._pop_output(gid) if self._group_done(gid) else self._output(gid) for gid in touched]
+        interval = self.stream_interval()
+        return [self._pop_output(gid) if self._group_done(gid) else self._output(gid) for gid in touched
+                if interval == 1 or self._output_due(gid, interval)]
 
     def _pool(self, out: SchedulerOutput, hidden: dict[int, torch.Tensor]) -> list[Request]:
         """Fold each embedding chunk's hidden states into its request; the requests now complete."""
@@ -543,6 +567,11 @@ class Engine:
         if self.lora is None:
             return []
         return [(a.name, a.path) for a in list(self.lora.adapters.values()) if a.name not in self.lora.unloading]
+
+    def _output_due(self, gid: str, interval: int) -> bool:
+        """Whether a group's next output goes out this step: done, a first token, or `interval` new."""
+        return any(r.finished or r.sent_tokens == 0 or len(r.output_ids) - r.sent_tokens >= interval
+                   for r in self.groups[gid])
 
     def _group_done(self, gid: str) -> bool:
         return all(r.finished for r in self.groups[gid])

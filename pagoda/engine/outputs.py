@@ -50,3 +50,15 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     metrics: RequestMetrics | None = None
     embedding: Any = None  # an embedding request's pooled final hidden state (a float32 torch vector)
+
+    def absorb(self, earlier: "RequestOutput") -> "RequestOutput":
+        """This output carrying `earlier`'s deltas as well: one output for the steps a slow reader
+        had not taken yet (the cumulative fields are already this output's)."""
+        before = {c.index: c for c in earlier.outputs}
+        for c in self.outputs:
+            e = before.get(c.index)
+            if e is not None:
+                c.delta_text = e.delta_text + c.delta_text
+                c.delta_token_ids = e.delta_token_ids + c.delta_token_ids
+                c.delta_logprobs = e.delta_logprobs + c.delta_logprobs
+        return self
