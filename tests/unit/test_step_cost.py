@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from pagoda.config import EngineConfig
 from pagoda.engine.step_cost import MIN_CHUNK, StepBudget, StepCost, attention_pairs, calibrate
+from pagoda.errors import ConfigError
 
 TRUTH = StepCost(per_token_ms=0.4, per_pair_ms=2e-4, fixed_ms=12.0)
 
@@ -71,3 +73,10 @@ def test_calibrate_keeps_the_fastest_timing_and_no_negative_cost() -> None:
     noisy = calibrate(lambda n, start: 50.0 - n / 100, 8192)  # longer chunks "faster"
     assert noisy.per_token_ms == 0.0 and noisy.per_pair_ms == 0.0 and noisy.fixed_ms > 0
 
+
+@pytest.mark.parametrize("bad", [-1, -0.5, float("nan"), "fast", True])
+def test_a_bad_step_budget_is_a_config_error(bad) -> None:
+    with pytest.raises(ConfigError, match=r"max_step_ms must be a number of milliseconds >= 0 \(0: no time budget"):
+        EngineConfig(max_step_ms=bad)
+    assert EngineConfig(max_step_ms=0).max_step_ms == 0
+    assert EngineConfig(max_step_ms=125.5).max_step_ms == 125.5
