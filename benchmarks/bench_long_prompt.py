@@ -1,7 +1,7 @@
 """Long-prompt prefill: time, tokens/s and peak memory of one long prompt, chunk by chunk,
 with a short stream decoding alongside (its longest inter-token gap is reported).
 
-    python benchmarks/bench_long_prompt.py --prompt-len 8000 --chunk 512
+    python benchmarks/bench_long_prompt.py --prompt-len 8000 --chunk 512 [--max-step-ms 250]
 
 Prints one JSON line (for machines) and a table (for people). Linux only (peak RSS from
 /proc/self/status, reset through /proc/self/clear_refs before the prefill).
@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=8000)
     ap.add_argument("--chunk", type=int, default=512, help="--chunked-prefill-size (0: the whole prompt at once)")
     ap.add_argument("--max-batched-tokens", type=int, default=None, help="default: 2048, or the prompt if chunk is 0")
+    ap.add_argument("--max-step-ms", type=float, default=None, help="step time budget (default: the platform's)")
     ap.add_argument("--kv-cache-memory", type=float, default=1.0)
     ap.add_argument("--num-threads", type=int, default=None)
     args = ap.parse_args()
@@ -42,7 +43,7 @@ def main() -> None:
     t0 = time.perf_counter()
     llm = LLM(model=args.model, dtype=args.dtype, chunked_prefill_size=args.chunk, max_batched_tokens=budget,
               kv_cache_memory=args.kv_cache_memory, disable_prefix_cache=True,
-              num_threads=args.num_threads)
+              num_threads=args.num_threads, max_step_ms=args.max_step_ms)
     load_s = time.perf_counter() - t0
     engine, vocab = llm.engine, llm.engine.model_config.vocab_size
     rng = random.Random(0)
@@ -76,6 +77,7 @@ def main() -> None:
         "prompt_len": args.prompt_len,
         "chunk": args.chunk,
         "max_batched_tokens": budget,
+        "max_step_ms": engine.scheduler.config.max_step_ms,
         "num_threads": torch.get_num_threads(),
         "load_s": round(load_s, 2),
         "steps": steps,

@@ -64,6 +64,12 @@ class EngineConfig:
     max_running_requests: int = _opt(256, "cap on sequences decoding at once")
     max_batched_tokens: int | None = _opt(None, "token budget of one engine step (default: the platform's, 1024 on CPU)")
     chunked_prefill_size: int = _opt(512, "longest prompt chunk prefilled in one step (0: no chunking)")
+    max_step_ms: float | None = _opt(
+        None, "time budget of one engine step in milliseconds: prompt chunks are cut so that a step's predicted "
+        "time (a cost model calibrated at start-up) stays under it however long their context, so a long "
+        "document does not stall other streams (default: the platform's, 250 on CPU, 0 on GPUs; 0: steps "
+        "bounded in tokens only)",
+    )
     disable_prefix_cache: bool = _opt(False, "turn off radix-tree prefix sharing")
     max_queued_requests: int = _opt(4096, "waiting requests beyond which new ones are refused")
     stream_interval: int = _opt(
@@ -145,6 +151,10 @@ class EngineConfig:
             raise ConfigError(f"int4_group_size must be 32, 64 or 128 (got {self.int4_group_size})")
         if self.chunked_prefill_size < 0:
             raise ConfigError(f"chunked_prefill_size must be >= 0 (got {self.chunked_prefill_size})")
+        step_ms = self.max_step_ms
+        if step_ms is not None and (isinstance(step_ms, bool) or not isinstance(step_ms, (int, float))
+                                    or not step_ms >= 0):
+            raise ConfigError(f"max_step_ms must be a number of milliseconds >= 0 (0: no time budget; got {step_ms!r})")
         if self.context_length is not None and self.context_length < 1:
             raise ConfigError(f"context_length must be positive (got {self.context_length})")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

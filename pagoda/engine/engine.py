@@ -32,6 +32,7 @@ from pagoda.engine.sampler import Sampler, SamplingRow, compute_logprobs
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from pagoda.engine.speculative.verify import sample_and_verify
+from pagoda.engine.step_cost import MIN_CHUNK, StepCost, calibrate, timed_forward
 from pagoda.errors import ConfigError, InvalidRequestError, ModelNotFoundError
 from pagoda.lora import LoRAAdapter, LoRAManager
 from pagoda.models.loader import LoadedModel, load_model, resolve_dtype
@@ -265,16 +266,33 @@ class Engine:
 
     def _build_scheduler(self) -> Scheduler:
         cfg = self.config
+        max_step_ms = self.platform.step_time_budget_ms() if cfg.max_step_ms is None else cfg.max_step_ms
         return Scheduler(
             SchedulerConfig(
                 max_running_requests=cfg.max_running_requests,
                 max_batched_tokens=cfg.max_batched_tokens or self.platform.step_token_budget(),
                 chunked_prefill_size=cfg.chunked_prefill_size,
                 enable_prefix_cache=not cfg.disable_prefix_cache,
+                max_step_ms=max_step_ms,
             ),
             self.allocator,
             self.lora,
+            self._step_cost(max_step_ms) if max_step_ms else None,
         )
+
+    def _step_cost(self, max_step_ms: float) -> StepCost | None:
+        """The step cost model, calibrated on a few synthetic forwards (before graphs are captured:
+        they run eagerly); None, with a warning, where the budget cannot be kept."""
+        t = time.perf_counter()
+        cost = calibrate(timed_forward(self.runner, self.allocator, self.platform.synchronize), self.context_length)
+        log.info("%sstep budget %g ms; step cost (calibrated in %.1f s): %s", self.rank_label, max_step_ms,
+                 time.perf_counter() - t, cost)
+        if cost.keeps(max_step_ms):
+            return cost
+        log.warning("%sstep budget off: a step with a %d-token prompt chunk is predicted to take %.0f ms here, over "
+                    "--max-step-ms %g (raise it, or start on a quieter host)", self.rank_label, MIN_CHUNK,
+                    cost.fixed_ms + cost.chunk_ms(0, MIN_CHUNK), max_step_ms)
+        return None
 
     def _build_speculator(self):
         cfg = self.config

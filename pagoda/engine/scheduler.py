@@ -7,9 +7,12 @@ on a CPU without a model.
 
 Each step: running requests first (decodes and continuing prefill chunks), then
 waiting requests in (priority, arrival) order while budget, pages and the running cap
-allow. When pages run out the lowest-priority, youngest running request is preempted:
-its computed pages go to the radix tree, its own references are dropped, and it is
-recomputed later (usually as a prefix-cache hit).
+allow. With a time budget (``max_step_ms``) and a cost model of the step (step_cost.py),
+each prompt chunk is also cut to the time the step has left, so a chunk over a long
+context cannot stall everyone's decode; decodes always get their token. When pages run
+out the lowest-priority, youngest running request is preempted: its computed pages go to
+the radix tree, its own references are dropped, and it is recomputed later (usually as a
+prefix-cache hit).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Protocol
 from pagoda.cache.page_allocator import PageAllocator
 from pagoda.cache.radix_tree import RadixTree
 from pagoda.engine.request import Request, Status
+from pagoda.engine.step_cost import StepBudget, StepCost
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class SchedulerConfig:
     max_batched_tokens: int
     chunked_prefill_size: int  # 0: no chunking beyond the step budget
     enable_prefix_cache: bool = True
+    max_step_ms: float = 0.0  # predicted milliseconds a step may take (0: bounded in tokens only)
 
 
 @dataclass
@@ -80,9 +85,12 @@ def _order(req: Request) -> tuple[int, float]:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: PageAllocator, lora: AdapterSlots | None = None) -> None:
+    def __init__(self, config: SchedulerConfig, allocator: PageAllocator, lora: AdapterSlots | None = None,
+                 step_cost: StepCost | None = None) -> None:
+        """``step_cost`` predicts a step's time for ``config.max_step_ms`` (None: no time budget)."""
         self.config = config
         self.lora = lora
+        self.step_cost = step_cost
         self.allocator = allocator
         self.page_size = allocator.page_size
         self.tree = RadixTree(allocator, enabled=config.enable_prefix_cache)
@@ -118,12 +126,13 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_batched_tokens
+        step_time = StepBudget(self.step_cost, self.config.max_step_ms)
         for req in list(self.running):
             if budget == 0:
                 break
             if req not in self.running:  # preempted earlier in this loop
                 continue
-            n = self._chunk_len(req, req.num_computed, budget)
+            n = self._chunk_len(req, req.num_computed, budget, step_time)
             draft, req.draft = req.draft[: budget - 1] if n == 1 else [], []
             # a proposal only takes free (or evictable) pages: it never preempts anyone
             if draft and not self._grow(req, req.num_computed + 1 + len(draft)):
@@ -136,7 +145,8 @@ class Scheduler:
             if req in self.running:
                 out.chunks.append(ScheduledChunk(req, req.num_computed, n + len(draft), draft))
                 budget -= n + len(draft)
-        self._admit_waiting(out, budget)
+                step_time.spend(req.num_computed, n + len(draft))
+        self._admit_waiting(out, budget, step_time)
         return out
 
     def update(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Request]:
@@ -178,10 +188,14 @@ class Scheduler:
 
     # ---- internals -------------------------------------------------------------------
 
-    def _chunk_len(self, req: Request, start: int, budget: int) -> int:
+    def _chunk_len(self, req: Request, start: int, budget: int, step_time: StepBudget) -> int:
+        """Tokens of req to compute from `start` this step: a decode's one, or a prompt chunk
+        within the chunk size and the step's time, then within the token budget."""
         n = req.num_tokens - start
-        if n > 1 and self.config.chunked_prefill_size:
-            n = min(n, self.config.chunked_prefill_size)
+        if n > 1:
+            if self.config.chunked_prefill_size:
+                n = min(n, self.config.chunked_prefill_size)
+            n = step_time.cap(start, n)
         return min(n, budget)
 
     def _grow(self, req: Request, num_tokens: int) -> bool:
@@ -267,7 +281,7 @@ class Scheduler:
             leader is not None and self.tree.enabled and not leader.finished and not leader.prompt_cached_in_tree
         )
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, step_time: StepBudget) -> None:
         for req in list(self.waiting):
             if budget == 0 or len(self.running) >= self.config.max_running_requests:
                 return
@@ -279,7 +293,7 @@ class Scheduler:
             if match is not None:
                 self.tree.lock(match.handle)
             cached = match.num_tokens if match else 0
-            n = self._chunk_len(req, cached, budget)
+            n = self._chunk_len(req, cached, budget, step_time)
             shared = list(match.pages) if match else []
             own = self._alloc(self.pages_needed(cached + n) - len(shared))
             if own is None:
@@ -299,6 +313,7 @@ class Scheduler:
             self.running.append(req)
             out.chunks.append(ScheduledChunk(req, cached, n))
             budget -= n
+            step_time.spend(cached, n)
 
     def check_integrity(self) -> None:
         """When idle: every page is free or held by the prefix cache (no leak)."""

@@ -32,7 +32,7 @@ class Platform:
     portable_kernel_modules: ClassVar[tuple[str, ...]] = ("pagoda.ops.sdpa",)
     _HOOKS: ClassVar[tuple[str, ...]] = (
         "is_available", "device", "default_dtype", "total_memory", "free_memory", "synchronize", "seed",
-        "kv_cache_budget", "step_token_budget", "alloc_streamed", "new_graph",
+        "kv_cache_budget", "step_token_budget", "step_time_budget_ms", "alloc_streamed", "new_graph",
     )
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -76,6 +76,12 @@ class Platform:
         the device's matmuls busy, few enough that decoding streams are not held up long by a
         step full of prompt chunks."""
         return 8192
+
+    def step_time_budget_ms(self) -> float:
+        """Milliseconds one engine step may take when the user names no budget (0: none, the
+        token budget alone bounds a step). 0 on accelerators for now: their steps of 8192 tokens
+        are short for the models served there, and no cost model has been measured on one."""
+        return 0.0
 
     def seed(self, seed: int) -> None:
         torch.manual_seed(seed)

@@ -42,6 +42,13 @@ class CpuPlatform(Platform):
         # first token (docs/BENCHMARKS.md).
         return 1024
 
+    def step_time_budget_ms(self) -> float:
+        # A decoding stream's gap between tokens is one step. A prompt chunk over a long context
+        # makes a step of seconds here (512 tokens after 30K: ~2.5 s on 2 cores); 250 ms keeps
+        # streams fluid, leaves room for a second prompt's minimum chunk under 0.5 s, and still
+        # gives short prompts steps of several hundred tokens, where the matmuls run at their best.
+        return 250.0
+
     def alloc_streamed(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         # On transparent huge pages: decode attention streams the KV cache, ~10% faster at 64
         # sequences than on 4 KiB pages (TLB misses under a hypervisor are long walks).

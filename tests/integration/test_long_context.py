@@ -228,8 +228,9 @@ def drive(llm: LLM, prompt: list[int], chunk: int, budget: int, short: bool = Fa
 
 @pytest.fixture(scope="module")
 def real_llm() -> LLM:
-    # No prefix cache: every run below must compute the whole prompt again.
-    return LLM(dtype="float32", kv_cache_memory=1.0, disable_prefix_cache=True)
+    # No prefix cache: every run below must compute the whole prompt again. No step time budget:
+    # these runs fix the chunk size themselves (tests/integration/test_step_budget.py cuts by time).
+    return LLM(dtype="float32", kv_cache_memory=1.0, disable_prefix_cache=True, max_step_ms=0)
 
 
 @pytest.fixture(scope="module")

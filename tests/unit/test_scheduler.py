@@ -6,12 +6,18 @@ from pagoda.cache.page_allocator import PageAllocator
 from pagoda.engine.request import Request, Status
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler import Scheduler, SchedulerConfig
+from pagoda.engine.step_cost import MIN_CHUNK, StepCost
+
+# A forced cost model: under 50 ms a step holds a chunk of ~290 tokens at the start of a prompt, of
+# 32 (the minimum) from ~1.4K tokens of context on.
+COST = StepCost(per_token_ms=0.02, per_pair_ms=1e-3, fixed_ms=2.0)
 
 
-def make(num_pages=64, page_size=4, budget=32, chunk=8, running=8, cache=True) -> Scheduler:
+def make(num_pages=64, page_size=4, budget=32, chunk=8, running=8, cache=True, step_ms=0.0,
+         cost=None) -> Scheduler:
     cfg = SchedulerConfig(max_running_requests=running, max_batched_tokens=budget, chunked_prefill_size=chunk,
-                          enable_prefix_cache=cache)
-    return Scheduler(cfg, PageAllocator(num_pages, page_size))
+                          enable_prefix_cache=cache, max_step_ms=step_ms)
+    return Scheduler(cfg, PageAllocator(num_pages, page_size), step_cost=cost)
 
 
 def req(rid: str, n: int, priority: int = 0, start: int = 0) -> Request:
@@ -79,3 +85,46 @@ def test_abort_frees_pages_at_once() -> None:
     s.abort(r)
     s.check_integrity()
     assert s.allocator.num_free() + s.tree.cached_pages() == 64
+
+
+def prefill_beside_a_decode(step_ms: float, prompt_len: int = 3000) -> list[dict[str, object]]:
+    """Each step's chunks (request id -> chunk) while `doc` is prefilled and `a` decodes."""
+    s = make(num_pages=2048, page_size=16, budget=1024, chunk=512, step_ms=step_ms, cost=COST)
+    s.add(req("a", 10))
+    run_step(s)  # a decodes from here on
+    doc = req("doc", prompt_len, start=1000)
+    s.add(doc)
+    steps = []
+    while doc.in_prefill:
+        steps.append({c.request.request_id: c for c in run_step(s).chunks})
+    return steps
+
+
+def test_time_budget_cuts_long_context_chunks_and_decodes_keep_their_token() -> None:
+    steps = prefill_beside_a_decode(step_ms=50)
+    sizes = [step["doc"].num_tokens for step in steps]
+    assert sum(sizes) == 3000
+    for step in steps:
+        assert step["a"].num_tokens == 1  # a token in every step
+        predicted = COST.fixed_ms + sum(COST.chunk_ms(c.start, c.num_tokens) for c in step.values())
+        assert predicted <= 50 or step["doc"].num_tokens == MIN_CHUNK, (predicted, step["doc"].num_tokens)
+    # the longer the context, the shorter the chunk, down to the minimum that keeps it moving
+    assert sizes[:-1] == sorted(sizes[:-1], reverse=True)
+    assert MIN_CHUNK < sizes[0] < 512 and sizes[-2] == MIN_CHUNK and min(sizes) > 0
+
+
+def test_step_budget_zero_keeps_token_chunking() -> None:
+    steps = prefill_beside_a_decode(step_ms=0)
+    assert [step["doc"].num_tokens for step in steps] == [512] * 5 + [3000 - 5 * 512]
+    assert all(step["a"].num_tokens == 1 for step in steps)
+
+
+def test_a_new_prompt_progresses_when_the_step_is_full() -> None:
+    s = make(num_pages=2048, page_size=16, budget=1024, chunk=512, step_ms=50, cost=COST)
+    doc = req("doc", 3000)
+    s.add(doc)
+    while doc.num_computed < 2000:
+        run_step(s)
+    s.add(req("b", 100, start=5000))
+    chunks = {c.request.request_id: c.num_tokens for c in run_step(s).chunks}
+    assert chunks == {"doc": MIN_CHUNK, "b": MIN_CHUNK}
