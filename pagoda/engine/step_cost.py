@@ -28,8 +28,8 @@ MIN_CHUNK = 32  # a prompt chunk is never cut below this, so a long prompt alway
 # Calibration shapes: short and long chunks at the start of a sequence (per token), the short
 # one again after a long context (per pair). Chunks of up to 256 tokens are the ones a budget
 # leaves at long contexts, so they set the attention cost.
-_SHORT, _LONG, _CONTEXT = 64, 256, 4096
-_REPEATS = 3  # the fastest of three: a shared machine adds noise, never speed
+_SHORT, _LONG, _CONTEXT = 64, 256, 2048
+_REPEATS = 2  # the faster of two: a shared machine adds noise, never speed
 
 
 def attention_pairs(start: int, n: int) -> int:
