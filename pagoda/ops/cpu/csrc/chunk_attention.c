@@ -73,7 +73,7 @@ typedef struct { /* one thread's working set, 64-byte aligned */
     uint32_t vt[MAX_D / 16][256]; /* values in pair layout: [key pair][16 columns] per 16 columns */
     float s[2][MAX_D / 32][256];  /* stored score tiles (int8: one per group) */
     uint16_t pa[16 * 32];         /* probabilities, [row][key] */
-    int64_t off[KEY_TILE];
+    int64_t *off; /* pool offsets (elements) of the context's rows for the item's kv head */
 } scratch;
 
 /* 2^x for x <= 0 (a degree-5 polynomial on the fraction: relative error ~2e-6, well under
@@ -135,36 +135,40 @@ static inline __m512i i8x32_to_bf16(const int8_t *row, int d, int c, int scaled)
 }
 
 /* 32 values of a value row from column c as bf16 (zeros past the tile's keys) */
-static inline __m512i value_bf16(const chunk_args *a, const scratch *w, int u, int nk, int c) {
+static inline __m512i value_bf16(const chunk_args *a, const int64_t *off, int u, int nk, int c) {
     if (u >= nk) return _mm512_setzero_si512();
-    if (a->kv_kind == KV_BF16) return _mm512_loadu_si512((const uint16_t *)a->v + w->off[u] + c);
-    return i8x32_to_bf16((const int8_t *)a->v + w->off[u], a->d, c, 1);
+    if (a->kv_kind == KV_BF16) return _mm512_loadu_si512((const uint16_t *)a->v + off[u] + c);
+    return i8x32_to_bf16((const int8_t *)a->v + off[u], a->d, c, 1);
 }
 
-/* Keys kt..kt+nk-1 of the tile: pool offsets, key A tiles (in place where 16 bf16 rows are
- * evenly spaced, else copied; int8 rows converted), values in pair layout. */
-static void stage_tile(const chunk_args *a, const int64_t *pages, int64_t head, int64_t kt, int nk, scratch *w,
+/* Keys kt..kt+nk-1 of the tile (of the item's keys before end; pool offsets in w->off): key A
+ * tiles (in place where 16 bf16 rows are evenly spaced, else copied; int8 rows converted),
+ * values in pair layout; the next tile's rows are prefetched. */
+static void stage_tile(const chunk_args *a, int64_t kt, int nk, int64_t end, scratch *w,
                        const uint16_t *kptr[2], int64_t kstride[2]) {
-    const int d = a->d, ps = a->page_size;
-    for (int u = 0; u < nk; u++) {
-        const int64_t t = kt + u;
-        w->off[u] = (pages[t / ps] * ps + t % ps) * a->row_stride + head;
-    }
+    const int d = a->d;
+    const int64_t *off = w->off + kt;
+    const int es = a->kv_kind == KV_BF16 ? 2 : 1; /* bytes per element */
+    for (int64_t t = KEY_TILE; t < 2 * KEY_TILE && kt + t < end; t++) /* the next tile's rows */
+        for (int b = 0; b < a->hd * es; b += 64) {
+            _mm_prefetch((const char *)a->k + off[t] * es + b, _MM_HINT_T0);
+            _mm_prefetch((const char *)a->v + off[t] * es + b, _MM_HINT_T0);
+        }
     for (int h = 0; h * 16 < nk; h++) {
         const int n = nk - 16 * h < 16 ? nk - 16 * h : 16;
-        const int64_t *off = w->off + 16 * h;
+        const int64_t *ho = off + 16 * h;
         if (a->kv_kind == KV_BF16) {
-            const int64_t step = off[1] - off[0];
+            const int64_t step = ho[1] - ho[0];
             int even = n == 16 && step > 0;
-            for (int u = 2; u < n && even; u++) even = off[u] == off[0] + u * step;
+            for (int u = 2; u < n && even; u++) even = ho[u] == ho[0] + u * step;
             if (even) {
-                kptr[h] = (const uint16_t *)a->k + off[0], kstride[h] = step * 2;
+                kptr[h] = (const uint16_t *)a->k + ho[0], kstride[h] = step * 2;
                 continue;
             }
-            for (int u = 0; u < n; u++) memcpy(w->kb[h] + u * d, (const uint16_t *)a->k + off[u], 2 * (size_t)d);
+            for (int u = 0; u < n; u++) memcpy(w->kb[h] + u * d, (const uint16_t *)a->k + ho[u], 2 * (size_t)d);
         } else {
             for (int u = 0; u < n; u++) {
-                const int8_t *kr = (const int8_t *)a->k + off[u];
+                const int8_t *kr = (const int8_t *)a->k + ho[u];
                 for (int c = 0; c < d; c += 32) {
                     _mm512_storeu_si512(w->kb[h] + u * d + c, i8x32_to_bf16(kr, d, c, 0));
                     uint16_t sh;
@@ -179,7 +183,7 @@ static void stage_tile(const chunk_args *a, const int64_t *pages, int64_t head, 
     const __m512i lo = interleave_words(32), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
     for (int r = 0; r < KEY_TILE / 2; r++) /* pair r: keys 2r and 2r+1, word by word */
         for (int c = 0; c < d; c += 32) {
-            const __m512i x = value_bf16(a, w, 2 * r, nk, c), y = value_bf16(a, w, 2 * r + 1, nk, c);
+            const __m512i x = value_bf16(a, off, 2 * r, nk, c), y = value_bf16(a, off, 2 * r + 1, nk, c);
             _mm512_store_si512(w->vt[c / 16] + 16 * r, _mm512_permutex2var_epi16(x, lo, y));
             _mm512_store_si512(w->vt[c / 16 + 1] + 16 * r, _mm512_permutex2var_epi16(x, hi, y));
         }
@@ -198,27 +202,38 @@ static void stage_tile(const chunk_args *a, const int64_t *pages, int64_t head, 
         _tile_stored(T1, acc + 16 * ((c) + 1), astride);              \
     } while (0)
 
+/* scores of dims 32 blk.. for both halves of the keys: queries in tile TQ, keys in TK0, TK1 */
+#define QK_STEP(TQ, TK0, TK1, blk)                                    \
+    do {                                                              \
+        _tile_loadd(TQ, w->qt[bi][blk], 64);                          \
+        _tile_loadd(TK0, kptr[0] + 32 * (blk), kstride[0]);           \
+        _tile_dpbf16ps(0, TK0, TQ);                                   \
+        if (halves > 1) {                                             \
+            _tile_loadd(TK1, kptr[1] + 32 * (blk), kstride[1]);       \
+            _tile_dpbf16ps(1, TK1, TQ);                               \
+        }                                                             \
+    } while (0)
+
 /* One query block against the staged tile: scores, online softmax, then P V into acc. */
 static void block_step(const chunk_args *a, scratch *w, int bi, int64_t kt, int nk, const uint16_t *kptr[2],
                        const int64_t kstride[2]) {
-    const int d = a->d, blocks = d / 32, halves = nk > 16 ? 2 : 1;
-    for (int h = 0; h < halves; h++) {
-        if (a->kv_kind == KV_BF16) {
+    const int d = a->d, blocks = d / 32, halves = nk > 16 ? 2 : 1, i8 = a->kv_kind == KV_INT8;
+    if (!i8) {
+        _tile_zero(0);
+        _tile_zero(1);
+    }
+    for (int blk = 0; blk < blocks; blk++) { /* both halves at once: two independent sums */
+        if (i8) {
             _tile_zero(0);
-            for (int blk = 0; blk < blocks; blk++) {
-                _tile_loadd(2, kptr[h] + 32 * blk, kstride[h]);
-                _tile_loadd(3, w->qt[bi][blk], 64);
-                _tile_dpbf16ps(0, 2, 3);
-            }
-            _tile_stored(0, w->s[h][0], 64);
-        } else {
-            for (int blk = 0; blk < blocks; blk++) {
-                _tile_zero(0);
-                _tile_loadd(2, kptr[h] + 32 * blk, kstride[h]);
-                _tile_loadd(3, w->qt[bi][blk], 64);
-                _tile_dpbf16ps(0, 2, 3);
-                _tile_stored(0, w->s[h][blk], 64);
-            }
+            _tile_zero(1);
+        }
+        if (blk & 1)
+            QK_STEP(4, 6, 7, blk);
+        else
+            QK_STEP(3, 2, 5, blk);
+        if (i8 || blk == blocks - 1) {
+            _tile_stored(0, w->s[0][i8 ? blk : 0], 64);
+            if (halves > 1) _tile_stored(1, w->s[1][i8 ? blk : 0], 64);
         }
     }
     const __m512i qpos = _mm512_load_si512(w->qpos[bi]);
@@ -298,11 +313,14 @@ static void chunk_item(const chunk_args *a, const int64_t *row, int kh, int b0, 
     }
     const int64_t end = w->qpos[b1 - b0 - 1][15] + 1; /* keys the last row sees */
     const int64_t head = (int64_t)kh * a->hd;
+    for (int64_t t = 0, p = 0; t < end; p++)
+        for (int u = 0; u < a->page_size && t < end; u++, t++)
+            w->off[t] = (pages[p] * a->page_size + u) * a->row_stride + head;
     for (int64_t kt = 0; kt < end; kt += KEY_TILE) {
         const int nk = end - kt < KEY_TILE ? (int)(end - kt) : KEY_TILE;
         const uint16_t *kptr[2];
         int64_t kstride[2];
-        stage_tile(a, pages, head, kt, nk, w, kptr, kstride);
+        stage_tile(a, kt, nk, end, w, kptr, kstride);
         for (int bi = 0; bi < b1 - b0; bi++) {
             const int64_t visible = w->qpos[bi][15] + 1 - kt; /* keys of this tile the block's last row sees */
             if (visible > 0) block_step(a, w, bi, kt, visible < nk ? (int)visible : nk, kptr, kstride);
@@ -341,8 +359,11 @@ int paged_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
                           g, d, kv_kind == KV_INT8 ? kv_int8_row_bytes(d) : d, page_size, 16 / g,
                           (int64_t)hk * (kv_kind == KV_INT8 ? kv_int8_row_bytes(d) : d), scale * 1.44269504f};
     /* work items: (sequence, kv head, run of query blocks), short runs when there are few blocks */
-    int64_t total = 0;
-    for (int64_t i = 0; i < n; i++) total += (rows[4 * i + 2] + a.tokens_per_block - 1) / a.tokens_per_block * hk;
+    int64_t total = 0, max_len = 0;
+    for (int64_t i = 0; i < n; i++) {
+        total += (rows[4 * i + 2] + a.tokens_per_block - 1) / a.tokens_per_block * hk;
+        max_len = rows[4 * i + 3] > max_len ? rows[4 * i + 3] : max_len;
+    }
     int64_t per_item = total / (4 * (int64_t)num_threads);
     per_item = per_item < 1 ? 1 : per_item > MAX_BLOCKS ? MAX_BLOCKS : per_item;
     int64_t items = 0;
@@ -357,6 +378,7 @@ int paged_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
     _Pragma("omp parallel num_threads(num_threads)")
     {
         scratch *w = aligned_alloc(64, sizeof(scratch));
+        w->off = malloc(sizeof(int64_t) * (size_t)max_len);
         load_tile_config(TILES);
         _Pragma("omp for schedule(dynamic, 1)")
         for (int64_t it = 0; it < items; it++) {
@@ -365,6 +387,7 @@ int paged_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
             chunk_item(&a, row, (int)item[it][1], (int)b0, (int)(b0 + per_item < blocks ? b0 + per_item : blocks), w);
         }
         _tile_release();
+        free(w->off);
         free(w);
     }
     free(item);
