@@ -2,6 +2,8 @@
 with a short stream decoding alongside (its longest inter-token gap is reported).
 
     python benchmarks/bench_long_prompt.py --prompt-len 8000 --chunk 512
+    python benchmarks/bench_long_prompt.py --prompt-len 30000 --context-length 32768 \
+        --rope-scaling '{"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 8192}'
 
 Prints one JSON line (for machines) and a table (for people). Linux only (peak RSS from
 /proc/self/status, reset through /proc/self/clear_refs before the prefill).
@@ -36,13 +38,15 @@ def main() -> None:
     ap.add_argument("--max-batched-tokens", type=int, default=None, help="default: 2048, or the prompt if chunk is 0")
     ap.add_argument("--kv-cache-memory", type=float, default=1.0)
     ap.add_argument("--num-threads", type=int, default=None)
+    ap.add_argument("--context-length", type=int, default=None, help="past the model's: with --rope-scaling")
+    ap.add_argument("--rope-scaling", default=None, help="JSON, e.g. YaRN's (see the example above)")
     args = ap.parse_args()
     budget = args.max_batched_tokens or (2048 if args.chunk else args.prompt_len + 16)
 
     t0 = time.perf_counter()
     llm = LLM(model=args.model, dtype=args.dtype, chunked_prefill_size=args.chunk, max_batched_tokens=budget,
               kv_cache_memory=args.kv_cache_memory, disable_prefix_cache=True,
-              num_threads=args.num_threads)
+              num_threads=args.num_threads, context_length=args.context_length, rope_scaling=args.rope_scaling)
     load_s = time.perf_counter() - t0
     engine, vocab = llm.engine, llm.engine.model_config.vocab_size
     rng = random.Random(0)
