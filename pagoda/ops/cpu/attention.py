@@ -1,5 +1,6 @@
 """CPU paged attention: decode tokens read their context from the pages in place (the C
-kernel, csrc/paged_attention.c); prefill chunks go to torch's flash SDPA.
+kernel, csrc/paged_attention.c); so do prefill chunks where the CPU has AMX and the cache is
+bf16 or int8 (csrc/chunk_attention.c), and otherwise they go to torch's flash SDPA.
 
 The C kernels read a step's tokens as rows (token index, batch index, context length):
 those views of the ForwardBatch are built here, once per step, by `batch.view`."""
@@ -35,6 +36,13 @@ def token_rows(batch: ForwardBatch) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
 
 
+def chunk_rows(batch: ForwardBatch) -> torch.Tensor:
+    """[n, 4] int64 on the host, one row per multi-token sequence: (first token index, batch
+    index, query length, context length); the layout the C chunk kernel reads."""
+    rows = [(batch.query_starts[b], b, batch.query_lens[b], batch.seq_lens[b]) for b in batch.multi_token_seqs]
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)
+
+
 def decode_max_len(batch: ForwardBatch) -> int:
     """Longest context among the single-token sequences (0 if none)."""
     return max((s for q, s in zip(batch.query_lens, batch.seq_lens) if q == 1), default=0)
@@ -42,30 +50,42 @@ def decode_max_len(batch: ForwardBatch) -> int:
 
 @kernel("paged_attention", priority=20)
 def paged_attention_cpu(q, k_cache, v_cache, batch: ForwardBatch, scale, out_dtype=None):
-    """Decode tokens read their context from the pages in place (C kernel); prefill chunks,
-    which are compute-bound, go to torch's flash SDPA one sequence at a time, in bfloat16
-    when the cache is bfloat16 or int8 and the CPU has AMX (2.7x float32's speed there)."""
+    """Decode tokens read their context from the pages in place (C kernel); so do prefill
+    chunks over a bf16 or int8 cache where the CPU has AMX (C flash kernel, bf16 tile products).
+    Other chunks, and shapes that kernel does not take, go to torch's flash SDPA one sequence at
+    a time, in bfloat16 when the cache is bfloat16 or int8 and the CPU has AMX (2.7x float32's
+    speed there)."""
     lib = native.library()
     rows = batch.view(decode_rows)
     out_dtype = out_dtype or q.dtype
-    decode_in_c = (
-        lib is not None and len(rows) > 0 and q.dtype == torch.float32 and k_cache.dtype in KV_KIND
-        and out_dtype in DTYPE_FLAG and q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
+    in_c = (
+        lib is not None and q.dtype == torch.float32 and k_cache.dtype in KV_KIND and out_dtype in DTYPE_FLAG
+        and q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
     )
+    decode_in_c = in_c and len(rows) > 0
     compute = torch.bfloat16 if k_cache.dtype in (torch.bfloat16, torch.int8) and HAS_AMX else q.dtype
-    if not decode_in_c and compute == q.dtype:
+    chunks_in_c = in_c and compute == torch.bfloat16 and bool(batch.multi_token_seqs)
+    if not decode_in_c and not chunks_in_c and compute == q.dtype:
         return DECLINE  # exactly what the portable SDPA kernel does
     out = torch.empty(q.shape, dtype=out_dtype)
+    _, hq, d = q.shape
+    block_table = batch.block_table
     seqs = batch.multi_token_seqs if decode_in_c else range(batch.batch_size)
     if decode_in_c:
-        _, hq, d = q.shape
-        block_table = batch.block_table
         lib.paged_decode_attention(
             q.data_ptr(), hq * d, k_cache.data_ptr(), v_cache.data_ptr(), KV_KIND[k_cache.dtype],
             block_table.data_ptr(), block_table.stride(0), rows.data_ptr(), len(rows), out.data_ptr(),
             DTYPE_FLAG[out_dtype], hq * d, hq, k_cache.shape[1], d, batch.page_size, scale, batch.view(decode_max_len),
             torch.get_num_threads(),
         )
+    if chunks_in_c:
+        chunks = batch.view(chunk_rows)
+        if lib.paged_chunk_attention(
+            q.data_ptr(), hq * d, k_cache.data_ptr(), v_cache.data_ptr(), KV_KIND[k_cache.dtype],
+            block_table.data_ptr(), block_table.stride(0), chunks.data_ptr(), len(chunks), out.data_ptr(),
+            DTYPE_FLAG[out_dtype], hq * d, hq, k_cache.shape[1], d, batch.page_size, scale, torch.get_num_threads(),
+        ):
+            seqs = ()  # every single-token sequence was a decode row
     if seqs:
         attend_per_sequence(q, k_cache, v_cache, batch, scale, out, seqs, compute)
     return out

@@ -39,6 +39,10 @@ void paged_decode_attention(const float *q, int64_t q_stride, const void *k_cach
                             int kv_kind, const int64_t *block_table, int64_t bt_stride, const int64_t *rows,
                             int64_t n, void *out, int out_bf16, int64_t out_stride, int hq, int hk, int d,
                             int page_size, float scale, int max_len, int num_threads);
+int paged_chunk_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int kv_kind,
+                          const int64_t *block_table, int64_t bt_stride, const int64_t *rows, int64_t n, void *out,
+                          int out_bf16, int64_t out_stride, int hq, int hk, int d, int page_size, float scale,
+                          int num_threads);
 void int4_matmul(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const void *x, int x_bf16, void *out,
                  int out_bf16, int64_t rows, int64_t n, int64_t k, int num_threads);
 void int8_matmul(const int8_t *qp, const uint16_t *d16, const void *x, int x_bf16, void *out, int out_bf16,

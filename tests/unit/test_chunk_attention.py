@@ -1,0 +1,174 @@
+"""The AMX chunk-attention kernel (csrc/chunk_attention.c) against the reference attention:
+bf16 and int8 caches, GQA groups, head dims, chunks over prefixes, scattered pages, batches
+mixed with decode rows; a model prefilled in chunks through it against the SDPA path; and the
+quantized models' C layer stack taking its short chunks to it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pagoda import LLM
+from pagoda.cache.kv_pool import KVPool
+from pagoda.models.config import ModelConfig
+from pagoda.models.layers import LinearFormat
+from pagoda.models.llama import LlamaForCausalLM
+from pagoda.models.loader import _fill_dummy
+from pagoda.ops import reference
+from pagoda.ops.cpu import attention, native
+from pagoda.ops.cpu.attention import chunk_rows, paged_attention_cpu
+from pagoda.ops.cpu.decoder_stack import decoder_stack_c
+from pagoda.ops.sdpa import attend_per_sequence
+from tests.conftest import TINY_LLAMA
+from tests.unit.test_decoder_stack import BASE, PAGE, _inputs
+from tests.unit.test_ops import _attention_inputs
+from tests.unit.test_quant import needs_c_quant
+
+pytestmark = pytest.mark.skipif(not native.HAS_AMX or native.library() is None, reason="needs AMX and the C kernels")
+
+
+def _sdpa_only(*args) -> None:
+    raise AssertionError("a chunk went to the SDPA path: the C kernel should have served it")
+
+
+def _check(query_lens: list[int], seq_lens: list[int], monkeypatch, out_dtype=None, q_scale: float = 1.0, **shape):
+    """The kernel (through paged_attention_cpu, which must not fall back) against the float32
+    reference: within bf16 attention's tolerance, and on average no further from it than the
+    SDPA path in bf16 (the fallback) is."""
+    q, k, v, batch, scale = _attention_inputs(query_lens, seq_lens, **shape)
+    q = q * q_scale  # sharper attention: a wrong mask or a lost key shows
+    with monkeypatch.context() as m:
+        m.setattr(attention, "attend_per_sequence", _sdpa_only)
+        got = paged_attention_cpu(q, k, v, batch, scale, out_dtype)
+    want = reference.paged_attention.reference(q, k, v, batch, scale)
+    fallback = torch.empty_like(q)
+    attend_per_sequence(q, k, v, batch, scale, fallback, range(batch.batch_size), torch.bfloat16)
+    assert got.dtype == (out_dtype or q.dtype)
+    err, fallback_err = (got.float() - want).abs(), (fallback.to(got.dtype).float() - want).abs()
+    assert err.max() <= 1.5 * fallback_err.max() + 1e-3, (err.max(), fallback_err.max())
+    assert err.mean() <= 1.5 * fallback_err.mean() + 1e-5, (err.mean(), fallback_err.mean())
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8], ids=["bf16", "int8"])
+@pytest.mark.parametrize("heads", [(4, 4), (9, 3), (8, 2)], ids=["g1", "g3", "g4"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_chunks_over_prefixes_mixed_with_decodes(kv_dtype, heads, d, monkeypatch) -> None:
+    hq, hk = heads
+    # chunks of 40, 17, 2, 33, 5 tokens over prefixes of 0, 17, 300, 17, 0; decodes between
+    for page_size in (16, 4):  # pages of 16: keys loaded in place; of 4: copied
+        _check([40, 17, 1, 2, 33, 5, 1], [40, 34, 301, 302, 50, 5, 70], monkeypatch, page_size=page_size, hq=hq,
+               hk=hk, d=d, kv_dtype=kv_dtype)
+    _check([23, 1, 9], [323, 12, 26], monkeypatch, torch.bfloat16, q_scale=4.0, page_size=16, hq=hq, hk=hk, d=d,
+           kv_dtype=kv_dtype)
+
+
+@pytest.mark.parametrize("prefix", [0, 17, 300])
+def test_every_chunk_length_up_to_40(prefix, monkeypatch) -> None:
+    lens = list(range(2, 41))  # a one-token chunk is a decode row (test_one_token_chunks below)
+    for kv_dtype in (torch.bfloat16, torch.int8):
+        _check(lens, [prefix + n for n in lens], monkeypatch, q_scale=3.0, page_size=16, hq=9, hk=3, d=64,
+               kv_dtype=kv_dtype)
+
+
+def test_one_token_chunks() -> None:
+    """The kernel itself takes chunks of one token (the attention layer sends those to the
+    decode kernel): same results as the decode kernel's, within bf16 rounding."""
+    lib = native.library()
+    q, k, v, batch, scale = _attention_inputs([1, 1, 1], [1, 18, 301], page_size=16, hq=9, hk=3, d=64,
+                                              kv_dtype=torch.bfloat16)
+    rows = torch.tensor([[b, b, 1, n] for b, n in enumerate(batch.seq_lens)], dtype=torch.int64)
+    out = torch.empty_like(q)
+    bt = batch.block_table
+    assert lib.paged_chunk_attention(q.data_ptr(), 9 * 64, k.data_ptr(), v.data_ptr(), 1, bt.data_ptr(),
+                                     bt.stride(0), rows.data_ptr(), 3, out.data_ptr(), 0, 9 * 64, 9, 3, 64, 16, scale,
+                                     torch.get_num_threads()) == 1
+    torch.testing.assert_close(out, reference.paged_attention.reference(q, k, v, batch, scale), rtol=1e-2, atol=1e-2)
+
+
+def test_unfit_shapes_are_declined() -> None:
+    """head_dim 16 (not a multiple of 32) and a float32 cache: the kernel does nothing and says
+    so, and the attention layer serves the chunks through SDPA."""
+    lib = native.library()
+    for kv_dtype, d in ((torch.bfloat16, 16), (torch.float32, 64)):
+        q, k, v, batch, scale = _attention_inputs([5, 1], [9, 4], page_size=16, hq=6, hk=2, d=d, kv_dtype=kv_dtype)
+        rows, bt = batch.view(chunk_rows), batch.block_table
+        out = torch.full_like(q, 7.0)
+        assert lib.paged_chunk_attention(q.data_ptr(), 6 * d, k.data_ptr(), v.data_ptr(), native.KV_KIND[kv_dtype],
+                                         bt.data_ptr(), bt.stride(0), rows.data_ptr(), len(rows), out.data_ptr(), 0,
+                                         6 * d, 6, 2, d, 16, scale, 1) == 0
+        assert (out == 7.0).all()
+        got = paged_attention_cpu(q, k, v, batch, scale)  # the decode row keeps it from declining
+        torch.testing.assert_close(got, reference.paged_attention.reference(q, k, v, batch, scale), rtol=1e-2,
+                                       atol=1e-2)
+
+
+class _Counting:
+    """native.library() with paged_chunk_attention counted, or (off) declining every call."""
+
+    def __init__(self, lib, off: bool) -> None:
+        self._lib, self.off, self.served = lib, off, 0
+
+    def __getattr__(self, name):
+        return getattr(self._lib, name)
+
+    def paged_chunk_attention(self, *args) -> int:
+        if self.off:
+            return 0
+        done = self._lib.paged_chunk_attention(*args)
+        self.served += done
+        return done
+
+
+@pytest.mark.parametrize("kv_cache_dtype,length", [("bfloat16", 700), ("int8", 700), ("bfloat16", 4096)])
+def test_chunked_prefill_logits_match_the_sdpa_path(kv_cache_dtype, length, tmp_path, monkeypatch) -> None:
+    """Last-position logits of a prompt prefilled 512 tokens at a time: the kernel's equal the
+    SDPA path's within bf16 tolerance (head_dim 64, groups of 3)."""
+    config = dict(TINY_LLAMA, hidden_size=192, num_attention_heads=3, num_key_value_heads=1,
+                  max_position_embeddings=8192)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    llm = LLM(model_config=str(path), load_format="dummy", kv_cache_memory=0.05, kv_cache_dtype=kv_cache_dtype)
+    runner = llm.engine.runner
+    ids = torch.randint(0, 500, (length,), generator=torch.Generator().manual_seed(length)).tolist()
+    pages = list(range(1, (length + runner.page_size - 1) // runner.page_size + 1))[::-1]  # scattered: reversed
+    real = native.library()
+    logits = {}
+    for off in (True, False):
+        lib = _Counting(real, off)
+        monkeypatch.setattr(native, "library", lambda lib=lib: lib)
+        for start in range(0, length, 512):
+            part = ids[start : start + 512]
+            out = runner.forward(runner.prepare([(part, start, pages)]))
+        logits[off] = out.last_logits[0].float()
+        assert lib.served == (0 if off else runner.model.config.num_hidden_layers * -(-length // 512))
+    got, want = logits[False], logits[True]
+    assert torch.nn.functional.cosine_similarity(got, want, dim=-1) > 0.999
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
+
+
+@needs_c_quant
+def test_the_c_stack_sends_short_chunks_to_the_chunk_kernel() -> None:
+    """A quantized model's one-call layer stack, head_dim 64 over a bf16 cache: a 5-token chunk
+    (a speculative verification's shape) after 300 cached tokens and a fresh 19-token prompt,
+    beside decodes. Their attention is the chunk kernel's, as on the per-op path, so the two
+    agree to float32 rounding (row-by-row decode attention lands ~2e-4 away)."""
+    cfg = ModelConfig.from_hf_dict(dict(BASE, architectures=["LlamaForCausalLM"], hidden_size=192,
+                                        num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=1024))
+    model = LlamaForCausalLM(cfg, torch.float32, torch.device("cpu"), quantization=LinearFormat("int8"))
+    _fill_dummy(model, seed=1)
+    kv = KVPool(cfg.num_hidden_layers, 128, PAGE, 1, 64, torch.bfloat16, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    for cache in kv.k + kv.v:
+        cache[PAGE:].copy_(torch.randn(cache[PAGE:].shape, generator=g))
+    seqs, next_page = [], 1
+    for start, n in ((7, 1), (300, 5), (30, 1), (0, 19)):
+        pages = list(range(next_page, next_page + (start + n) // PAGE + 1))[::-1]
+        next_page += len(pages)
+        seqs.append((torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist(), start, pages))
+    x, batch, kv, twin, kv_ref = _inputs(model.eval(), seqs, kv)
+    got = decoder_stack_c(model.stack_spec, x, batch)
+    want = model.run_layers(x, twin)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
