@@ -8,7 +8,7 @@ on a CPU without a model.
 Each step: running requests first (decodes and continuing prefill chunks), then
 waiting requests in (priority, arrival) order while budget, pages and the running cap
 allow. With a time budget (``max_step_ms``) and a cost model of the step (step_cost.py),
-each prompt chunk is also cut to the time the step has left, so a chunk over a long
+while a stream decodes each prompt chunk is also cut to the time the step has left, so a chunk over a long
 context cannot stall everyone's decode; decodes always get their token. When pages run
 out the lowest-priority, youngest running request is preempted: its computed pages go to
 the radix tree, its own references are dropped, and it is recomputed later (usually as a
@@ -126,7 +126,10 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_batched_tokens
-        step_time = StepBudget(self.step_cost, self.config.max_step_ms)
+        # The time budget protects decoding streams: with none running, a prompt takes whole chunks
+        # (small chunks cost the prompt throughput: every chunk re-reads the whole context).
+        decoding = any(not r.in_prefill for r in self.running)
+        step_time = StepBudget(self.step_cost if decoding else None, self.config.max_step_ms)
         for req in list(self.running):
             if budget == 0:
                 break

@@ -121,10 +121,22 @@ def test_step_budget_zero_keeps_token_chunking() -> None:
 
 def test_a_new_prompt_progresses_when_the_step_is_full() -> None:
     s = make(num_pages=2048, page_size=16, budget=1024, chunk=512, step_ms=50, cost=COST)
+    s.add(req("a", 10, start=9000))
+    run_step(s)  # a decodes from here on
     doc = req("doc", 3000)
     s.add(doc)
     while doc.num_computed < 2000:
         run_step(s)
     s.add(req("b", 100, start=5000))
     chunks = {c.request.request_id: c.num_tokens for c in run_step(s).chunks}
-    assert chunks == {"doc": MIN_CHUNK, "b": MIN_CHUNK}
+    assert chunks == {"a": 1, "doc": MIN_CHUNK, "b": MIN_CHUNK}
+
+
+def test_a_prompt_with_no_stream_waiting_takes_whole_chunks() -> None:
+    s = make(num_pages=2048, page_size=16, budget=1024, chunk=512, step_ms=50, cost=COST)
+    doc = req("doc", 3000)
+    s.add(doc)
+    sizes = []
+    while doc.in_prefill:
+        sizes.append(run_step(s).chunks[0].num_tokens)
+    assert sizes == [512] * 5 + [3000 - 5 * 512]  # nobody decodes: the budget would only slow the prompt
