@@ -1,7 +1,6 @@
 """The AMX chunk-attention kernel (csrc/chunk_attention.c) against the reference attention:
 bf16 and int8 caches, GQA groups, head dims, chunks over prefixes, scattered pages, batches
-mixed with decode rows; a model prefilled in chunks through it against the SDPA path; and the
-quantized models' C layer stack taking its short chunks to it."""
+mixed with decode rows; and a model prefilled in chunks through it against the SDPA path."""
 
 from __future__ import annotations
 
@@ -11,20 +10,12 @@ import pytest
 import torch
 
 from pagoda import LLM
-from pagoda.cache.kv_pool import KVPool
-from pagoda.models.config import ModelConfig
-from pagoda.models.layers import LinearFormat
-from pagoda.models.llama import LlamaForCausalLM
-from pagoda.models.loader import _fill_dummy
 from pagoda.ops import reference
 from pagoda.ops.cpu import attention, native
 from pagoda.ops.cpu.attention import chunk_rows, paged_attention_cpu
-from pagoda.ops.cpu.decoder_stack import decoder_stack_c
 from pagoda.ops.sdpa import attend_per_sequence
 from tests.conftest import TINY_LLAMA
-from tests.unit.test_decoder_stack import BASE, PAGE, _inputs
 from tests.unit.test_ops import _attention_inputs
-from tests.unit.test_quant import needs_c_quant
 
 pytestmark = pytest.mark.skipif(not native.HAS_AMX or native.library() is None, reason="needs AMX and the C kernels")
 
@@ -146,29 +137,3 @@ def test_chunked_prefill_logits_match_the_sdpa_path(kv_cache_dtype, length, tmp_
     got, want = logits[False], logits[True]
     assert torch.nn.functional.cosine_similarity(got, want, dim=-1) > 0.999
     assert (got - want).abs().max() < 0.02 * want.abs().max()
-
-
-@needs_c_quant
-def test_the_c_stack_sends_short_chunks_to_the_chunk_kernel() -> None:
-    """A quantized model's one-call layer stack, head_dim 64 over a bf16 cache: a 5-token chunk
-    (a speculative verification's shape) after 300 cached tokens and a fresh 19-token prompt,
-    beside decodes. Their attention is the chunk kernel's, as on the per-op path, so the two
-    agree to float32 rounding (row-by-row decode attention lands ~2e-4 away)."""
-    cfg = ModelConfig.from_hf_dict(dict(BASE, architectures=["LlamaForCausalLM"], hidden_size=192,
-                                        num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=1024))
-    model = LlamaForCausalLM(cfg, torch.float32, torch.device("cpu"), quantization=LinearFormat("int8"))
-    _fill_dummy(model, seed=1)
-    kv = KVPool(cfg.num_hidden_layers, 128, PAGE, 1, 64, torch.bfloat16, torch.device("cpu"))
-    g = torch.Generator().manual_seed(0)
-    for cache in kv.k + kv.v:
-        cache[PAGE:].copy_(torch.randn(cache[PAGE:].shape, generator=g))
-    seqs, next_page = [], 1
-    for start, n in ((7, 1), (300, 5), (30, 1), (0, 19)):
-        pages = list(range(next_page, next_page + (start + n) // PAGE + 1))[::-1]
-        next_page += len(pages)
-        seqs.append((torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist(), start, pages))
-    x, batch, kv, twin, kv_ref = _inputs(model.eval(), seqs, kv)
-    got = decoder_stack_c(model.stack_spec, x, batch)
-    want = model.run_layers(x, twin)
-    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)

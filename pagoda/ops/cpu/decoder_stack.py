@@ -30,8 +30,8 @@ from pagoda.ops.forward_batch import ForwardBatch
 from pagoda.ops.lora import lora_segment_table
 from pagoda.ops.registry import DECLINE, kernel
 
-# Prompt chunks up to this long ride along in the C stack (their attention the AMX chunk
-# kernel's where it serves, else rows of the decode kernel); longer ones take the per-op path.
+# Prompt chunks up to this long ride along in the C stack (their attention as rows of the
+# decode kernel); longer ones take the per-op path, whose flash SDPA is faster on them.
 MAX_CHUNK = 256
 _BITS = {Int4Tiles: 4, Int8Tiles: 8}
 

@@ -1,11 +1,8 @@
 /* A step's whole stack of decoder layers in one call, for quantized (int4/int8)
  * Llama-family models: the same C kernels the per-op path calls, in the same order on the
  * same numbers (so decode tokens come out bit-identical), without a return to Python
- * between them. Short prompt chunks (and speculative verification chunks) come along: their
- * attention is the chunk kernel's where it serves (chunk_attention.c: the context read once
- * for all of a chunk's rows, 3-6x faster than row by row for chunks of 4-9 rows over 8K-30K
- * tokens), else each token is an attention row of the decode kernel whose context ends at
- * itself (rotary_store_kv stores the whole chunk's keys first).
+ * between them. Tokens of short prompt chunks come along as attention rows whose context
+ * ends at themselves (rotary_store_kv stores the whole chunk's keys first).
  *
  * Why: at one sequence the ~270 kernel calls of a step each cost 10-30 us of Python and
  * dispatch around a few us of work, and the pauses cost more than themselves: a matmul
@@ -61,18 +58,6 @@ void decode_stack(const int64_t *table, int num_layers, int bits, float *x, floa
     float *att = malloc(sizeof(float) * (size_t)(t * q_size));
     float *gate_up = malloc(sizeof(float) * (size_t)(t * 2 * inter));
     float *act = malloc(sizeof(float) * (size_t)(t * inter));
-    /* rows of one sequence are consecutive: runs of several are chunks, the rest decodes */
-    int64_t *chunks = malloc(sizeof(int64_t) * (size_t)(4 * t)), *decodes = malloc(sizeof(int64_t) * (size_t)(3 * t));
-    int64_t n_chunks = 0, n_decodes = 0;
-    for (int64_t i = 0, j; i < t; i = j) {
-        for (j = i + 1; j < t && rows[3 * j + 1] == rows[3 * i + 1]; j++) {}
-        if (j - i > 1) {
-            const int64_t c[4] = {rows[3 * i], rows[3 * i + 1], j - i, rows[3 * (j - 1) + 2]};
-            memcpy(chunks + 4 * n_chunks++, c, sizeof c);
-        } else {
-            memcpy(decodes + 3 * n_decodes++, rows + 3 * i, 3 * sizeof(int64_t));
-        }
-    }
     for (int l = 0; l < num_layers; l++) {
         const int64_t *w = table + (int64_t)l * STACK_LAYER_SLOTS;
         const int64_t *lw = lora_table ? lora_table + (int64_t)l * STACK_LORA_SLOTS : 0;
@@ -90,13 +75,8 @@ void decode_stack(const int64_t *table, int num_layers, int bits, float *x, floa
         void *k_cache = (void *)w[K_CACHE], *v_cache = (void *)w[V_CACHE];
         rotary_store_kv(qkv, qkv + q_size, qkv + q_size + (int64_t)hk * d, 0, qkv_size, cos, sin, q, 0, k_cache,
                         v_cache, kv_kind, slots, t, hq, hk, d, num_threads);
-        const int chunked = n_chunks > 0 && paged_chunk_attention(q, q_size, k_cache, v_cache, kv_kind, block_table,
-                                                                  bt_stride, chunks, n_chunks, att, 0, q_size, hq, hk,
-                                                                  d, page_size, scale, num_threads);
-        if (!chunked || n_decodes > 0)
-            paged_decode_attention(q, q_size, k_cache, v_cache, kv_kind, block_table, bt_stride,
-                                   chunked ? decodes : rows, chunked ? n_decodes : t, att, 0, q_size, hq, hk, d,
-                                   page_size, scale, max_len, num_threads);
+        paged_decode_attention(q, q_size, k_cache, v_cache, kv_kind, block_table, bt_stride, rows, t, att, 0, q_size,
+                               hq, hk, d, page_size, scale, max_len, num_threads);
         matmul(w + O, bits, att, x, t, hidden, q_size, num_threads);
         if (lw) lora(lw + 6, att, x, lora_segments, lora_nseg, hidden, q_size, num_threads);
         add_rms_norm(x, 0, residual, (const float *)w[POST_NORM], h, 0, residual, t, hidden, eps, jiutian,
@@ -113,6 +93,4 @@ void decode_stack(const int64_t *table, int num_layers, int bits, float *x, floa
     free(att);
     free(gate_up);
     free(act);
-    free(chunks);
-    free(decodes);
 }
