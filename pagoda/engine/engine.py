@@ -31,6 +31,7 @@ from pagoda.engine.request import Request, Status
 from pagoda.engine.sampler import Sampler, SamplingRow, compute_logprobs
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from pagoda.engine.speculative.speculation import Speculation
 from pagoda.engine.speculative.verify import sample_and_verify
 from pagoda.engine.step_cost import MIN_CHUNK, StepCost, calibrate, timed_forward
 from pagoda.errors import ConfigError, InvalidRequestError, ModelNotFoundError
@@ -41,10 +42,6 @@ from pagoda.platforms import detect_platform_name, get_platform
 log = logging.getLogger("pagoda.engine")
 
 GiB = 1 << 30
-# Past this many tokens a speculating sequence proposes proportionally fewer (at least 2): the CPU
-# decode-attention kernel attends over the whole context once per row of a chunk, so a proposed
-# row costs more the longer the context (benchmarks/bench_speculative.py, docs/BENCHMARKS.md).
-SPEC_FULL_CONTEXT = 1024
 # A server's Python cost of one streamed output (asyncio, SSE framing, a socket write: ~60 us sampled
 # with py-spy on this project's CPU at 256 streams), and the share of a step those may take.
 STREAM_EVENT_S = 60e-6
@@ -198,8 +195,7 @@ class Engine:
         self.prompts: dict[str, str | None] = {}
         self.generation_tokens = 0
         self._step_s = 0.0  # moving average of a step's wall time (stream_interval's auto)
-        self.spec_num_draft_tokens = self.spec_num_accepted_tokens = self.spec_num_steps = 0
-        self.speculator = self._build_speculator()
+        self.speculation = Speculation.build(self.config, self.platform, self.model_config, self.context_length)
         self._ids = itertools.count()
 
     # ---- set-up ----------------------------------------------------------------------
@@ -293,19 +289,6 @@ class Engine:
                     "--max-step-ms %g (raise it, or start on a quieter host)", self.rank_label, MIN_CHUNK,
                     cost.fixed_ms + cost.chunk_ms(0, MIN_CHUNK), max_step_ms)
         return None
-
-    def _build_speculator(self):
-        cfg = self.config
-        if cfg.speculative_algorithm is None:
-            return None
-        if cfg.speculative_algorithm == "ngram":
-            from pagoda.engine.speculative.ngram import NgramProposer
-
-            return NgramProposer(cfg.speculative_num_draft_tokens, cfg.speculative_ngram_min_match,
-                                 cfg.speculative_ngram_max_match)
-        from pagoda.engine.speculative.draft import DraftProposer
-
-        return DraftProposer(cfg, self.platform, self.model_config, self.context_length)
 
     def kv_cache_dtype(self) -> torch.dtype:
         return kv_cache_dtype(self.config, self.loaded, self.platform)
@@ -415,7 +398,7 @@ class Engine:
         return max(1, math.ceil(events_s / (STREAM_SHARE * self._step_s))) if self._step_s > 0 else 1
 
     def _step(self) -> list[RequestOutput]:
-        proposed = self._propose() if self.speculator is not None else []
+        proposed = self.speculation.propose(self.scheduler.running) if self.speculation is not None else []
         out = self.scheduler.schedule()
         for req in proposed:
             req.draft = []  # a proposal lives one step (the scheduler took it, or left it out)
@@ -446,10 +429,7 @@ class Engine:
                     self._finish(req, reason)
                     break
             if chunk.draft:
-                self.spec_num_steps += 1
-                self.spec_num_draft_tokens += len(chunk.draft)
-                self.spec_num_accepted_tokens += len(tokens) - 1
-                self.speculator.verified(req, len(chunk.draft), len(tokens) - 1)
+                self.speculation.verified(req, len(chunk.draft), len(tokens) - 1)
                 if req.status is Status.RUNNING:
                     self.scheduler.trim(req)
             if tokens:
@@ -472,32 +452,7 @@ class Engine:
                 done.append(req)
         return done
 
-    # ---- speculative decoding --------------------------------------------------------
-
-    def speculating(self) -> bool:
-        """Speculate this step? Only while the batch is small: past speculative_max_batch sequences
-        a step costs about in proportion to its tokens, and rejected proposals would cost more than
-        accepted ones save."""
-        return len(self.scheduler.running) <= self.config.speculative_max_batch
-
-    def _propose(self) -> list[Request]:
-        if not self.speculating():
-            return []
-        k = self.config.speculative_num_draft_tokens
-        reqs, limits = [], []
-        for req in self.scheduler.running:
-            if req.num_tokens - req.num_computed != 1 or req.in_prefill or req.grammar is not None:
-                continue  # prefilling, or constrained (its grammar would have to vet each proposal)
-            # never propose past max_tokens or the context: the target adds one token of its own
-            limit = min(k, req.max_tokens - len(req.output_ids) - 1, self.context_length - req.num_tokens - 1)
-            if req.num_tokens > SPEC_FULL_CONTEXT:  # each proposed row reads the whole context again
-                limit = min(limit, max(2, k * SPEC_FULL_CONTEXT // req.num_tokens))
-            if limit > 0:
-                reqs.append(req)
-                limits.append(limit)
-        if reqs:
-            self.speculator.propose(reqs, limits)
-        return reqs
+    # ---- sampling --------------------------------------------------------------------
 
     def _sample(
         self, out: SchedulerOutput, logits: torch.Tensor, all_logits: dict[int, torch.Tensor]
@@ -549,8 +504,8 @@ class Engine:
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
         req.finish_time = time.monotonic()
-        if self.speculator is not None:
-            self.speculator.release(req)
+        if self.speculation is not None:
+            self.speculation.release(req)
         if req.lora_name is not None and self.lora is not None:
             self.lora.unref(req.lora_name)
 
@@ -609,7 +564,7 @@ class Engine:
         return len(self.scheduler.waiting)
 
     def stats(self) -> EngineStats:
-        s = self.scheduler
+        s, spec = self.scheduler, self.speculation
         return EngineStats(
             num_running=len(s.running),
             num_waiting=len(s.waiting),
@@ -620,15 +575,15 @@ class Engine:
             prompt_tokens_cached=s.prompt_tokens_cached,
             generation_tokens=self.generation_tokens,
             num_preemptions=s.num_preemptions,
-            spec_num_draft_tokens=self.spec_num_draft_tokens,
-            spec_num_accepted_tokens=self.spec_num_accepted_tokens,
-            spec_num_steps=self.spec_num_steps,
+            spec_num_draft_tokens=spec.num_draft_tokens if spec else 0,
+            spec_num_accepted_tokens=spec.num_accepted_tokens if spec else 0,
+            spec_num_steps=spec.num_steps if spec else 0,
         )
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
-        if self.speculator is not None:
-            self.speculator.check_integrity(idle=not self.groups)
+        if self.speculation is not None:
+            self.speculation.check_integrity(idle=not self.groups)
         if self.lora is not None:
             self.lora.check_integrity(idle=not self.groups)
 
