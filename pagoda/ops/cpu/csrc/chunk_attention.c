@@ -9,7 +9,9 @@
  * - A query block is 16 rows, a row being one (query token, query head) pair of one kv
  *   head's group (GQA: the group's heads share every K/V tile), the queries rounded to bf16
  *   once. A work item is a sequence, a kv head and up to MAX_BLOCKS consecutive query blocks,
- *   which share each K/V tile while it is in L1: the context is read once per item.
+ *   which share each K/V tile while it is in L1: the context is read once per item, the
+ *   next tile's rows prefetched a slice before each block's step (all at once, the
+ *   prefetches stalled on the line fill buffers: a sixth of the kernel's samples).
  * - Keys come KEY_TILE at a time. Scores are computed transposed, S^T = K Q^T ([key][row]):
  *   16 bf16 key rows of a page are an A tile loaded in place (a row stride apart), and the
  *   online softmax (running max and sum per row, float32) is then lane-wise over 16 rows,
@@ -142,19 +144,22 @@ static inline __m512i value_bf16(const chunk_args *a, const int64_t *off, int u,
     return i8x32_to_bf16((const int8_t *)a->v + off[u], a->d, c, 1);
 }
 
-/* Keys kt..kt+nk-1 of the tile (of the item's keys before end; pool offsets in w->off): key A
- * tiles (in place where 16 bf16 rows are evenly spaced, else copied; int8 rows converted),
- * values in pair layout; the next tile's rows are prefetched. */
-static void stage_tile(const chunk_args *a, int64_t kt, int nk, int64_t end, scratch *w,
-                       const uint16_t *kptr[4], int64_t kstride[4]) {
-    const int d = a->d;
-    const int64_t *off = w->off + kt;
+/* Prefetches the key and value rows of keys t0..t1-1 (pool offsets in off). */
+static void prefetch_rows(const chunk_args *a, const int64_t *off, int64_t t0, int64_t t1) {
     const int es = a->kv_kind == KV_BF16 ? 2 : 1; /* bytes per element */
-    for (int64_t t = KEY_TILE; t < 2 * KEY_TILE && kt + t < end; t++) /* the next tile's rows */
+    for (int64_t t = t0; t < t1; t++)
         for (int b = 0; b < a->hd * es; b += 64) {
             _mm_prefetch((const char *)a->k + off[t] * es + b, _MM_HINT_T0);
             _mm_prefetch((const char *)a->v + off[t] * es + b, _MM_HINT_T0);
         }
+}
+
+/* Keys kt..kt+nk-1 of the tile (pool offsets in w->off): key A tiles (in place where 16 bf16
+ * rows are evenly spaced, else copied; int8 rows converted), values in pair layout. */
+static void stage_tile(const chunk_args *a, int64_t kt, int nk, scratch *w, const uint16_t *kptr[4],
+                       int64_t kstride[4]) {
+    const int d = a->d;
+    const int64_t *off = w->off + kt;
     for (int h = 0; h * 16 < nk; h++) {
         const int n = nk - 16 * h < 16 ? nk - 16 * h : 16;
         const int64_t *ho = off + 16 * h;
@@ -338,8 +343,11 @@ static void chunk_item(const chunk_args *a, const int64_t *row, int kh, int b0, 
         const int nk = end - kt < KEY_TILE ? (int)(end - kt) : KEY_TILE;
         const uint16_t *kptr[4];
         int64_t kstride[4];
-        stage_tile(a, kt, nk, end, w, kptr, kstride);
-        for (int bi = 0; bi < b1 - b0; bi++) {
+        stage_tile(a, kt, nk, w, kptr, kstride);
+        const int nb = b1 - b0;
+        for (int bi = 0; bi < nb; bi++) { /* the next tile's rows prefetched a slice per block, spread out */
+            const int64_t p0 = kt + KEY_TILE + KEY_TILE * bi / nb, p1 = kt + KEY_TILE + KEY_TILE * (bi + 1) / nb;
+            prefetch_rows(a, w->off, p0 < end ? p0 : end, p1 < end ? p1 : end);
             const int64_t visible = w->qpos[bi][15] + 1 - kt; /* keys of this tile the block's last row sees */
             if (visible > 0) block_step(a, w, bi, kt, visible < nk ? (int)visible : nk, kptr, kstride);
         }
