@@ -50,7 +50,7 @@
 #if HAVE_AMX
 
 #define KEY_TILE 64   /* keys per step: two P V products into each output tile */
-#define MAX_BLOCKS 8  /* query blocks per work item: their output rows (64 KiB at head_dim 128) stay in L1/L2 */
+#define MAX_BLOCKS 16 /* query blocks per work item: their output rows (128 KiB at head_dim 128) stay in L2 */
 #define MAX_D 128
 #define NEG_BIG (-1e30f) /* a masked score: exp2 of it minus any maximum is 0 */
 /* tiles: 0, 1 scores of 16 keys each (then 0 the second probabilities); 2 A operand (keys,
