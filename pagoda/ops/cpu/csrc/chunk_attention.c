@@ -27,10 +27,11 @@
  *   rows are dequantized to bf16 (the rounding the SDPA path applies to them too).
  *
  * Speed (benchmarks/bench_attention.py --chunk 512 --batch 1 --context 4096 16384 30720
- * --layers 2, 2 threads on 2 AMX cores, the default shape: 9 query and 3 kv heads of 64, bf16
- * cache; the machine otherwise lightly loaded): 11.1-11.5 / 49-51 / 92-98 ms at 4K / 16K / 30K
- * of context, ~380 GFLOP/s per core (12.6-13.0 / 56 / 107-129 ms with 32-key steps and the
- * prefetches in one burst; the SDPA path 21-22 / 91-118 / 179-186 ms).
+ * --layers 2 --kv-cache-dtype bf16 int8, 2 threads on 2 AMX cores, the default shape: 9 query
+ * and 3 kv heads of 64; another process loading the machine, runs interleaved): bf16 11.3 /
+ * 48.5-48.9 / 93.6 ms at 4K / 16K / 30K of context, ~390 GFLOP/s per core (13.2 / 58-66 /
+ * 110-111 ms with 32-key steps, the prefetches in one burst and 8 blocks per item); int8 14.7 /
+ * 59-60 / 115-118 ms (16.0-16.4 / 74 / 140-161); the SDPA path 22 / 97-106 / 185-194 ms.
  *
  * Returns 0, computing nothing, where the build or CPU has no AMX or the shape does not fit
  * (head_dim not a multiple of 32 or above 128, more than 16 query heads per kv head): the
