@@ -32,12 +32,13 @@ class StepChannel:
 
     def send_step(self, batch: ForwardBatch) -> None:
         dev = self.device
-        lists = torch.tensor([*batch.query_lens, *batch.seq_lens, *batch.all_logits], dtype=torch.long, device=dev)
+        lists = torch.tensor([*batch.query_lens, *batch.seq_lens, *batch.all_logits, *batch.verify_seqs],
+                             dtype=torch.long, device=dev)
         payload = torch.cat([batch.input_ids.long(), batch.positions.long(), batch.slot_mapping.long(), lists,
                              batch.block_table.long().reshape(-1)])
         bsz, pages = batch.block_table.shape
         header = torch.tensor([STEP, batch.num_tokens, bsz, pages, len(batch.all_logits), batch.page_size,
-                               payload.numel(), 0], dtype=torch.long, device=dev)
+                               payload.numel(), len(batch.verify_seqs)], dtype=torch.long, device=dev)
         self._send(header, payload)
 
     def send_stop(self) -> None:
@@ -59,7 +60,7 @@ class StepChannel:
     def recv_step(self, kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> ForwardBatch | None:
         """The next step's batch over this rank's KV caches, or None when rank 0 stops."""
         dist.broadcast(self.buf, src=0, group=self.parallel.group)
-        cmd, t, bsz, pages, n_all, page_size, n = self.buf[: HEADER - 1].tolist()
+        cmd, t, bsz, pages, n_all, page_size, n, n_verify = self.buf[:HEADER].tolist()
         if cmd == STOP:
             return None
         if n <= CAPACITY - HEADER:
@@ -67,11 +68,12 @@ class StepChannel:
         else:
             payload = torch.empty(n, dtype=torch.long, device=self.device)
             dist.broadcast(payload, src=0, group=self.parallel.group)
-        ids, positions, slots, lists, table = payload.split([t, t, t, 2 * bsz + n_all, bsz * pages])
+        ids, positions, slots, lists, table = payload.split([t, t, t, 2 * bsz + n_all + n_verify, bsz * pages])
         lists = lists.tolist()
         seq_lens = lists[bsz : 2 * bsz]
         return ForwardBatch(
             input_ids=ids, positions=positions, query_lens=lists[:bsz], seq_lens=seq_lens, slot_mapping=slots,
             block_table=table.reshape(bsz, pages), context_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
-            page_size=page_size, kv_caches=kv_caches, all_logits=tuple(lists[2 * bsz :]),
+            page_size=page_size, kv_caches=kv_caches, all_logits=tuple(lists[2 * bsz : 2 * bsz + n_all]),
+            verify_seqs=tuple(lists[2 * bsz + n_all :]),
         )

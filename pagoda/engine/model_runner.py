@@ -52,7 +52,9 @@ class ModelRunner:
         seqs = [(chunks[i].token_ids, chunks[i].start, chunks[i].request.pages) for i in order]
         all_logits = [j for j, i in enumerate(order) if chunks[i].wants_all_logits]
         hidden_of = [j for j, i in enumerate(order) if chunks[i].request.pooling is not None]
-        out = self.forward(self.prepare(seqs, all_logits, [slots[i] for i in order] if adapters else None), hidden_of)
+        verify = [j for j, i in enumerate(order) if chunks[i].draft]
+        batch = self.prepare(seqs, all_logits, [slots[i] for i in order] if adapters else None, verify)
+        out = self.forward(batch, hidden_of)
         if order != sorted(order):
             inverse = [0] * len(order)
             for j, i in enumerate(order):
@@ -64,11 +66,12 @@ class ModelRunner:
 
     def prepare(
         self, seqs: Sequence[tuple[Sequence[int], int, Sequence[int]]], all_logits: Sequence[int] = (),
-        lora_slots: Sequence[int] | None = None,
+        lora_slots: Sequence[int] | None = None, verify_seqs: Sequence[int] = (),
     ) -> ForwardBatch:
         """The batch of sequences given as (new token ids, position of the first, page table),
-        and each one's LoRA pool slot (-1: the base model)."""
-        return ForwardBatch.build(seqs, self.page_size, self.device, self.kv.layers, all_logits, lora_slots)
+        each one's LoRA pool slot (-1: the base model), and those verifying a proposal."""
+        return ForwardBatch.build(seqs, self.page_size, self.device, self.kv.layers, all_logits, lora_slots,
+                                  verify_seqs)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, hidden_of: Sequence[int] = ()) -> StepOutput:

@@ -53,13 +53,16 @@ class ForwardBatch:
     all_logits: tuple[int, ...] = ()  # sequences that want logits for every token, not just the last
     static: bool = False  # the tensors are a captured graph's buffers (see above)
     lora_ids: torch.Tensor | None = None  # [T] int64: each token's LoRA pool slot, -1 for none; None: no adapter
+    # Sequences verifying a speculative proposal: each of their tokens must be attended exactly as a
+    # one-token decode at its position would be (so speculation changes no greedy token).
+    verify_seqs: tuple[int, ...] = ()
     _views: dict[Callable[..., Any], Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(
         cls, seqs: Sequence[tuple[Sequence[int], int, Sequence[int]]], page_size: int, device: torch.device,
         kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]] = (), all_logits: Sequence[int] = (),
-        lora_slots: Sequence[int] | None = None,
+        lora_slots: Sequence[int] | None = None, verify_seqs: Sequence[int] = (),
     ) -> "ForwardBatch":
         """From each sequence's (new token ids, position of the first, page table), and optionally
         each sequence's LoRA pool slot (-1: the base model). The host work does not grow with the
@@ -99,6 +102,7 @@ class ForwardBatch:
             kv_caches=kv_caches,
             all_logits=tuple(all_logits),
             lora_ids=lora_ids,
+            verify_seqs=tuple(verify_seqs),
         )
 
     @property
@@ -140,6 +144,12 @@ class ForwardBatch:
     def multi_token_seqs(self) -> list[int]:
         """Batch indices of sequences with more than one new token (prefill chunks)."""
         return [b for b, q in enumerate(self.query_lens) if q > 1]
+
+    @cached_property
+    def chunk_seqs(self) -> list[int]:
+        """The multi-token sequences that are prompt chunks (not verifying a proposal)."""
+        verify = set(self.verify_seqs)
+        return [b for b in self.multi_token_seqs if b not in verify]
 
     @cached_property
     def context_slots(self) -> list[torch.Tensor]:

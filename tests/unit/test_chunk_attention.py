@@ -10,12 +10,22 @@ import pytest
 import torch
 
 from pagoda import LLM
+from pagoda.cache.kv_pool import KVPool
+from pagoda.models.config import ModelConfig
+from pagoda.models.layers import LinearFormat
+from pagoda.models.llama import LlamaForCausalLM
+from pagoda.models.loader import _fill_dummy
 from pagoda.ops import reference
 from pagoda.ops.cpu import attention, native
 from pagoda.ops.cpu.attention import chunk_rows, paged_attention_cpu
+from pagoda.ops.cpu.decoder_stack import decoder_stack_c
+from pagoda.ops.forward_batch import ForwardBatch
+from pagoda.ops.registry import DECLINE
 from pagoda.ops.sdpa import attend_per_sequence
 from tests.conftest import TINY_LLAMA
+from tests.unit.test_decoder_stack import BASE, PAGE, _clone_kv
 from tests.unit.test_ops import _attention_inputs
+from tests.unit.test_quant import needs_c_quant
 
 pytestmark = pytest.mark.skipif(not native.HAS_AMX or native.library() is None, reason="needs AMX and the C kernels")
 
@@ -137,3 +147,39 @@ def test_chunked_prefill_logits_match_the_sdpa_path(kv_cache_dtype, length, tmp_
     got, want = logits[False], logits[True]
     assert torch.nn.functional.cosine_similarity(got, want, dim=-1) > 0.999
     assert (got - want).abs().max() < 0.02 * want.abs().max()
+
+
+@needs_c_quant
+def test_the_c_stack_attends_prompt_chunks_with_the_chunk_kernel_and_verification_as_decodes() -> None:
+    """A quantized model's one-call layer stack, head_dim 64 over a bf16 cache, beside decodes: a
+    5-token verification chunk after 300 cached tokens and a fresh 19-token prompt chunk. The
+    prompt chunk's attention is the chunk kernel's and the verification's the decode kernel's
+    rows, as on the per-op path, so the two paths agree to float32 rounding; and the verification
+    rows are exactly what decoding those tokens one at a time computes."""
+    cfg = ModelConfig.from_hf_dict(dict(BASE, architectures=["LlamaForCausalLM"], hidden_size=192,
+                                        num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=1024))
+    model = LlamaForCausalLM(cfg, torch.float32, torch.device("cpu"), quantization=LinearFormat("int8")).eval()
+    _fill_dummy(model, seed=1)
+    kv = KVPool(cfg.num_hidden_layers, 128, PAGE, 1, 64, torch.bfloat16, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    for cache in kv.k + kv.v:
+        cache[PAGE:].copy_(torch.randn(cache[PAGE:].shape, generator=g))
+    seqs, next_page = [], 1
+    for start, n in ((7, 1), (300, 5), (30, 1), (0, 19)):
+        pages = list(range(next_page, next_page + (start + n) // PAGE + 1))[::-1]
+        next_page += len(pages)
+        seqs.append((torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist(), start, pages))
+
+    def run(stack: bool, verify: tuple[int, ...]) -> torch.Tensor:
+        pool = _clone_kv(kv)
+        batch = ForwardBatch.build(seqs, PAGE, torch.device("cpu"), pool.layers, verify_seqs=verify)
+        x = model.embed_tokens[batch.input_ids]
+        got = decoder_stack_c(model.stack_spec, x, batch) if stack else model.run_layers(x, batch)
+        assert got is not DECLINE
+        return got[0]
+
+    stack, per_op = run(True, (1,)), run(False, (1,))
+    torch.testing.assert_close(stack, per_op, rtol=1e-4, atol=1e-4)
+    rows = slice(1, 6)  # the verification chunk's tokens
+    assert torch.equal(stack[rows], per_op[rows])  # both the decode kernel's rows, bit for bit
+    assert not torch.equal(run(True, ())[rows], stack[rows])  # unmarked, the chunk kernel attends (bf16)

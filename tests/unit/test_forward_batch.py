@@ -27,3 +27,14 @@ def test_mixed_batch_tensors() -> None:
 def test_decode_batch_has_no_lora_ids_without_adapters() -> None:
     b = ForwardBatch.build([([1], 0, [3]), ([2], 5, [0, 6])], 4, torch.device("cpu"), lora_slots=[-1, -1])
     assert b.slot_mapping.tolist() == [12, 25] and b.is_decode_only and b.lora_ids is None
+
+
+def test_verifying_sequences_are_decode_rows_not_chunks() -> None:
+    from pagoda.ops.cpu.attention import chunk_rows, decode_rows
+
+    seqs = [([1, 2, 3], 5, [0, 1]), ([4], 9, [2, 3, 4]), ([5, 6], 0, [5])]
+    b = ForwardBatch.build(seqs, 4, torch.device("cpu"), verify_seqs=[0])
+    assert b.multi_token_seqs == [0, 2] and b.chunk_seqs == [2]
+    # each verified token a row whose context ends at itself, as its decode would be
+    assert b.view(decode_rows).tolist() == [[0, 0, 6], [1, 0, 7], [2, 0, 8], [3, 1, 10]]
+    assert b.view(chunk_rows).tolist() == [[4, 2, 2, 2]]

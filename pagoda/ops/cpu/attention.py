@@ -17,17 +17,23 @@ from pagoda.ops.sdpa import attend_per_sequence
 
 
 def decode_rows(batch: ForwardBatch) -> torch.Tensor:
-    """[n, 3] int64 on the host, one row per single-token sequence: (token index, batch
-    index, context length); the layout the C decode kernel reads."""
-    rows = [(batch.query_starts[b], b, batch.seq_lens[b]) for b, q in enumerate(batch.query_lens) if q == 1]
+    """[n, 3] int64 on the host: (token index, batch index, context length), the layout the C
+    decode kernel reads; a row per single-token sequence, and per token of a sequence verifying
+    a proposal (attended exactly as decoding it would be)."""
+    verify = set(batch.verify_seqs)
+    rows = []
+    for b, (q, s) in enumerate(zip(batch.query_lens, batch.seq_lens)):
+        if q == 1 or b in verify:
+            start, first_len = batch.query_starts[b], s - q + 1
+            rows += [(start + i, b, first_len + i) for i in range(q)]
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
 
 
 def token_rows(batch: ForwardBatch) -> torch.Tensor:
     """decode_rows' layout for every token: a prompt token is a row whose context ends at
     itself (its chunk's keys are stored before attention runs), so the decode kernel can
-    attend for it too; the same tensor as decode_rows when every sequence decodes."""
-    if batch.is_decode_only:
+    attend for it too; the same tensor as decode_rows when no sequence is a prompt chunk."""
+    if not batch.chunk_seqs:
         return batch.view(decode_rows)
     rows = []
     for b, (q, s) in enumerate(zip(batch.query_lens, batch.seq_lens)):
@@ -37,15 +43,16 @@ def token_rows(batch: ForwardBatch) -> torch.Tensor:
 
 
 def chunk_rows(batch: ForwardBatch) -> torch.Tensor:
-    """[n, 4] int64 on the host, one row per multi-token sequence: (first token index, batch
-    index, query length, context length); the layout the C chunk kernel reads."""
-    rows = [(batch.query_starts[b], b, batch.query_lens[b], batch.seq_lens[b]) for b in batch.multi_token_seqs]
+    """[n, 4] int64 on the host, one row per prompt chunk: (first token index, batch index,
+    query length, context length); the layout the C chunk kernel reads."""
+    rows = [(batch.query_starts[b], b, batch.query_lens[b], batch.seq_lens[b]) for b in batch.chunk_seqs]
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)
 
 
 def decode_max_len(batch: ForwardBatch) -> int:
-    """Longest context among the single-token sequences (0 if none)."""
-    return max((s for q, s in zip(batch.query_lens, batch.seq_lens) if q == 1), default=0)
+    """Longest context among decode_rows (0 if none)."""
+    rows = batch.view(decode_rows)
+    return int(rows[:, 2].max()) if len(rows) else 0
 
 
 @kernel("paged_attention", priority=20)
@@ -64,13 +71,13 @@ def paged_attention_cpu(q, k_cache, v_cache, batch: ForwardBatch, scale, out_dty
     )
     decode_in_c = in_c and len(rows) > 0
     compute = torch.bfloat16 if k_cache.dtype in (torch.bfloat16, torch.int8) and HAS_AMX else q.dtype
-    chunks_in_c = in_c and compute == torch.bfloat16 and bool(batch.multi_token_seqs)
+    chunks_in_c = in_c and compute == torch.bfloat16 and bool(batch.chunk_seqs)
     if not decode_in_c and not chunks_in_c and compute == q.dtype:
         return DECLINE  # exactly what the portable SDPA kernel does
     out = torch.empty(q.shape, dtype=out_dtype)
     _, hq, d = q.shape
     block_table = batch.block_table
-    seqs = batch.multi_token_seqs if decode_in_c else range(batch.batch_size)
+    seqs = batch.chunk_seqs if decode_in_c else range(batch.batch_size)
     if decode_in_c:
         lib.paged_decode_attention(
             q.data_ptr(), hq * d, k_cache.data_ptr(), v_cache.data_ptr(), KV_KIND[k_cache.dtype],

@@ -5,8 +5,9 @@ The C side calls the very kernels the per-op path dispatches to, in the same ord
 for decode tokens the two agree bit for bit; what goes away is ~270 returns to Python per
 step, which at one sequence cost about as much as the arithmetic (and slow the kernels
 after them). Short prompt chunks ride along (mixed steps are the rule under load), their
-attention computed by the decode kernel row by row in float32 rather than by SDPA; long
-chunks, and models it does not cover, are declined (the model runs them op by op). It reads
+attention the AMX chunk kernel's where it serves, as on the per-op path; speculative
+verification chunks are rows of the decode kernel, exact as decoding. Long chunks, and models
+it does not cover, are declined (the model runs them op by op). It reads
 the model only through its DecoderStackSpec (pagoda/ops/decoder_stack.py). Steps with LoRA
 adapters stay in it: each linear's adapters are added right after its matmul by the C
 kernel the per-op path's lora_apply calls (csrc/lora.c), so the two paths agree as before.
@@ -21,7 +22,7 @@ from typing import Sequence
 import torch
 
 from pagoda.ops.cpu import native
-from pagoda.ops.cpu.attention import token_rows
+from pagoda.ops.cpu.attention import chunk_rows, decode_rows, token_rows
 from pagoda.ops.cpu.linear import Int4Tiles, Int8Tiles
 from pagoda.ops.cpu.lora import MAX_WIDTH as LORA_MAX_WIDTH
 from pagoda.ops.cpu.native import KV_KIND, STACK_LAYER_SLOTS, STACK_LORA_SLOTS
@@ -30,8 +31,7 @@ from pagoda.ops.forward_batch import ForwardBatch
 from pagoda.ops.lora import lora_segment_table
 from pagoda.ops.registry import DECLINE, kernel
 
-# Prompt chunks up to this long ride along in the C stack (their attention as rows of the
-# decode kernel); longer ones take the per-op path, whose flash SDPA is faster on them.
+# Prompt chunks up to this long ride along in the C stack; longer ones take the per-op path.
 MAX_CHUNK = 256
 _BITS = {Int4Tiles: 4, Int8Tiles: 8}
 
@@ -105,11 +105,13 @@ def decoder_stack_c(spec: DecoderStackSpec, x: torch.Tensor, batch: ForwardBatch
     cos, sin = spec.rope_cos[batch.positions], spec.rope_sin[batch.positions]
     out, residual = x.clone(), torch.empty_like(x)
     rows, block_table = batch.view(token_rows), batch.block_table
+    chunks, decodes = batch.view(chunk_rows), batch.view(decode_rows)
     lib.decode_stack(
         plan.table.data_ptr(), len(spec.layers), plan.bits, out.data_ptr(), residual.data_ptr(), x.shape[0],
         spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.intermediate_size, spec.norm_eps,
         spec.norm_variant == "jiutian", cos.data_ptr(), sin.data_ptr(), plan.kv_kind, batch.slot_mapping.data_ptr(),
-        block_table.data_ptr(), block_table.stride(0), rows.data_ptr(), batch.page_size, spec.attn_scale,
+        block_table.data_ptr(), block_table.stride(0), rows.data_ptr(), chunks.data_ptr(), len(chunks),
+        decodes.data_ptr(), len(decodes), batch.page_size, spec.attn_scale,
         max(batch.seq_lens), 0 if lora_table is None else lora_table.data_ptr(),
         0 if segments is None else segments.data_ptr(), 0 if segments is None else segments.shape[0],
         torch.get_num_threads(),

@@ -109,7 +109,7 @@ SIGNATURES = {  # the C functions and their argument types (see the sources for 
     "quant_matmul_available": [],
     "quant_matmul_rounded_rows": [],
     "decode_stack": [_P, _I32, _I32, _P, _P, _I64, _I64, _I32, _I32, _I32, _I64, _F32, _I32, _P, _P, _I32, _P, _P, _I64,
-                     _P, _I32, _F32, _I32, _P, _P, _I32, _I32],
+                     _P, _P, _I64, _P, _I64, _I32, _F32, _I32, _P, _P, _I32, _I32],
 }
 RESTYPES = {"paged_chunk_attention": ctypes.c_int, "quant_matmul_available": ctypes.c_int, "quant_matmul_rounded_rows": ctypes.c_int}
 

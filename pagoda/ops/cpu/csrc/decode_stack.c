@@ -1,8 +1,12 @@
 /* A step's whole stack of decoder layers in one call, for quantized (int4/int8)
  * Llama-family models: the same C kernels the per-op path calls, in the same order on the
  * same numbers (so decode tokens come out bit-identical), without a return to Python
- * between them. Tokens of short prompt chunks come along as attention rows whose context
- * ends at themselves (rotary_store_kv stores the whole chunk's keys first).
+ * between them. Short prompt chunks come along: the chunk kernel attends for them where it
+ * serves (chunk_attention.c: the context read once per chunk), else each token is a row of the
+ * decode kernel whose context ends at itself (rotary_store_kv stores the whole chunk's keys
+ * first). Speculative verification chunks are always such rows (the caller lists them with the
+ * decodes): float32, exactly as decoding each token would attend, so speculation changes no
+ * greedy token.
  *
  * Why: at one sequence the ~270 kernel calls of a step each cost 10-30 us of Python and
  * dispatch around a few us of work, and the pauses cost more than themselves: a matmul
@@ -49,7 +53,8 @@ static void matmul(const int64_t *w, int bits, const float *x, float *out, int64
 void decode_stack(const int64_t *table, int num_layers, int bits, float *x, float *residual, int64_t t,
                   int64_t hidden, int hq, int hk, int d, int64_t inter, float eps, int jiutian, const float *cos,
                   const float *sin, int kv_kind, const int64_t *slots, const int64_t *block_table,
-                  int64_t bt_stride, const int64_t *rows, int page_size, float scale, int max_len,
+                  int64_t bt_stride, const int64_t *rows, const int64_t *chunks, int64_t n_chunks,
+                  const int64_t *decodes, int64_t n_decodes, int page_size, float scale, int max_len,
                   const int64_t *lora_table, const int64_t *lora_segments, int lora_nseg, int num_threads) {
     const int64_t q_size = (int64_t)hq * d, qkv_size = q_size + 2 * (int64_t)hk * d;
     float *h = malloc(sizeof(float) * (size_t)(t * hidden));
@@ -75,8 +80,15 @@ void decode_stack(const int64_t *table, int num_layers, int bits, float *x, floa
         void *k_cache = (void *)w[K_CACHE], *v_cache = (void *)w[V_CACHE];
         rotary_store_kv(qkv, qkv + q_size, qkv + q_size + (int64_t)hk * d, 0, qkv_size, cos, sin, q, 0, k_cache,
                         v_cache, kv_kind, slots, t, hq, hk, d, num_threads);
-        paged_decode_attention(q, q_size, k_cache, v_cache, kv_kind, block_table, bt_stride, rows, t, att, 0, q_size,
-                               hq, hk, d, page_size, scale, max_len, num_threads);
+        /* prompt chunks to the chunk kernel where it serves; then the decode kernel's rows: the
+         * decodes and verification chunks' tokens, or every token where it did not serve */
+        const int chunked = n_chunks > 0 && paged_chunk_attention(q, q_size, k_cache, v_cache, kv_kind, block_table,
+                                                                  bt_stride, chunks, n_chunks, att, 0, q_size, hq,
+                                                                  hk, d, page_size, scale, num_threads);
+        if (!chunked || n_decodes > 0)
+            paged_decode_attention(q, q_size, k_cache, v_cache, kv_kind, block_table, bt_stride,
+                                   chunked ? decodes : rows, chunked ? n_decodes : t, att, 0, q_size, hq, hk, d,
+                                   page_size, scale, max_len, num_threads);
         matmul(w + O, bits, att, x, t, hidden, q_size, num_threads);
         if (lw) lora(lw + 6, att, x, lora_segments, lora_nseg, hidden, q_size, num_threads);
         add_rms_norm(x, 0, residual, (const float *)w[POST_NORM], h, 0, residual, t, hidden, eps, jiutian,

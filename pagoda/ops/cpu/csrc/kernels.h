@@ -63,7 +63,8 @@ int quant_matmul_rounded_rows(void);
 void decode_stack(const int64_t *table, int num_layers, int bits, float *x, float *residual, int64_t t,
                   int64_t hidden, int hq, int hk, int d, int64_t inter, float eps, int jiutian, const float *cos,
                   const float *sin, int kv_kind, const int64_t *slots, const int64_t *block_table,
-                  int64_t bt_stride, const int64_t *rows, int page_size, float scale, int max_len,
+                  int64_t bt_stride, const int64_t *rows, const int64_t *chunks, int64_t n_chunks,
+                  const int64_t *decodes, int64_t n_decodes, int page_size, float scale, int max_len,
                   const int64_t *lora_table, const int64_t *lora_segments, int lora_nseg, int num_threads);
 
 #endif
