@@ -9,29 +9,19 @@
  * - A query block is 16 rows, a row being one (query token, query head) pair of one kv
  *   head's group (GQA: the group's heads share every K/V tile), the queries rounded to bf16
  *   once. A work item is a sequence, a kv head and up to MAX_BLOCKS consecutive query blocks,
- *   which share each K/V tile while it is in L1: the context is read once per item, the
- *   next tile's rows prefetched a slice before each block's step (all at once, the
- *   prefetches stalled on the line fill buffers: a sixth of the kernel's samples).
+ *   which share each K/V tile while it is in L1: the context is read once per item.
  * - Keys come KEY_TILE at a time. Scores are computed transposed, S^T = K Q^T ([key][row]):
  *   16 bf16 key rows of a page are an A tile loaded in place (a row stride apart), and the
  *   online softmax (running max and sum per row, float32) is then lane-wise over 16 rows,
  *   with no horizontal reductions. Causal masking applies only to keys inside the chunk
  *   (key position <= query position); a block stops at its last query's position.
- * - Probabilities are rounded to bf16, transposed in registers into two A tiles of P V (32
- *   keys each), and the values repacked per tile into AMX's pair layout (VNNI) in L1; the
- *   output rows stay float32 in L1, loaded into C tiles once per 64 keys (both products
- *   accumulate before the store) and rescaled only when a row's maximum grows. The scale is
- *   folded into the exponent (2^(s scale log2e - m), one fused multiply-subtract).
+ * - Probabilities are rounded to bf16, transposed in registers into the A tile of P V, and
+ *   the values repacked per tile into AMX's pair layout (VNNI) in L1; the output rows stay
+ *   float32 in L1, loaded into C tiles for each product and rescaled only when a row's
+ *   maximum grows.
  * - int8 caches (kv_kind, kernels.h): key rows become bf16 exactly in L1 and each 32-value
  *   group's partial scores are scaled by the row's group scale, as scores_amx_i8 does; value
  *   rows are dequantized to bf16 (the rounding the SDPA path applies to them too).
- *
- * Speed (benchmarks/bench_attention.py --chunk 512 --batch 1 --context 4096 16384 30720
- * --layers 2 --kv-cache-dtype bf16 int8, 2 threads on 2 AMX cores, the default shape: 9 query
- * and 3 kv heads of 64; another process loading the machine, runs interleaved): bf16 11.3 /
- * 48.5-48.9 / 93.6 ms at 4K / 16K / 30K of context, ~390 GFLOP/s per core (13.2 / 58-66 /
- * 110-111 ms with 32-key steps, the prefetches in one burst and 8 blocks per item); int8 14.7 /
- * 59-60 / 115-118 ms (16.0-16.4 / 74 / 140-161); the SDPA path 22 / 97-106 / 185-194 ms.
  *
  * Returns 0, computing nothing, where the build or CPU has no AMX or the shape does not fit
  * (head_dim not a multiple of 32 or above 128, more than 16 query heads per kv head): the
@@ -50,12 +40,12 @@
 
 #if HAVE_AMX
 
-#define KEY_TILE 64   /* keys per step: two P V products into each output tile */
-#define MAX_BLOCKS 16 /* query blocks per work item: their output rows (128 KiB at head_dim 128) stay in L2 */
+#define KEY_TILE 32   /* keys per step: the depth of one P V product */
+#define MAX_BLOCKS 8  /* query blocks per work item: their output rows (64 KiB at head_dim 128) stay in L1/L2 */
 #define MAX_D 128
 #define NEG_BIG (-1e30f) /* a masked score: exp2 of it minus any maximum is 0 */
-/* tiles: 0, 1 scores of 16 keys each (then 0 the second probabilities); 2 A operand (keys,
- * then the first probabilities); 3 B operand (queries, then values); 4-7 output columns */
+/* tiles: 0, 1 scores of keys 0-15 and 16-31; 2 A operand (keys, then probabilities);
+ * 3 B operand (queries, then values); 4-7 output columns */
 #define TILES 8
 
 typedef struct {
@@ -78,11 +68,11 @@ typedef struct { /* one thread's working set, 64-byte aligned */
     float acc[MAX_BLOCKS][16 * MAX_D];        /* unnormalised outputs, [row][d] */
     float m[MAX_BLOCKS][16], l[MAX_BLOCKS][16];
     int32_t qpos[MAX_BLOCKS][16]; /* each row's position in its sequence */
-    uint16_t kb[4][16 * MAX_D];   /* key rows copied or converted to bf16 */
-    float ks[4][MAX_D / 32][16];  /* int8 keys: each row's group scales */
-    uint32_t vt[MAX_D / 16][512]; /* values in pair layout: [key pair][16 columns] per 16 columns */
-    float s[4][MAX_D / 32][256];  /* stored score tiles (int8: one per group) */
-    uint16_t pa[2][16 * 32];      /* probabilities, [row][key] per 32 keys */
+    uint16_t kb[2][16 * MAX_D];   /* key rows copied or converted to bf16 */
+    float ks[2][MAX_D / 32][16];  /* int8 keys: each row's group scales */
+    uint32_t vt[MAX_D / 16][256]; /* values in pair layout: [key pair][16 columns] per 16 columns */
+    float s[2][MAX_D / 32][256];  /* stored score tiles (int8: one per group) */
+    uint16_t pa[16 * 32];         /* probabilities, [row][key] */
     int64_t *off; /* pool offsets (elements) of the context's rows for the item's kv head */
 } scratch;
 
@@ -151,22 +141,19 @@ static inline __m512i value_bf16(const chunk_args *a, const int64_t *off, int u,
     return i8x32_to_bf16((const int8_t *)a->v + off[u], a->d, c, 1);
 }
 
-/* Prefetches the key and value rows of keys t0..t1-1 (pool offsets in off). */
-static void prefetch_rows(const chunk_args *a, const int64_t *off, int64_t t0, int64_t t1) {
+/* Keys kt..kt+nk-1 of the tile (of the item's keys before end; pool offsets in w->off): key A
+ * tiles (in place where 16 bf16 rows are evenly spaced, else copied; int8 rows converted),
+ * values in pair layout; the next tile's rows are prefetched. */
+static void stage_tile(const chunk_args *a, int64_t kt, int nk, int64_t end, scratch *w,
+                       const uint16_t *kptr[2], int64_t kstride[2]) {
+    const int d = a->d;
+    const int64_t *off = w->off + kt;
     const int es = a->kv_kind == KV_BF16 ? 2 : 1; /* bytes per element */
-    for (int64_t t = t0; t < t1; t++)
+    for (int64_t t = KEY_TILE; t < 2 * KEY_TILE && kt + t < end; t++) /* the next tile's rows */
         for (int b = 0; b < a->hd * es; b += 64) {
             _mm_prefetch((const char *)a->k + off[t] * es + b, _MM_HINT_T0);
             _mm_prefetch((const char *)a->v + off[t] * es + b, _MM_HINT_T0);
         }
-}
-
-/* Keys kt..kt+nk-1 of the tile (pool offsets in w->off): key A tiles (in place where 16 bf16
- * rows are evenly spaced, else copied; int8 rows converted), values in pair layout. */
-static void stage_tile(const chunk_args *a, int64_t kt, int nk, scratch *w, const uint16_t *kptr[4],
-                       int64_t kstride[4]) {
-    const int d = a->d;
-    const int64_t *off = w->off + kt;
     for (int h = 0; h * 16 < nk; h++) {
         const int n = nk - 16 * h < 16 ? nk - 16 * h : 16;
         const int64_t *ho = off + 16 * h;
@@ -202,8 +189,7 @@ static void stage_tile(const chunk_args *a, int64_t kt, int nk, scratch *w, cons
         }
 }
 
-/* output columns c and c+1 of the block += P V, in C tiles T0 and T1 (tile numbers are immediates):
- * the first 32 keys' probabilities in tile 2, the second's (where `two`) in tile 0 */
+/* output columns c and c+1 of the block += P V, in C tiles T0 and T1 (tile numbers are immediates) */
 #define PV_PAIR(T0, T1, c)                                            \
     do {                                                              \
         _tile_loadd(T0, acc + 16 * (c), astride);                     \
@@ -212,93 +198,71 @@ static void stage_tile(const chunk_args *a, int64_t kt, int nk, scratch *w, cons
         _tile_loadd(T1, acc + 16 * ((c) + 1), astride);               \
         _tile_loadd(1, w->vt[(c) + 1], 64);                           \
         _tile_dpbf16ps(T1, 2, 1);                                     \
-        if (two) {                                                    \
-            _tile_loadd(3, w->vt[c] + 256, 64);                       \
-            _tile_dpbf16ps(T0, 0, 3);                                 \
-            _tile_loadd(1, w->vt[(c) + 1] + 256, 64);                 \
-            _tile_dpbf16ps(T1, 0, 1);                                 \
-        }                                                             \
         _tile_stored(T0, acc + 16 * (c), astride);                    \
         _tile_stored(T1, acc + 16 * ((c) + 1), astride);              \
     } while (0)
 
-/* scores of dims 32 blk.. for keys 32 j..: queries in tile TQ, keys in TK0, TK1 */
+/* scores of dims 32 blk.. for both halves of the keys: queries in tile TQ, keys in TK0, TK1 */
 #define QK_STEP(TQ, TK0, TK1, blk)                                    \
     do {                                                              \
         _tile_loadd(TQ, w->qt[bi][blk], 64);                          \
-        _tile_loadd(TK0, kptr[2 * j] + 32 * (blk), kstride[2 * j]);   \
+        _tile_loadd(TK0, kptr[0] + 32 * (blk), kstride[0]);           \
         _tile_dpbf16ps(0, TK0, TQ);                                   \
-        if (pair) {                                                   \
-            _tile_loadd(TK1, kptr[2 * j + 1] + 32 * (blk), kstride[2 * j + 1]); \
+        if (halves > 1) {                                             \
+            _tile_loadd(TK1, kptr[1] + 32 * (blk), kstride[1]);       \
             _tile_dpbf16ps(1, TK1, TQ);                               \
         }                                                             \
     } while (0)
 
 /* One query block against the staged tile: scores, online softmax, then P V into acc. */
-static void block_step(const chunk_args *a, scratch *w, int bi, int64_t kt, int nk, const uint16_t *kptr[4],
-                       const int64_t kstride[4]) {
-    const int d = a->d, blocks = d / 32, i8 = a->kv_kind == KV_INT8, two = nk > 32;
-    for (int j = 0; 32 * j < nk; j++) { /* 32 keys at a time, 16 per score tile: two independent sums */
-        const int pair = nk > 32 * j + 16;
-        if (!i8) {
+static void block_step(const chunk_args *a, scratch *w, int bi, int64_t kt, int nk, const uint16_t *kptr[2],
+                       const int64_t kstride[2]) {
+    const int d = a->d, blocks = d / 32, halves = nk > 16 ? 2 : 1, i8 = a->kv_kind == KV_INT8;
+    if (!i8) {
+        _tile_zero(0);
+        _tile_zero(1);
+    }
+    for (int blk = 0; blk < blocks; blk++) { /* both halves at once: two independent sums */
+        if (i8) {
             _tile_zero(0);
             _tile_zero(1);
         }
-        for (int blk = 0; blk < blocks; blk++) {
-            if (i8) {
-                _tile_zero(0);
-                _tile_zero(1);
-            }
-            if (blk & 1)
-                QK_STEP(4, 6, 7, blk);
-            else
-                QK_STEP(3, 2, 5, blk);
-            if (i8 || blk == blocks - 1) {
-                _tile_stored(0, w->s[2 * j][i8 ? blk : 0], 64);
-                if (pair) _tile_stored(1, w->s[2 * j + 1][i8 ? blk : 0], 64);
-            }
+        if (blk & 1)
+            QK_STEP(4, 6, 7, blk);
+        else
+            QK_STEP(3, 2, 5, blk);
+        if (i8 || blk == blocks - 1) {
+            _tile_stored(0, w->s[0][i8 ? blk : 0], 64);
+            if (halves > 1) _tile_stored(1, w->s[1][i8 ? blk : 0], 64);
         }
     }
-    /* the raw scores' maximum; masked (and int8's scaled) scores go back into w->s[][0] */
     const __m512i qpos = _mm512_load_si512(w->qpos[bi]);
     const int32_t first = w->qpos[bi][0];
-    __m512 mt = _mm512_set1_ps(NEG_BIG);
+    const __m512 sc = _mm512_set1_ps(a->scale2);
+    __m512 p[KEY_TILE], mt = _mm512_set1_ps(NEG_BIG);
     for (int k = 0; k < nk; k++) {
         const int h = k / 16, u = k % 16;
-        float *sp = w->s[h][0] + 16 * u;
-        __m512 s = _mm512_load_ps(sp);
-        if (i8) {
-            s = _mm512_mul_ps(s, _mm512_set1_ps(w->ks[h][0][u]));
+        __m512 s;
+        if (a->kv_kind == KV_BF16) {
+            s = _mm512_load_ps(w->s[h][0] + 16 * u);
+        } else {
+            s = _mm512_mul_ps(_mm512_load_ps(w->s[h][0] + 16 * u), _mm512_set1_ps(w->ks[h][0][u]));
             for (int blk = 1; blk < blocks; blk++)
                 s = _mm512_fmadd_ps(_mm512_load_ps(w->s[h][blk] + 16 * u), _mm512_set1_ps(w->ks[h][blk][u]), s);
         }
+        s = _mm512_mul_ps(s, sc);
         if (kt + k > first) /* a key of the chunk: hidden from rows before it */
             s = _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(qpos, _mm512_set1_epi32((int32_t)(kt + k))), s,
                                      _mm512_set1_ps(NEG_BIG));
-        if (i8 || kt + k > first) _mm512_store_ps(sp, s);
+        p[k] = s;
         mt = _mm512_max_ps(mt, s);
     }
-    /* the running maximum is of scaled scores (the scale is positive): p = 2^(s scale2 - m) */
-    const __m512 sc = _mm512_set1_ps(a->scale2);
-    const __m512 m_old = _mm512_load_ps(w->m[bi]), m_new = _mm512_max_ps(m_old, _mm512_mul_ps(mt, sc));
+    const __m512 m_old = _mm512_load_ps(w->m[bi]), m_new = _mm512_max_ps(m_old, mt);
     const __m512 alpha = exp2_neg(_mm512_sub_ps(m_old, m_new));
     __m512 sum = _mm512_setzero_ps();
-    const __m512i pairs = interleave_words(16);
-    for (int j = 0; 32 * j < nk; j++) {
-        /* P as an A tile: key pairs as dwords (lane = row), then rows as dwords (lane = key pair) */
-        __m512i pr[16];
-        for (int k = 0; k < 32; k += 2) {
-            __m512 p[2];
-            for (int e = 0; e < 2; e++) {
-                const int kk = 32 * j + k + e;
-                p[e] = kk < nk ? exp2_neg(_mm512_fmsub_ps(_mm512_load_ps(w->s[kk / 16][0] + 16 * (kk % 16)), sc, m_new))
-                               : _mm512_setzero_ps();
-                sum = _mm512_add_ps(sum, p[e]);
-            }
-            pr[k / 2] = _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(p[1], p[0]));
-        }
-        transpose16(pr);
-        for (int r = 0; r < 16; r++) _mm512_store_si512(w->pa[j] + 32 * r, pr[r]);
+    for (int k = 0; k < KEY_TILE; k++) {
+        p[k] = k < nk ? exp2_neg(_mm512_sub_ps(p[k], m_new)) : _mm512_setzero_ps();
+        sum = _mm512_add_ps(sum, p[k]);
     }
     _mm512_store_ps(w->l[bi], _mm512_fmadd_ps(_mm512_load_ps(w->l[bi]), alpha, sum));
     _mm512_store_ps(w->m[bi], m_new);
@@ -311,8 +275,14 @@ static void block_step(const chunk_args *a, scratch *w, int bi, int64_t kt, int 
             for (int c = 0; c < d; c += 16) _mm512_store_ps(o + c, _mm512_mul_ps(_mm512_load_ps(o + c), _mm512_set1_ps(al[r])));
         }
     }
-    _tile_loadd(2, w->pa[0], 64);
-    if (two) _tile_loadd(0, w->pa[1], 64);
+    /* P as an A tile: key pairs as dwords (lane = row), then rows as dwords (lane = key pair) */
+    const __m512i pair = interleave_words(16);
+    __m512i pr[16];
+    for (int k = 0; k < 16; k++)
+        pr[k] = _mm512_permutexvar_epi16(pair, (__m512i)_mm512_cvtne2ps_pbh(p[2 * k + 1], p[2 * k]));
+    transpose16(pr);
+    for (int r = 0; r < 16; r++) _mm512_store_si512(w->pa + 32 * r, pr[r]);
+    _tile_loadd(2, w->pa, 64);
     float *acc = w->acc[bi];
     const int64_t astride = 4 * (int64_t)d;
     for (int c = 0; c < d / 16; c += 2) /* two output columns at a time, tiles 4-5 and 6-7 by turns */
@@ -348,13 +318,10 @@ static void chunk_item(const chunk_args *a, const int64_t *row, int kh, int b0, 
             w->off[t] = (pages[p] * a->page_size + u) * a->row_stride + head;
     for (int64_t kt = 0; kt < end; kt += KEY_TILE) {
         const int nk = end - kt < KEY_TILE ? (int)(end - kt) : KEY_TILE;
-        const uint16_t *kptr[4];
-        int64_t kstride[4];
-        stage_tile(a, kt, nk, w, kptr, kstride);
-        const int nb = b1 - b0;
-        for (int bi = 0; bi < nb; bi++) { /* the next tile's rows prefetched a slice per block, spread out */
-            const int64_t p0 = kt + KEY_TILE + KEY_TILE * bi / nb, p1 = kt + KEY_TILE + KEY_TILE * (bi + 1) / nb;
-            prefetch_rows(a, w->off, p0 < end ? p0 : end, p1 < end ? p1 : end);
+        const uint16_t *kptr[2];
+        int64_t kstride[2];
+        stage_tile(a, kt, nk, end, w, kptr, kstride);
+        for (int bi = 0; bi < b1 - b0; bi++) {
             const int64_t visible = w->qpos[bi][15] + 1 - kt; /* keys of this tile the block's last row sees */
             if (visible > 0) block_step(a, w, bi, kt, visible < nk ? (int)visible : nk, kptr, kstride);
         }
