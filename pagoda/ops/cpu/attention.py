@@ -7,6 +7,8 @@ those views of the ForwardBatch are built here, once per step, by `batch.view`."
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 
 from pagoda.ops.cpu import native
@@ -21,12 +23,7 @@ def decode_rows(batch: ForwardBatch) -> torch.Tensor:
     decode kernel reads; a row per single-token sequence, and per token of a sequence verifying
     a proposal (attended exactly as decoding it would be)."""
     verify = set(batch.verify_seqs)
-    rows = []
-    for b, (q, s) in enumerate(zip(batch.query_lens, batch.seq_lens)):
-        if q == 1 or b in verify:
-            start, first_len = batch.query_starts[b], s - q + 1
-            rows += [(start + i, b, first_len + i) for i in range(q)]
-    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+    return _rows_of(batch, [b for b, q in enumerate(batch.query_lens) if q == 1 or b in verify])
 
 
 def token_rows(batch: ForwardBatch) -> torch.Tensor:
@@ -35,9 +32,15 @@ def token_rows(batch: ForwardBatch) -> torch.Tensor:
     attend for it too; the same tensor as decode_rows when no sequence is a prompt chunk."""
     if not batch.chunk_seqs:
         return batch.view(decode_rows)
+    return _rows_of(batch, range(batch.batch_size))
+
+
+def _rows_of(batch: ForwardBatch, seqs: Iterable[int]) -> torch.Tensor:
+    """The rows of every token of sequences `seqs`, each token's context ending at itself."""
     rows = []
-    for b, (q, s) in enumerate(zip(batch.query_lens, batch.seq_lens)):
-        start, first_len = batch.query_starts[b], s - q + 1
+    for b in seqs:
+        q, start = batch.query_lens[b], batch.query_starts[b]
+        first_len = batch.seq_lens[b] - q + 1
         rows += [(start + i, b, first_len + i) for i in range(q)]
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
 
