@@ -29,6 +29,17 @@ _VLLM_SPEC_KEYS = {
 _VLLM_METHODS = {"ngram": "ngram", "draft_model": "draft", "draft": "draft"}
 
 
+def _json_object(option: str, text: str) -> dict[str, Any]:
+    """An option given as a JSON object, or a ConfigError that names it."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{option} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option} must be a JSON object")
+    return value
+
+
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
@@ -200,12 +211,7 @@ class EngineConfig:
 
     def speculative_config_dict(self) -> dict[str, Any]:
         """vLLM's speculative_config JSON translated to our option names."""
-        try:
-            value = json.loads(self.speculative_config)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"speculative_config is not valid JSON: {e}") from None
-        if not isinstance(value, dict):
-            raise ConfigError("speculative_config must be a JSON object")
+        value = _json_object("speculative_config", self.speculative_config)
         out: dict[str, Any] = {}
         for key, v in value.items():
             if key not in _VLLM_SPEC_KEYS:
@@ -240,15 +246,7 @@ class EngineConfig:
         return out
 
     def rope_scaling_dict(self) -> dict[str, Any] | None:
-        if self.rope_scaling is None:
-            return None
-        try:
-            value = json.loads(self.rope_scaling)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"rope_scaling is not valid JSON: {e}") from None
-        if not isinstance(value, dict):
-            raise ConfigError("rope_scaling must be a JSON object")
-        return value
+        return None if self.rope_scaling is None else _json_object("rope_scaling", self.rope_scaling)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
