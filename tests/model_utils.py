@@ -14,6 +14,12 @@ DEVICE = get_platform(os.environ.get("PAGODA_TEST_DEVICE", "cpu")).device()
 """Where the model tests run pagoda (PAGODA_TEST_DEVICE=cuda on a GPU machine); their references
 stay on the CPU, and logits come back to it."""
 
+# A tiny Llama-family shape, for the HF configs the parity tests build their references from.
+TINY = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+)
+
 
 def make_runner(model: torch.nn.Module, num_pages: int = 64, page_size: int = 4) -> ModelRunner:
     cfg = model.config

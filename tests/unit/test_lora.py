@@ -13,16 +13,12 @@ from pagoda.lora import LoRAManager
 from pagoda.models.config import ModelConfig
 from pagoda.models.llama import LlamaForCausalLM
 from tests.lora_utils import ALL_MODULES, gguf_adapter_from_peft, peft_adapter
-from tests.model_utils import DEVICE, make_runner, pages_for
+from tests.model_utils import DEVICE, TINY, make_runner, pages_for
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 ATOL = 3e-5
-TINY = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
-)
 CASES = {
     "llama": (transformers.LlamaConfig, dict(TINY, tie_word_embeddings=False)),
     "qwen2": (transformers.Qwen2Config, dict(TINY, tie_word_embeddings=True)),  # QKV bias

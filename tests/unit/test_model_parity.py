@@ -11,16 +11,11 @@ import torch
 
 from pagoda.models.config import ModelConfig
 from pagoda.models.llama import LlamaForCausalLM
-from tests.model_utils import DEVICE, incremental_logits, make_runner, prefill_logits
+from tests.model_utils import DEVICE, TINY, incremental_logits, make_runner, prefill_logits
 
 transformers = pytest.importorskip("transformers")
 
 ATOL = 2e-5
-
-TINY = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
-)
 
 CASES = {
     "llama": (transformers.LlamaConfig, dict(TINY, tie_word_embeddings=False)),
