@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--chunk", type=int, default=1, help="new tokens per sequence (1: decode)")
+    ap.add_argument("--verify", action="store_true",
+                    help="the chunk's tokens verify a speculative proposal (each a decode-kernel row)")
     args = ap.parse_args()
     hq, hk = args.heads
     if (min(args.batch) < 1 or args.chunk < 1 or min(args.context) < args.chunk or args.layers < 1 or hk < 1 or hq % hk
@@ -71,7 +73,7 @@ def main() -> None:
                           for _ in range(args.layers)]
                 n = args.chunk
                 meta = ForwardBatch.build([([0] * n, context - n, row) for row in table.tolist()], ps,
-                                          torch.device("cpu"))
+                                          torch.device("cpu"), verify_seqs=range(batch) if args.verify else ())
                 q = torch.randn(batch * n, hq, d, generator=g)
 
                 def step() -> None:
@@ -84,7 +86,7 @@ def main() -> None:
                         attend_per_sequence(q, k, v, meta, d**-0.5, out, range(batch), torch.bfloat16)
 
                 kv_bytes = 2 * args.layers * batch * context * layers[0][0][0].numel() * layers[0][0].itemsize
-                for name, fn in (("paged_attention", step), ("sdpa", sdpa_step)) if n > 1 else (("decode", step),):
+                for name, fn in (("paged_attention", step), ("sdpa", sdpa_step)) if n > 1 and not args.verify else (("decode", step),):
                     ms, best = median_and_min_ms(fn, args.repeats, warmup=1 if n > 1 else 3)
                     row = {"bench": f"{'chunk' if n > 1 else 'decode'}_attention", "kernel": name,
                            "kv_cache_dtype": kv_dtype, "batch": batch, "chunk": n, "context": context,

@@ -126,6 +126,8 @@ def main() -> None:
     ap.add_argument("--algorithm", default="ngram", choices=("ngram", "draft"))
     ap.add_argument("--draft-model", default=None)
     ap.add_argument("--num-draft-tokens", type=int, default=8)
+    ap.add_argument("--ngram-min-match", type=int, default=None, help="shortest suffix to look up (default: the engine's)")
+    ap.add_argument("--ngram-max-match", type=int, default=None, help="longest suffix to look up (default: the engine's)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--tasks", default="quote,code,chat")
     ap.add_argument("--repeats", type=int, default=2, help="runs per task and mode, interleaved; the fastest counts")
@@ -135,7 +137,9 @@ def main() -> None:
 
     base = LLM(model=args.model, num_threads=args.num_threads)
     spec = LLM(model=args.model, num_threads=args.num_threads, speculative_algorithm=args.algorithm,
-               speculative_draft_model=args.draft_model, speculative_num_draft_tokens=args.num_draft_tokens)
+               speculative_draft_model=args.draft_model, speculative_num_draft_tokens=args.num_draft_tokens,
+               **{f"speculative_ngram_{side}_match": value for side, value in
+                  (("min", args.ngram_min_match), ("max", args.ngram_max_match)) if value is not None})
     chats = tasks(random.Random(0))
     warm = base.tokenizer.encode_chat([{"role": "user", "content": "Hello"}])
     run(base, warm, 8), run(spec, warm, 8)

@@ -215,6 +215,41 @@ def test_c_decode_attention_is_built_and_used() -> None:
         assert all(c_kernel.fn(*a) is not ops.DECLINE for a in _inputs(name)), name
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.int8], ids=["f32", "bf16", "int8"])
+@pytest.mark.parametrize("heads", [(9, 3), (8, 1)], ids=["g3", "g8"])
+@pytest.mark.parametrize("page_size", [16, 4])
+def test_verification_rows_attend_exactly_as_decoding_each_token(kv_dtype, heads, page_size) -> None:
+    """A proposal's tokens, attended together (the C kernel scores a run of rows in one pass over
+    its keys), give each token bit for bit what decoding it alone gives: greedy speculation must
+    not change a single output. Runs longer than the kernel takes at once (20 rows), contexts
+    crossing a 16-key block, pages shorter than a block, and a lone run (cut between threads)."""
+    from pagoda.ops.cpu import native
+    from pagoda.ops.cpu.attention import paged_attention_cpu
+
+    if native.library() is None:
+        pytest.skip("needs the C kernels")
+    hq, hk = heads
+    query_lens, seq_lens = [9, 1, 20, 2], [308, 50, 40, 17]
+    q, k, v, batch, scale = _attention_inputs(query_lens, seq_lens, page_size=page_size, hq=hq, hk=hk, d=64,
+                                              kv_dtype=kv_dtype)
+    q = q * 3.0  # sharp attention: a key scored differently shows
+    pages = [batch.block_table[b].tolist() for b in range(len(seq_lens))]
+    seqs = [([0] * ql, sl - ql, p) for ql, sl, p in zip(query_lens, seq_lens, pages)]
+    cpu = torch.device("cpu")
+    together = paged_attention_cpu(q, k, v, ForwardBatch.build(seqs, page_size, cpu, verify_seqs=[0, 2, 3]), scale)
+    alone_run = paged_attention_cpu(q[:9], k, v, ForwardBatch.build(seqs[:1], page_size, cpu, verify_seqs=[0]), scale)
+    assert torch.equal(alone_run, together[:9])
+    starts = [0, 9, 10, 30]
+    for b, (ql, sl) in enumerate(zip(query_lens, seq_lens)):
+        for i in range(ql):
+            row = starts[b] + i
+            one = ForwardBatch.build([([0], sl - ql + i, pages[b])], page_size, cpu)
+            alone = paged_attention_cpu(q[row : row + 1], k, v, one, scale)
+            assert torch.equal(together[row], alone[0]), (b, i)
+    want = ops.reference.paged_attention.reference(q, k, v, ForwardBatch.build(seqs, page_size, cpu), scale)
+    torch.testing.assert_close(together, want, rtol=2e-2, atol=2e-2)
+
+
 def test_every_cpu_kernel_is_exercised() -> None:
     """Guards the table above: a new CPU kernel must come with inputs here."""
     covered_here = {"rms_norm", "add_rms_norm", "paged_attention", "rotary_store_kv", "silu_and_mul", "argmax_rows",

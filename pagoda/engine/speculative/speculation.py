@@ -12,10 +12,12 @@ from typing import Sequence
 from pagoda.config import EngineConfig
 from pagoda.engine.request import Request
 
-# Past this many tokens a speculating sequence proposes proportionally fewer (at least 2): the CPU
-# decode-attention kernel attends over the whole context once per row of a chunk, so a proposed
-# row costs more the longer the context (benchmarks/bench_speculative.py, docs/BENCHMARKS.md).
-SPEC_FULL_CONTEXT = 1024
+# Past this many tokens a speculating sequence proposes proportionally fewer (at least 2): every
+# proposed row is attended over the whole context (the CPU kernel scores a proposal's rows in one
+# pass over the keys, but each row's softmax and value sums are its own: ~0.3 ms per row and 1K
+# tokens of context for the default model on this CPU), so a guess costs more the longer the
+# context (benchmarks/bench_speculative.py, docs/BENCHMARKS.md).
+SPEC_FULL_CONTEXT = 8192
 
 
 class Speculation:
@@ -58,7 +60,7 @@ class Speculation:
                 continue  # prefilling, or constrained (its grammar would have to vet each proposal)
             # never propose past max_tokens or the context: the target adds one token of its own
             limit = min(k, req.max_tokens - len(req.output_ids) - 1, self.context_length - req.num_tokens - 1)
-            if req.num_tokens > SPEC_FULL_CONTEXT:  # each proposed row reads the whole context again
+            if req.num_tokens > SPEC_FULL_CONTEXT:  # each proposed row attends over the whole context
                 limit = min(limit, max(2, k * SPEC_FULL_CONTEXT // req.num_tokens))
             if limit > 0:
                 reqs.append(req)

@@ -36,6 +36,7 @@
 
 #include "amx.h"
 #include "bf16.h"
+#include "simd.h"
 #include "kernels.h"
 
 #if HAVE_AMX
@@ -95,30 +96,6 @@ static inline __m512i interleave_words(int b) {
     uint16_t idx[32];
     for (int e = 0; e < 16; e++) idx[2 * e] = (uint16_t)e, idx[2 * e + 1] = (uint16_t)(b + e);
     return _mm512_loadu_si512(idx);
-}
-
-/* r[i] lane j := r[j] lane i, for 16 vectors of 16 dwords */
-static inline void transpose16(__m512i r[16]) {
-    __m512i a[16], b[16];
-    for (int i = 0; i < 8; i++) {
-        a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) { /* b[4i + c], 128-bit lane L: column 4L + c of rows 4i..4i+3 */
-        b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
-        b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
-        b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
-        b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
-    }
-    for (int c = 0; c < 4; c++) { /* a 4x4 transpose of 128-bit lanes */
-        const __m512i x0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), x1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
-        const __m512i x2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
-        const __m512i x3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
-        r[c] = _mm512_shuffle_i32x4(x0, x2, 0x88);
-        r[4 + c] = _mm512_shuffle_i32x4(x0, x2, 0xDD);
-        r[8 + c] = _mm512_shuffle_i32x4(x1, x3, 0x88);
-        r[12 + c] = _mm512_shuffle_i32x4(x1, x3, 0xDD);
-    }
 }
 
 /* 32 values of an int8 row from column c, times their group's scale, as bf16 */

@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "simd.h"
 #include "kernels.h"
 
 #define PARALLEL_MIN_ELEMENTS 16384
@@ -63,22 +64,6 @@ static inline void st16(__m512 x, void *p, int bf16, int64_t off, __mmask16 m) {
         _mm256_mask_storeu_epi16((uint16_t *)p + off, m, f32_to_bf16x16(x));
     else
         _mm512_mask_storeu_ps((float *)p + off, m, x);
-}
-
-/* e^x to ~1 ulp: 2^n * e^f with |f| <= ln2/2, a degree-6 polynomial for e^f; scalef
- * handles overflow (inf) and underflow (0) like expf. */
-static inline __m512 exp16(__m512 x) {
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), f);
-    __m512 p = _mm512_set1_ps(1.f / 720);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
 }
 
 static inline float sum16(__m512 x) { return _mm512_reduce_add_ps(x); }

@@ -1,12 +1,13 @@
 /* Decode attention straight from the paged KV cache (CPU).
  *
- * One query token per sequence attends to its whole context, reading keys and values
- * in place from the page pool: no gathered copy of the context per layer. A work item
- * is one sequence and a range of kv heads (all of them when there are enough
- * sequences to keep every thread busy). The context's pool offsets are computed once
- * per item and serve keys and values alike. Scores are kept for the whole context
- * (two-pass softmax), so each key and value row is read from memory once and reused
- * from cache by the query heads of its group.
+ * One query token per row attends to its whole context, reading keys and values in place
+ * from the page pool: no gathered copy of the context per layer. A work item is one sequence's
+ * run of rows (one row when decoding; a proposal's tokens when verifying one, see row_runs) and a
+ * range of kv heads (all of them when there are enough items to keep every thread busy). The
+ * context's pool offsets are computed once per item and serve keys and values alike. Scores are
+ * kept for the whole context (two-pass softmax, its normalisation applied to the value sums), so
+ * each key and value row is read from memory once and reused from cache by the query heads of
+ * its group and the other rows of its run.
  *
  * Keys/values are float32, bfloat16 or int8 rows with a float16 scale per 32 values
  * (kv_kind, kernels.h); softmax and accumulation are float32. Scores: where the CPU has AMX,
@@ -29,6 +30,7 @@
 
 #include "amx.h"
 #include "bf16.h"
+#include "simd.h"
 #include "kernels.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -266,49 +268,83 @@ static inline __m512 tile_column(const float *c, int j) {
     return _mm512_i32gather_ps(rows, c + j, 4);
 }
 
-/* The group's queries (g <= 16 heads, rounded to bf16) as B tiles, one per 32 dims: row r holds
- * dims 2r, 2r+1 of each head, heads beyond g zero. */
-static void query_tiles(const float *q, int g, int d, uint32_t b[4][256]) {
+/* The query groups of `rows` rows (rows * g <= 16 heads, rounded to bf16) as B tiles, one per 32
+ * dims: row r holds dims 2r, 2r+1 of each head (column i * g + j: row i's head j), the other
+ * columns zero. */
+static void query_tiles(const float *const *qs, int rows, int g, int d, uint32_t b[4][256]) {
     memset(b, 0, sizeof(b[0]) * (size_t)(d / 32));
-    for (int j = 0; j < g; j++)
-        for (int e = 0; e < d; e += 2)
-            b[e / 32][(e % 32) / 2 * 16 + j] = f32_to_bf16(q[j * d + e]) | (uint32_t)f32_to_bf16(q[j * d + e + 1]) << 16;
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < g; j++)
+            for (int e = 0; e < d; e += 2) {
+                const float *qj = qs[i] + j * d;
+                b[e / 32][(e % 32) / 2 * 16 + i * g + j] = f32_to_bf16(qj[e]) | (uint32_t)f32_to_bf16(qj[e + 1]) << 16;
+            }
 }
 
-/* bf16 keys: 16 rows of a page are one tile (a row stride apart), and one tile product with
- * the group's queries gives all of the group's scores for them: no horizontal sums. Runs of
- * 16 rows that are not evenly spaced (pages shorter than 16 tokens) and the context's last
+/* bf16 keys, for a run of rows of one sequence (one row when decoding; row r's heads to scores +
+ * r * g * stride): 16 rows of a page are one A tile (a row stride apart), and one tile product with
+ * up to 16 / g rows' query groups side by side in the B tile's columns gives all their scores for
+ * those keys: no horizontal sums, and a key tile loaded and multiplied once for all the rows. A
+ * tile's columns are independent sums, so a row's scores do not depend on the rows beside it.
+ * Runs of 16 keys that are not evenly spaced (pages shorter than 16 tokens) and each row's last
  * partial run take the dot-product kernel. */
-static void scores_amx_bf16(const float *q, const void *k_, int64_t h, const int64_t *off, int64_t len, int g, int d,
-                            float scale, float *scores, int64_t stride, int pf) {
+static void scores_amx_bf16_run(const float *const *qs, const int64_t *lens, int rows, const void *k_, int64_t h,
+                                const int64_t *off, int g, int d, float scale, float *scores, int64_t stride,
+                                int pf) {
     const uint16_t *k = (const uint16_t *)k_ + h;
-    const int blocks = d / 32;
+    const int blocks = d / 32, per_pass = 16 / g;
     uint32_t b[4][256] __attribute__((aligned(64)));
     float c[256] __attribute__((aligned(64)));
-    query_tiles(q, g, d, b);
     const __m512 sc = _mm512_set1_ps(scale);
-    int64_t t = 0;
-    for (; t + 16 <= len; t += 16) {
-        const int64_t step = off[t + 1] - off[t];
-        if (pf)
-            for (int u = 0; u < 16 && t + 16 + u < len; u++) prefetch_row(k + off[t + 16 + u], pf * sizeof(uint16_t));
-        int even = step > 0;
-        for (int u = 2; u < 16; u++) even &= off[t + u] == off[t] + u * step;
-        if (!even) {
-            scores_dot_bf16(q, k_, h, off + t, 16, g, d, scale, scores + t, stride, 0);
-            continue;
+    for (int r0 = 0; r0 < rows; r0 += per_pass) {
+        const int rn = rows - r0 < per_pass ? rows - r0 : per_pass;
+        const int64_t longest = lens[r0 + rn - 1];
+        query_tiles(qs + r0, rn, g, d, b);
+        for (int64_t t = 0; t + 16 <= longest; t += 16) {
+            const int64_t step = off[t + 1] - off[t];
+            if (pf && r0 == 0)
+                for (int u = 0; u < 16 && t + 16 + u < longest; u++) prefetch_row(k + off[t + 16 + u], pf * sizeof(uint16_t));
+            int even = step > 0;
+            for (int u = 2; u < 16; u++) even &= off[t + u] == off[t] + u * step;
+            if (!even) {
+                for (int r = 0; r < rn; r++)
+                    if (t + 16 <= lens[r0 + r])
+                        scores_dot_bf16(qs[r0 + r], k_, h, off + t, 16, g, d, scale,
+                                        scores + (int64_t)(r0 + r) * g * stride + t, stride, 0);
+                continue;
+            }
+            _tile_zero(0);
+            for (int blk = 0; blk < blocks; blk++) {
+                _tile_loadd(1, k + off[t] + 32 * blk, step * (int64_t)sizeof(uint16_t));
+                _tile_loadd(2, b[blk], 64);
+                _tile_dpbf16ps(0, 1, 2);
+            }
+            _tile_stored(0, c, 64);
+            __m512i col[16]; /* col[r * g + j]: the 16 keys' scores of row r's head j */
+            const int transposed = rn * g > 4; /* else a few gathers cost less than the transpose */
+            if (transposed) {
+                for (int u = 0; u < 16; u++) col[u] = _mm512_load_si512((const __m512i *)(c + 16 * u));
+                transpose16(col);
+            }
+            for (int r = 0; r < rn; r++)
+                if (t + 16 <= lens[r0 + r])
+                    for (int j = 0; j < g; j++)
+                        _mm512_storeu_ps(scores + (int64_t)((r0 + r) * g + j) * stride + t,
+                                         _mm512_mul_ps(transposed ? _mm512_castsi512_ps(col[r * g + j])
+                                                                  : tile_column(c, r * g + j), sc));
         }
-        _tile_zero(0);
-        for (int blk = 0; blk < blocks; blk++) {
-            _tile_loadd(1, k + off[t] + 32 * blk, step * (int64_t)sizeof(uint16_t));
-            _tile_loadd(2, b[blk], 64);
-            _tile_dpbf16ps(0, 1, 2);
+        for (int r = 0; r < rn; r++) {
+            const int64_t len = lens[r0 + r], tail = len / 16 * 16;
+            if (tail < len)
+                scores_dot_bf16(qs[r0 + r], k_, h, off + tail, len - tail, g, d, scale,
+                                scores + (int64_t)(r0 + r) * g * stride + tail, stride, r0 + r == 0 ? pf : 0);
         }
-        _tile_stored(0, c, 64);
-        for (int j = 0; j < g; j++)
-            _mm512_storeu_ps(scores + j * stride + t, _mm512_mul_ps(tile_column(c, j), sc));
     }
-    if (t < len) scores_dot_bf16(q, k_, h, off + t, len - t, g, d, scale, scores + t, stride, pf);
+}
+
+static void scores_amx_bf16(const float *q, const void *k_, int64_t h, const int64_t *off, int64_t len, int g, int d,
+                            float scale, float *scores, int64_t stride, int pf) {
+    scores_amx_bf16_run(&q, &len, 1, k_, h, off, g, d, scale, scores, stride, pf);
 }
 
 /* int8 keys on AMX: 16 rows at a time become bf16 (exact: |q| <= 127) in L1, one tile product
@@ -323,7 +359,7 @@ static void scores_amx_i8(const float *q, const void *k_, int64_t h, const int64
     uint16_t a[4][16 * 32] __attribute__((aligned(64))); /* per group: 16 rows of 32 bf16 */
     float c[4][256] __attribute__((aligned(64)));
     float gs[4][16] __attribute__((aligned(64))); /* group scales per row */
-    query_tiles(q, g, d, b);
+    query_tiles(&q, 1, g, d, b);
     memset(a, 0, sizeof a); /* rows past a short context's end stay finite */
     memset(gs, 0, sizeof gs);
     const __m512 sc = _mm512_set1_ps(scale);
@@ -386,6 +422,64 @@ static void pick_kernels(int kv_kind, int g, int d, scores_fn *scores, values_fn
 #endif
 }
 
+/* p[t] := exp(p[t] - max) over a row of scores; returns 1 / sum, which the caller applies to
+ * the value sums (one multiply per output, not a pass over the probabilities). */
+static float exp_minus_max(float *p, int64_t len) {
+#ifdef __AVX512F__
+    __m512 mv = _mm512_set1_ps(-FLT_MAX);
+    for (int64_t t = 0; t < len; t += 16) {
+        const __mmask16 k = len - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - t)) - 1);
+        mv = _mm512_mask_max_ps(mv, k, mv, _mm512_maskz_loadu_ps(k, p + t));
+    }
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+    __m512 sv = _mm512_setzero_ps();
+    for (int64_t t = 0; t < len; t += 16) {
+        const __mmask16 k = len - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - t)) - 1);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p + t), m));
+        _mm512_mask_storeu_ps(p + t, k, e);
+        sv = _mm512_mask_add_ps(sv, k, sv, e);
+    }
+    return 1.f / _mm512_reduce_add_ps(sv);
+#else
+    float m = -FLT_MAX, sum = 0.f;
+    for (int64_t t = 0; t < len; t++) m = p[t] > m ? p[t] : m;
+    for (int64_t t = 0; t < len; t++) { p[t] = expf(p[t] - m); sum += p[t]; }
+    return 1.f / sum;
+#endif
+}
+
+/* Runs of rows of one sequence (the tokens of a speculative proposal being verified, or of a
+ * prompt chunk on a CPU without the chunk kernel: the same block-table row, each context one
+ * longer than the one before) are one work item's rows: their keys and values come from memory
+ * once, for the first row, and from cache for the others, where one item per row read the whole
+ * context again per row. Each row is still attended on its own, exactly as decoding it would be.
+ * Runs are cut into pieces when there are too few of them to keep every thread busy. */
+#define RUN_MAX 16
+typedef struct { int64_t first, count; } row_run;
+
+static int64_t row_runs(const int64_t *rows, int64_t n, int64_t want, row_run *out) {
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (m > 0 && out[m - 1].count < RUN_MAX && rows[3 * i + 1] == rows[3 * (i - 1) + 1] &&
+            rows[3 * i + 2] == rows[3 * (i - 1) + 2] + 1)
+            out[m - 1].count++;
+        else
+            out[m++] = (row_run){i, 1};
+    }
+    if (m == 0 || m >= want) return m;
+    row_run *whole = malloc(sizeof(row_run) * (size_t)m);
+    memcpy(whole, out, sizeof(row_run) * (size_t)m);
+    const int64_t pieces = (want + m - 1) / m; /* per run */
+    int64_t k = 0;
+    for (int64_t r = 0; r < m; r++) {
+        const int64_t size = (whole[r].count + pieces - 1) / pieces;
+        for (int64_t a = 0; a < whole[r].count; a += size)
+            out[k++] = (row_run){whole[r].first + a, whole[r].count - a < size ? whole[r].count - a : size};
+    }
+    free(whole);
+    return k;
+}
+
 /* rows[i] = {token index in q/out, block-table row, context length}; q float32, out float32
  * or (out_bf16) bfloat16, ready for a bf16 output projection. */
 void paged_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
@@ -393,50 +487,74 @@ void paged_decode_attention(const float *q, int64_t q_stride, const void *k_cach
                             int64_t n, void *out, int out_bf16, int64_t out_stride, int hq, int hk, int d,
                             int page_size, float scale, int max_len, int num_threads) {
     const int g = hq / hk;
-    /* few sequences: one item per kv head, so every thread has work */
-    const int heads_per_item = n >= 2 * num_threads ? hk : 1;
-    const int items_per_row = hk / heads_per_item;
+    row_run *runs = malloc(sizeof(row_run) * (size_t)(n > 0 ? n : 1));
+    const int64_t n_runs = row_runs(rows, n, (2 * num_threads + hk - 1) / hk, runs);
+    /* few runs: one item per kv head, so every thread has work */
+    const int heads_per_item = n_runs >= 2 * num_threads ? hk : 1;
+    const int items_per_run = hk / heads_per_item;
     const int hd = kv_kind == KV_INT8 ? kv_int8_row_bytes(d) : d; /* elements per head row */
     const int64_t row_stride = (int64_t)hk * hd;                     /* elements per token in the pool */
     scores_fn scores_of;
     values_fn values_of;
     pick_kernels(kv_kind, g, d, &scores_of, &values_of);
+#if HAVE_AMX
+    const int run_scores = scores_of == scores_amx_bf16;
+#else
+    const int run_scores = 0;
+#endif
+    int64_t longest_run = 1;
+    for (int64_t r = 0; r < n_runs; r++) longest_run = runs[r].count > longest_run ? runs[r].count : longest_run;
     _Pragma("omp parallel num_threads(num_threads)")
     {
-        float *probs = malloc(sizeof(float) * (size_t)g * (size_t)max_len);
+        /* scores, then probabilities: a row's, or a whole run's where it is scored at once */
+        float *probs = malloc(sizeof(float) * (size_t)(run_scores ? longest_run : 1) * (size_t)g * (size_t)max_len);
         int64_t *off = malloc(sizeof(int64_t) * (size_t)max_len);
         float *acc = malloc(sizeof(float) * (size_t)g * (size_t)d); /* bf16 output: rounded from here */
+        float *inv = malloc(sizeof(float) * (size_t)g);              /* per head: 1 / its softmax sum */
 #if HAVE_AMX
         const int amx_scores = scores_of == scores_amx_bf16 || scores_of == scores_amx_i8;
         if (amx_scores) load_tile_config(AMX_SCORE_TILES);
 #endif
         _Pragma("omp for schedule(dynamic, 1)")
-        for (int64_t item = 0; item < n * items_per_row; item++) {
-            const int64_t i = item / items_per_row;
-            const int h0 = (int)(item % items_per_row) * heads_per_item;
-            const int64_t tok = rows[3 * i], len = rows[3 * i + 2];
-            const int64_t *pages = block_table + rows[3 * i + 1] * bt_stride;
-            for (int64_t t = 0, p = 0; t < len; p++)
-                for (int u = 0; u < page_size && t < len; u++, t++) off[t] = (pages[p] * page_size + u) * row_stride;
+        for (int64_t item = 0; item < n_runs * items_per_run; item++) {
+            const row_run run = runs[item / items_per_run];
+            const int h0 = (int)(item % items_per_run) * heads_per_item;
+            const int64_t *pages = block_table + rows[3 * run.first + 1] * bt_stride;
+            const int64_t longest = rows[3 * (run.first + run.count - 1) + 2];
+            for (int64_t t = 0, p = 0; t < longest; p++)
+                for (int u = 0; u < page_size && t < longest; u++, t++) off[t] = (pages[p] * page_size + u) * row_stride;
             for (int kh = h0; kh < h0 + heads_per_item; kh++) {
-                const float *qh = q + tok * q_stride + (int64_t)kh * g * d;
-                const int64_t o = tok * out_stride + (int64_t)kh * g * d;
-                float *oh = out_bf16 ? acc : (float *)out + o;
-                const int pf = kh == h0 ? heads_per_item * hd : 0; /* the item's whole rows, once */
                 const int64_t head = (int64_t)kh * hd;
-                scores_of(qh, k_cache, head, off, len, g, d, scale, probs, max_len, pf);
-                for (int j = 0; j < g; j++) {
-                    float *pj = probs + j * max_len, m = -FLT_MAX, sum = 0.f;
-                    for (int64_t t = 0; t < len; t++) m = pj[t] > m ? pj[t] : m;
-                    _Pragma("omp simd reduction(+:sum)")
-                    for (int64_t t = 0; t < len; t++) { pj[t] = expf(pj[t] - m); sum += pj[t]; }
-                    const float inv = 1.f / sum;
-                    _Pragma("omp simd")
-                    for (int64_t t = 0; t < len; t++) pj[t] *= inv;
+                /* a run's scores in one pass over its keys where the kernel allows, else row by row */
+                const int together = run.count > 1 && run_scores;
+#if HAVE_AMX
+                if (together) {
+                    const float *qs[RUN_MAX];
+                    int64_t lens[RUN_MAX];
+                    for (int r = 0; r < run.count; r++) {
+                        qs[r] = q + rows[3 * (run.first + r)] * q_stride + (int64_t)kh * g * d;
+                        lens[r] = rows[3 * (run.first + r) + 2];
+                    }
+                    scores_amx_bf16_run(qs, lens, (int)run.count, k_cache, head, off, g, d, scale, probs, max_len,
+                                        kh == h0 ? heads_per_item * hd : 0);
                 }
-                values_of(v_cache, head, off, len, g, d, probs, max_len, oh, pf);
-                if (out_bf16)
-                    for (int e = 0; e < g * d; e++) ((uint16_t *)out)[o + e] = f32_to_bf16(acc[e]);
+#endif
+                for (int64_t i = run.first; i < run.first + run.count; i++) {
+                    const int64_t tok = rows[3 * i], len = rows[3 * i + 2];
+                    const float *qh = q + tok * q_stride + (int64_t)kh * g * d;
+                    const int64_t o = tok * out_stride + (int64_t)kh * g * d;
+                    float *oh = out_bf16 ? acc : (float *)out + o;
+                    /* the item's whole rows, once: the first head of the first row */
+                    const int pf = kh == h0 && i == run.first ? heads_per_item * hd : 0;
+                    float *p = together ? probs + (i - run.first) * g * max_len : probs;
+                    if (!together) scores_of(qh, k_cache, head, off, len, g, d, scale, p, max_len, pf);
+                    for (int j = 0; j < g; j++) inv[j] = exp_minus_max(p + j * max_len, len);
+                    values_of(v_cache, head, off, len, g, d, p, max_len, oh, pf);
+                    for (int j = 0; j < g; j++)
+                        for (int e = 0; e < d; e++) oh[j * d + e] *= inv[j];
+                    if (out_bf16)
+                        for (int e = 0; e < g * d; e++) ((uint16_t *)out)[o + e] = f32_to_bf16(acc[e]);
+                }
             }
         }
 #if HAVE_AMX
@@ -445,5 +563,7 @@ void paged_decode_attention(const float *q, int64_t q_stride, const void *k_cach
         free(probs);
         free(off);
         free(acc);
+        free(inv);
     }
+    free(runs);
 }
