@@ -159,7 +159,7 @@ static float *float_rows(const void *x, int x_bf16, int64_t rows, int64_t k, int
  *   input instead of being stored and rescaled every 32 inputs: 2 row blocks x 2 output tiles
  *   per pass, four accumulators fed by two activation and two weight tiles, over spans of
  *   rows that fit in L2 (2,048 rows: 1.2-1.3x over one span). A tile pair's first pass makes
- *   its weights group by group as it multiplies (fused_pass), so the vector and tile units
+ *   its weights group by group as it multiplies (rounded_pass), so the vector and tile units
  *   work side by side: the whole 30-layer stack at 32 rows 1.5x, at 48 rows 1.2x faster than
  *   making every weight before the first product; the later passes reuse them. Against the
  *   exact form (measured on the default model's matrices): 1.1-1.4x at 32 rows, 1.3-1.6x at
@@ -285,16 +285,18 @@ static inline __attribute__((always_inline)) void rounded_group(const uint8_t *q
     }
 }
 
-/* The first pass over an output tile pair's groups (RB 1-2 row blocks at x0, x1; NT 1-2 tiles):
- * each group's bf16 weights are made into b (group g's NT tiles at b + g * NT * 256, for the
- * later passes) and multiplied at once, so the vector units make group g + 1 while the tile unit
- * multiplies group g; made all first, each unit idled while the other worked (at 32 rows the
- * weights cost more than the products). The same products in the same order as rounded_pass,
- * so the two agree bit for bit; its tiles too (sums in C tiles 0-3, A tiles 4, 5, B tiles 6, 7). */
-static inline __attribute__((always_inline)) void fused_pass(const uint8_t *qp, const uint16_t *d16,
-                                                             const uint16_t *m16, int64_t t, const uint16_t *x0,
-                                                             const uint16_t *x1, int64_t groups, int64_t k, int bits,
-                                                             const int RB, const int NT, uint32_t *b, float *c) {
+/* One pass of RB (1-2) row blocks (16 rows at x0, x1) x NT (1-2) output tiles over all groups:
+ * sums in C tiles 0, 1 (x0) and 2, 3 (x1); A tiles 4, 5; B tiles 6, 7; c gets them as
+ * [RB][NT][16 x 16]. b holds the NT tiles' B tiles group by group (group g's at b + g * NT * 256).
+ * A tile pair's first pass (make: qp given, t its first tile) makes each group's weights into b as
+ * it goes, so the vector units make group g + 1 while the tile unit multiplies group g (made all
+ * first, each unit idled while the other worked: at 32 rows the weights cost more than the
+ * products); the later passes read b. The same products in the same order either way. */
+static inline __attribute__((always_inline)) void rounded_pass(const uint8_t *qp, const uint16_t *d16,
+                                                                const uint16_t *m16, int64_t t, int bits,
+                                                                const uint16_t *x0, const uint16_t *x1, uint32_t *b,
+                                                                int64_t groups, int64_t k, const int RB, const int NT,
+                                                                float *c) {
     const int64_t group_bytes = GROUP * 16 * bits / 8;
     _tile_zero(0);
     if (NT > 1) _tile_zero(1);
@@ -302,7 +304,7 @@ static inline __attribute__((always_inline)) void fused_pass(const uint8_t *qp, 
     if (RB > 1 && NT > 1) _tile_zero(3);
     for (int64_t g = 0; g < groups; g++) {
         uint32_t *bg = b + g * NT * 256;
-        for (int j = 0; j < NT; j++) {
+        for (int j = 0; qp && j < NT; j++) {
             const int64_t tg = (t + j) * groups + g; /* the weights come from memory: fetched well ahead */
             for (int l = 0; l < group_bytes; l += 64)
                 _mm_prefetch((const char *)(qp + (tg + 4 * PREFETCH) * group_bytes + l), _MM_HINT_T0);
@@ -313,37 +315,6 @@ static inline __attribute__((always_inline)) void fused_pass(const uint8_t *qp, 
         _tile_dpbf16ps(0, 4, 6);
         if (NT > 1) {
             _tile_loadd(7, bg + 256, 64);
-            _tile_dpbf16ps(1, 4, 7);
-        }
-        if (RB > 1) {
-            _tile_loadd(5, x1 + g * GROUP, k * 2);
-            _tile_dpbf16ps(2, 5, 6);
-            if (NT > 1) _tile_dpbf16ps(3, 5, 7);
-        }
-    }
-    _tile_stored(0, c, 64);
-    if (NT > 1) _tile_stored(1, c + 256, 64);
-    if (RB > 1) _tile_stored(2, c + NT * 256, 64);
-    if (RB > 1 && NT > 1) _tile_stored(3, c + 3 * 256, 64);
-}
-
-/* The later passes: RB (1-2) row blocks (16 rows at x0, x1) x NT (1-2) output tiles over all
- * groups, on the B tiles fused_pass made: sums in C tiles 0, 1 (x0) and 2, 3 (x1); A tiles 4, 5;
- * B tiles 6, 7. b holds the NT tiles' B tiles group by group; c gets the sums as
- * [RB][NT][16 x 16]. */
-static inline __attribute__((always_inline)) void rounded_pass(const uint16_t *x0, const uint16_t *x1,
-                                                                const uint32_t *b, int64_t groups, int64_t k,
-                                                                const int RB, const int NT, float *c) {
-    _tile_zero(0);
-    if (NT > 1) _tile_zero(1);
-    if (RB > 1) _tile_zero(2);
-    if (RB > 1 && NT > 1) _tile_zero(3);
-    for (int64_t g = 0; g < groups; g++) {
-        _tile_loadd(4, x0 + g * GROUP, k * 2);
-        _tile_loadd(6, b + g * NT * 256, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        if (NT > 1) {
-            _tile_loadd(7, b + (g * NT + 1) * 256, 64);
             _tile_dpbf16ps(1, 4, 7);
         }
         if (RB > 1) {
@@ -391,15 +362,11 @@ static void amx_rounded(const uint8_t *qp, const uint16_t *d16, const uint16_t *
                     const int rbn = rb1 - rb < 2 ? 1 : 2;
                     const uint16_t *x0 = rb < full ? (const uint16_t *)x + rb * 16 * k : xb + (rb - full) * 16 * k;
                     const uint16_t *x1 = rb + 1 < full ? x0 + 16 * k : xb + (rb + 1 - full) * 16 * k;
-                    if (rb == rb0) { /* makes b as it goes */
-                        if (rbn == 2 && nt == 2) fused_pass(qp, d16, m16, t, x0, x1, groups, k, bits, 2, 2, b, c);
-                        else if (rbn == 2) fused_pass(qp, d16, m16, t, x0, x1, groups, k, bits, 2, 1, b, c);
-                        else if (nt == 2) fused_pass(qp, d16, m16, t, x0, x1, groups, k, bits, 1, 2, b, c);
-                        else fused_pass(qp, d16, m16, t, x0, x1, groups, k, bits, 1, 1, b, c);
-                    } else if (rbn == 2 && nt == 2) rounded_pass(x0, x1, b, groups, k, 2, 2, c);
-                    else if (rbn == 2) rounded_pass(x0, x1, b, groups, k, 2, 1, c);
-                    else if (nt == 2) rounded_pass(x0, x1, b, groups, k, 1, 2, c);
-                    else rounded_pass(x0, x1, b, groups, k, 1, 1, c);
+                    const uint8_t *make = rb == rb0 ? qp : NULL; /* the first pass makes b */
+                    if (rbn == 2 && nt == 2) rounded_pass(make, d16, m16, t, bits, x0, x1, b, groups, k, 2, 2, c);
+                    else if (rbn == 2) rounded_pass(make, d16, m16, t, bits, x0, x1, b, groups, k, 2, 1, c);
+                    else if (nt == 2) rounded_pass(make, d16, m16, t, bits, x0, x1, b, groups, k, 1, 2, c);
+                    else rounded_pass(make, d16, m16, t, bits, x0, x1, b, groups, k, 1, 1, c);
                     for (int i = 0; i < rbn; i++)
                         for (int j = 0; j < nt; j++)
                             for (int r = 0; r < 16 && (rb + i) * 16 + r < rows; r++)
