@@ -332,8 +332,7 @@ static inline __attribute__((always_inline)) void rounded_pass(const uint8_t *qp
 /* The rounded form: rows > 16, x float32 or bfloat16 as given. */
 static void amx_rounded(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const void *x, int x_bf16,
                         void *out, int out_bf16, int64_t rows, int64_t n, int64_t k, int bits, int num_threads) {
-    const int64_t groups = k / GROUP, blocks = (rows + 15) / 16, tiles = n / 16, full = x_bf16 ? rows / 16 : 0,
-                  group_bytes = GROUP * 16 * bits / 8;
+    const int64_t groups = k / GROUP, blocks = (rows + 15) / 16, tiles = n / 16, full = x_bf16 ? rows / 16 : 0;
     /* bf16 rows: bfloat16 x in place but for its last partial block, which is copied with zero
      * padding; float32 x rounded here */
     const int64_t copied = rows - full * 16; /* rows in xb, then zeros to the block's end */
