@@ -72,18 +72,19 @@ async def pick_model(client: httpx.AsyncClient, base_url: str) -> str:
 
 
 async def count_tokens(client: httpx.AsyncClient, root: str, model: str, text: str) -> int | None:
-    """Token count of ``text`` via POST /tokenize (pagoda, vLLM); None if the server has none."""
-    try:
-        r = await client.post(f"{root}/tokenize", json={"model": model, "prompt": text})
-    except httpx.HTTPError:
-        return None
-    if r.status_code != 200:
-        return None
-    body = r.json()
-    if "count" in body:
-        return int(body["count"])
-    if "tokens" in body:
-        return len(body["tokens"])
+    """Token count of ``text`` via POST /tokenize (pagoda and vLLM take ``prompt``, llama.cpp's
+    server ``content``); None if the server has none."""
+    for body in ({"model": model, "prompt": text}, {"content": text}):
+        try:
+            r = await client.post(f"{root}/tokenize", json=body)
+        except httpx.HTTPError:
+            return None
+        if r.status_code != 200:
+            continue
+        answer = r.json()
+        count = int(answer["count"]) if "count" in answer else len(answer.get("tokens", ()))
+        if count > 0 or not text:
+            return count
     return None
 
 
