@@ -136,7 +136,7 @@ def build_kv_pool(config: EngineConfig, platform, loaded: LoadedModel, size: KVC
     mc = loaded.config
     storage_pages = PageAllocator.storage_pages(size.num_pages)
     return KVPool(mc.num_hidden_layers, storage_pages, config.page_size, loaded.kv_heads, mc.head_dim, size.dtype,
-                  platform.device(), platform.alloc_streamed)
+                  platform.device(), platform.alloc_streamed, platform.kv_prefault_bytes())
 
 
 class Engine:

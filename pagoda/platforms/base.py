@@ -90,6 +90,11 @@ class Platform:
         """Uninitialised memory for a buffer every step streams whole (the KV cache)."""
         return torch.empty(shape, dtype=dtype, device=self.device())
 
+    def kv_prefault_bytes(self) -> int:
+        """Bytes of the KV cache to write once at start-up, so the first requests do not pay for
+        the memory's first touch (0: none; device memory is backed when it is allocated)."""
+        return 0
+
     def new_graph(self):
         """A graph to capture one decode step into (pagoda/engine/graph_runner.py's DeviceGraph),
         where capabilities.graph_capture says the platform has them."""

@@ -54,6 +54,17 @@ class CpuPlatform(Platform):
         # sequences than on 4 KiB pages (TLB misses under a hypervisor are long walks).
         return huge_pages.empty(shape, dtype)
 
+    def kv_prefault_bytes(self) -> int:
+        # Host memory is backed on its first write, and under a hypervisor that can be slow: on
+        # this project's 2-core KVM guests ~2.4 ms per MiB never written before (0.42 GB/s; the
+        # host takes freed guest memory back, so every new process pays), which made the KV
+        # stores of fresh prompts 18% of a 1,024-token prefill step. vLLM and llama.cpp write
+        # their whole KV cache at start-up; pagoda writes the first 512 MiB (23K tokens of the
+        # default model's bf16 cache): three rounds of 32 new 128-token prompts took 0.87-0.90 s
+        # each instead of 0.93-1.31 s, with start-up time and serving's peak memory unchanged
+        # (the start-up step calibration writes much of it anyway; docs/BENCHMARKS.md).
+        return 512 << 20
+
     def total_memory(self) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 

@@ -66,3 +66,26 @@ def test_kv_cache_sits_on_huge_pages():
     pool = KVPool(2, 4096, 16, 2, 64, torch.bfloat16, torch.device("cpu"), alloc)  # 16 MiB per layer and kind
     pool.k[1].fill_(1)
     assert _huge_kib_of(pool.k[1].data_ptr()) >= 2 << 10  # at least one 2 MiB page (memory may be too fragmented for all)
+
+
+def test_kv_prefault_writes_the_first_pages_handed_out():
+    """The pages PageAllocator hands out first (ascending from page 1) are written at start-up
+    where the platform asks for it (so the first requests do not pay for the memory's first
+    touch), whole pages only, within the pool; with no prefault only the null page is."""
+    filled = []
+
+    def alloc(shape, dtype):
+        t = torch.full(shape, 7, dtype=dtype)  # stands in for memory never written
+        filled.append(t)
+        return t
+
+    per_token = KVPool.bytes_per_token(2, 2, 64, torch.bfloat16)  # 1,024 bytes
+    pool = KVPool(2, 64, 16, 2, 64, torch.bfloat16, torch.device("cpu"), alloc, prefault_bytes=40 * per_token)
+    for cache in pool.k + pool.v:
+        assert (cache[:32] == 0).all() and (cache[32:] == 7).all()  # 2 whole pages of 16 tokens
+    assert len(filled) == 4
+    whole = KVPool(2, 4, 16, 2, 64, torch.bfloat16, torch.device("cpu"), alloc, prefault_bytes=1 << 30)
+    assert all((cache == 0).all() for cache in whole.k + whole.v)  # never past the pool
+    none = KVPool(2, 4, 16, 2, 64, torch.bfloat16, torch.device("cpu"), alloc)
+    assert all((c[:16] == 0).all() and (c[16:] == 7).all() for c in none.k + none.v)  # the null page alone
+    assert CpuPlatform().kv_prefault_bytes() > 0
