@@ -161,6 +161,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.rounds < 1 or min(args.concurrency) < 1:
         ap.error("rounds and concurrency levels must be positive")
+    for flag, path in (("--vllm-python", args.vllm_python), ("--llama-server", args.llama_server)):
+        if path and not os.access(path, os.X_OK):
+            ap.error(f"{flag} {path}: not an executable file")
     sys.path.insert(0, str(REPO))
     from pagoda.weights.default_model import default_model_path
 
@@ -169,8 +172,13 @@ def main() -> None:
     rss: dict[str, int] = {}
     for rnd in range(args.rounds):
         for server in servers(args, gguf):
-            with server:
-                levels = run_load(server, args)
+            try:
+                with server:
+                    levels = run_load(server, args)
+            except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:  # one peer down: say so, go on
+                detail = exc.stderr.strip().splitlines()[-1] if getattr(exc, "stderr", None) else str(exc)
+                print(f"{server.name}, round {rnd + 1}: not measured: {detail}", file=sys.stderr)
+                continue
             rss[server.name] = max(rss.get(server.name, 0), server.peak_rss)
             for c, level in levels.items():
                 print(json.dumps({"server": server.name, "round": rnd + 1, "concurrency": c,
@@ -180,13 +188,17 @@ def main() -> None:
                 kept = best.setdefault(server.name, {}).get(c)
                 if kept is None or level["output_tok_s"] > kept["output_tok_s"]:
                     best[server.name][c] = level
+    if "pagoda" not in best:
+        sys.exit("pagoda was not measured: nothing to compare")
     names = list(best)
     print(f"\nbest of {args.rounds} round(s); output tok/s (TTFT p50 ms); peak RSS over all rounds")
     print(f"{'clients':>7} " + " ".join(f"{n:>22}" for n in names) +
           "".join(f" {'pagoda/' + n:>16}" for n in names[1:]))
     for c in args.concurrency:
-        cells = [f"{best[n][c]['output_tok_s']:>10.1f} ({best[n][c]['ttft_p50_ms']:>6.0f} ms)" for n in names]
-        ratios = [f"{best['pagoda'][c]['output_tok_s'] / best[n][c]['output_tok_s']:>15.2f}x" for n in names[1:]]
+        cells = [f"{best[n][c]['output_tok_s']:>10.1f} ({best[n][c]['ttft_p50_ms']:>6.0f} ms)" if c in best[n]
+                 else "not measured" for n in names]
+        ratios = [f"{best['pagoda'][c]['output_tok_s'] / best[n][c]['output_tok_s']:>15.2f}x"
+                  if c in best[n] and c in best["pagoda"] and best[n][c]["output_tok_s"] else "-" for n in names[1:]]
         print(f"{c:>7} " + " ".join(f"{cell:>22}" for cell in cells) + "".join(f" {r:>16}" for r in ratios))
     print(f"{'RSS':>7} " + " ".join(f"{rss[n] / 2**30:>19.2f} GB" for n in names))
 
