@@ -37,6 +37,7 @@
 #include "amx.h"
 #include "bf16.h"
 #include "simd.h"
+#include "attention_tiles.h"
 #include "kernels.h"
 
 #if HAVE_AMX
@@ -96,19 +97,6 @@ static inline __m512i interleave_words(int b) {
     uint16_t idx[32];
     for (int e = 0; e < 16; e++) idx[2 * e] = (uint16_t)e, idx[2 * e + 1] = (uint16_t)(b + e);
     return _mm512_loadu_si512(idx);
-}
-
-/* 32 values of an int8 row from column c, times their group's scale, as bf16 */
-static inline __m512i i8x32_to_bf16(const int8_t *row, int d, int c, int scaled) {
-    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + c))));
-    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + c + 16))));
-    if (scaled) {
-        uint16_t h;
-        memcpy(&h, row + d + 2 * (c / 32), sizeof h);
-        const __m512 s = _mm512_set1_ps(f16_to_f32(h));
-        lo = _mm512_mul_ps(lo, s), hi = _mm512_mul_ps(hi, s);
-    }
-    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
 /* 32 values of a value row from column c as bf16 (zeros past the tile's keys) */
@@ -277,15 +265,13 @@ static void chunk_item(const chunk_args *a, const int64_t *row, int kh, int b0, 
     for (int bi = 0; bi < b1 - b0; bi++) {
         const int64_t t0 = (int64_t)(b0 + bi) * tpb;
         const int nt = qlen - t0 < tpb ? (int)(qlen - t0) : tpb;
-        memset(w->qt[bi], 0, sizeof w->qt[bi]);
+        const float *qs[16]; /* the block's tokens' query groups: row r is token r / g's head r % g */
+        for (int i = 0; i < nt; i++) qs[i] = a->q + (tok + t0 + i) * a->q_stride + (int64_t)kh * g * d;
+        query_tiles(qs, nt, g, d, w->qt[bi]);
         memset(w->acc[bi], 0, sizeof(float) * 16 * (size_t)d);
         for (int r = 0; r < 16; r++) {
             w->m[bi][r] = NEG_BIG, w->l[bi][r] = 0.f;
             w->qpos[bi][r] = (int32_t)(prefix + t0 + (r < nt * g ? r / g : nt - 1)); /* padding: the last row's */
-            if (r >= nt * g) continue;
-            const float *qr = a->q + (tok + t0 + r / g) * a->q_stride + ((int64_t)kh * g + r % g) * d;
-            for (int e = 0; e < d; e += 2)
-                w->qt[bi][e / 32][(e % 32) / 2 * 16 + r] = f32_to_bf16(qr[e]) | (uint32_t)f32_to_bf16(qr[e + 1]) << 16;
         }
     }
     const int64_t end = w->qpos[b1 - b0 - 1][15] + 1; /* keys the last row sees */

@@ -31,6 +31,7 @@
 #include "amx.h"
 #include "bf16.h"
 #include "simd.h"
+#include "attention_tiles.h"
 #include "kernels.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -268,19 +269,6 @@ static inline __m512 tile_column(const float *c, int j) {
     return _mm512_i32gather_ps(rows, c + j, 4);
 }
 
-/* The query groups of `rows` rows (rows * g <= 16 heads, rounded to bf16) as B tiles, one per 32
- * dims: row r holds dims 2r, 2r+1 of each head (column i * g + j: row i's head j), the other
- * columns zero. */
-static void query_tiles(const float *const *qs, int rows, int g, int d, uint32_t b[4][256]) {
-    memset(b, 0, sizeof(b[0]) * (size_t)(d / 32));
-    for (int i = 0; i < rows; i++)
-        for (int j = 0; j < g; j++)
-            for (int e = 0; e < d; e += 2) {
-                const float *qj = qs[i] + j * d;
-                b[e / 32][(e % 32) / 2 * 16 + i * g + j] = f32_to_bf16(qj[e]) | (uint32_t)f32_to_bf16(qj[e + 1]) << 16;
-            }
-}
-
 /* bf16 keys, for a run of rows of one sequence (one row when decoding; row r's heads to scores +
  * r * g * stride): 16 rows of a page are one A tile (a row stride apart), and one tile product with
  * up to 16 / g rows' query groups side by side in the B tile's columns gives all their scores for
@@ -369,9 +357,7 @@ static void scores_amx_i8(const float *q, const void *k_, int64_t h, const int64
             const int8_t *kr = k + off[t + u];
             if (pf && t + 16 + u < len) prefetch_row(k + off[t + 16 + u], (size_t)pf);
             for (int blk = 0; blk < blocks; blk++) {
-                const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(kr + 32 * blk))));
-                const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(kr + 32 * blk + 16))));
-                _mm512_store_si512((__m512i *)(a[blk] + u * 32), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_store_si512((__m512i *)(a[blk] + u * 32), i8x32_to_bf16(kr, d, 32 * blk, 0));
                 gs[blk][u] = group_scale(kr, d, 32 * blk);
             }
         }
