@@ -203,21 +203,29 @@ def test_default_model_logits_match_one_rank() -> None:
 @pytest.mark.parametrize("flags", [("--quantization", "bf16"), ("--quantization", "int8"), ("--quantization", "int4"),
                                    ("--kv-cache-dtype", "int8")], ids=lambda f: "-".join(f).strip("-"))
 def test_default_model_greedy_tokens_through_the_server(flags: tuple[str, str]) -> None:
-    """The real model (tp 3), where greedy choices have real margins: bf16, int8 and int4 weights
-    and the int8 KV cache give one rank's tokens exactly, through the server."""
+    """The real model (tp 3): bf16, int8 and int4 weights and the int8 KV cache give one rank's
+    tokens exactly, through the server, up to the first greedy choice that is a tie on one rank
+    (two top logits within one bf16 step, 0.125 for logits of 16-32: "The three colors" goes on
+    with " of" or " I" on a last-bit difference), where either token is right and the texts may
+    part."""
     from pagoda.weights.default_model import default_model_path
 
     prompts = ["Name three colors and describe each in one sentence.", "Write a haiku about mountains."]
     name = flags[0].removeprefix("--").replace("-", "_")
     one = LLM(str(default_model_path()), kv_cache_memory=0.05, **{name: flags[1]})
-    params = SamplingParams(max_tokens=32, temperature=0)
-    expected = [one.chat([{"role": "user", "content": p}], params, use_tqdm=False)[0].outputs[0].text for p in prompts]
+    params = SamplingParams(max_tokens=32, temperature=0, logprobs=2)
+    expected = []
+    for p in prompts:
+        out = one.chat([{"role": "user", "content": p}], params, use_tqdm=False)[0].outputs[0]
+        tie = next((i for i, lp in enumerate(out.logprobs) if lp.top[0][1] - lp.top[1][1] <= 0.13), None)
+        expected.append((out.text, None if tie is None else one.tokenizer.decode(out.token_ids[:tie])))
     server = ServerProcess("--kv-cache-memory", "0.05", "--tp", "3", *flags, timeout=180)
     try:
-        for prompt, want in zip(prompts, expected):
+        for prompt, (want, before_tie) in zip(prompts, expected):
             r = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
                 "messages": [{"role": "user", "content": prompt}], "max_tokens": 32, "temperature": 0})
             assert r.status_code == 200, r.text
-            assert r.json()["choices"][0]["message"]["content"] == want
+            got = r.json()["choices"][0]["message"]["content"]
+            assert got == want if before_tie is None else got.startswith(before_tie), (got, want)
     finally:
         server.kill()

@@ -73,6 +73,41 @@ def test_every_chunk_length_up_to_40(prefix, monkeypatch) -> None:
                kv_dtype=kv_dtype)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8], ids=["bf16", "int8"])
+def test_contexts_over_several_splits(kv_dtype, monkeypatch) -> None:
+    """Contexts past the kernel's split (4,096 keys: each split's partial sums merged at the end):
+    chunks whose rows straddle a split boundary, end exactly on one, and sit far past it."""
+    _check([40, 3, 1, 130], [4100, 8192, 9000, 12000], monkeypatch, q_scale=3.0, page_size=16, hq=9, hk=3, d=64,
+           kv_dtype=kv_dtype)
+
+
+def test_a_rows_result_does_not_depend_on_how_the_work_is_cut() -> None:
+    """The same chunk alone or beside others, on one thread or two, one kv head per call or all
+    (as tensor-parallel ranks split them): the same bits, so greedy tokens never depend on them."""
+    lib = native.library()
+    hq, hk, d = 9, 3, 64
+    q, k, v, batch, scale = _attention_inputs([300, 37, 5], [5000, 4133, 40], page_size=16, hq=hq, hk=hk, d=d,
+                                              kv_dtype=torch.bfloat16)
+    rows, bt = batch.view(chunk_rows), batch.block_table
+
+    def run(rows: torch.Tensor, heads: range, threads: int) -> torch.Tensor:
+        g = hq // hk
+        qh = q[:, heads.start * g : heads.stop * g].contiguous()
+        kh, vh = k[:, heads.start : heads.stop].contiguous(), v[:, heads.start : heads.stop].contiguous()
+        out = torch.zeros_like(qh)
+        n = len(heads)
+        assert lib.paged_chunk_attention(qh.data_ptr(), n * g * d, kh.data_ptr(), vh.data_ptr(), 1, bt.data_ptr(),
+                                         bt.stride(0), rows.data_ptr(), len(rows), out.data_ptr(), 0, n * g * d,
+                                         n * g, n, d, 16, scale, threads) == 1
+        return out
+
+    whole = run(rows, range(hk), 2)
+    assert torch.equal(whole, run(rows, range(hk), 1))
+    assert torch.equal(whole[:300], run(rows[:1], range(hk), 2)[:300])
+    per_head = torch.cat([run(rows, range(h, h + 1), 2) for h in range(hk)], dim=1)
+    assert torch.equal(whole, per_head)
+
+
 def test_one_token_chunks() -> None:
     """The kernel itself takes chunks of one token (the attention layer sends those to the
     decode kernel): same results as the decode kernel's, within bf16 rounding."""

@@ -8,18 +8,24 @@
  *
  * - A query block is 16 rows, a row being one (query token, query head) pair of one kv
  *   head's group (GQA: the group's heads share every K/V tile), the queries rounded to bf16
- *   once. A work item is a sequence, a kv head and up to MAX_BLOCKS consecutive query blocks,
- *   which share each K/V tile while it is in L1: the context is read once per item.
- * - Keys come KEY_TILE at a time. Scores are computed transposed, S^T = K Q^T ([key][row]):
- *   16 bf16 key rows of a page are an A tile loaded in place (a row stride apart), and the
- *   online softmax (running max and sum per row, float32) is then lane-wise over 16 rows,
- *   with no horizontal reductions. Causal masking applies only to keys inside the chunk
+ *   once. A work item is a sequence, a kv head, up to MAX_BLOCKS consecutive query blocks
+ *   and one split of the context (SPLIT_KEYS keys at fixed boundaries). The item stages
+ *   CHUNK_KEYS keys at a time (key rows copied side by side, values transposed) and every one
+ *   of its blocks passes over them while they are in L1, so the context comes from memory once
+ *   per item and the tile loads never wait on it. Rows over several splits get
+ *   each split's partial sums merged at the end (flash-decoding); the boundaries are fixed,
+ *   so a row's sums never depend on how the work was cut (threads, heads per rank).
+ * - Scores are computed transposed, S^T = K Q^T ([key][row]): 16 bf16 key rows of a page
+ *   are an A tile loaded in place (a row stride apart), and the online softmax (running max
+ *   and sum per row, float32) is lane-wise over 16 rows, with no horizontal reductions. The
+ *   running maximum is lazy: it moves only when a score passes it by more than 2^RESCALE_LOG2,
+ *   so the sums are rarely rescaled. Causal masking applies only to keys inside the chunk
  *   (key position <= query position); a block stops at its last query's position.
- * - Probabilities are rounded to bf16, transposed in registers into the A tile of P V, and
- *   the values repacked per tile into AMX's pair layout (VNNI) in L1; the output rows stay
- *   float32 in L1, loaded into C tiles for each product and rescaled only when a row's
- *   maximum grows.
- * - int8 caches (kv_kind, kernels.h): key rows become bf16 exactly in L1 and each 32-value
+ * - The output is computed transposed too, O^T += V^T P^T: the probabilities (bf16) are the
+ *   B tile as they come (key pairs by row, no transpose), the values are staged once per item
+ *   as V^T A tiles ([dim][key]), and the sums stay float32 [dim][row], so a rescale is one
+ *   vector multiply per dim. Rows are transposed back when they are written.
+ * - int8 caches (kv_kind, kernels.h): key rows become bf16 exactly in cache and each 32-value
  *   group's partial scores are scaled by the row's group scale, as scores_amx_i8 does; value
  *   rows are dequantized to bf16 (the rounding the SDPA path applies to them too).
  *
@@ -42,12 +48,14 @@
 
 #if HAVE_AMX
 
-#define KEY_TILE 32   /* keys per step: the depth of one P V product */
-#define MAX_BLOCKS 8  /* query blocks per work item: their output rows (64 KiB at head_dim 128) stay in L1/L2 */
+#define KEY_TILE 32     /* keys per step: the depth of one P V product */
+#define CHUNK_KEYS 128  /* keys staged at a time; every block of the item passes over them */
+#define SPLIT_KEYS 4096 /* keys per split of the context (fixed boundaries) */
+#define MAX_BLOCKS 32   /* query blocks per work item: their sums (128 KiB at head_dim 64) stay in L2 */
 #define MAX_D 128
-#define NEG_BIG (-1e30f) /* a masked score: exp2 of it minus any maximum is 0 */
-/* tiles: 0, 1 scores of keys 0-15 and 16-31; 2 A operand (keys, then probabilities);
- * 3 B operand (queries, then values); 4-7 output columns */
+#define NEG_BIG (-1e30f)     /* a masked score: exp2 of it minus any maximum is 0 */
+#define RESCALE_LOG2 8.f     /* probabilities may reach 2^8 before the running maximum moves */
+/* tiles: 0, 1 scores of keys 0-15 and 16-31; 2-7 operands of S^T, then 4-7 sums and 1-3 operands of O^T */
 #define TILES 8
 
 typedef struct {
@@ -65,30 +73,36 @@ typedef struct {
     float scale2;       /* the softmax scale times log2(e): scores are exponentiated base 2 */
 } chunk_args;
 
-typedef struct { /* one thread's working set, 64-byte aligned */
-    uint32_t qt[MAX_BLOCKS][MAX_D / 32][256]; /* queries as B tiles: row r holds dims 2r, 2r+1 of the 16 rows */
-    float acc[MAX_BLOCKS][16 * MAX_D];        /* unnormalised outputs, [row][d] */
+typedef struct { /* one thread's working set, 64-byte aligned, kept for the thread's life */
+    uint32_t qt[MAX_BLOCKS][MAX_D / 32][256];  /* queries as B tiles: row r holds dims 2r, 2r+1 of the 16 rows */
+    float acc[MAX_BLOCKS][MAX_D / 16][256];    /* unnormalised outputs, per 16 dims [dim][row] */
     float m[MAX_BLOCKS][16], l[MAX_BLOCKS][16];
-    int32_t qpos[MAX_BLOCKS][16]; /* each row's position in its sequence */
-    uint16_t kb[2][16 * MAX_D];   /* key rows copied or converted to bf16 */
-    float ks[2][MAX_D / 32][16];  /* int8 keys: each row's group scales */
-    uint32_t vt[MAX_D / 16][256]; /* values in pair layout: [key pair][16 columns] per 16 columns */
-    float s[2][MAX_D / 32][256];  /* stored score tiles (int8: one per group) */
-    uint16_t pa[16 * 32];         /* probabilities, [row][key] */
-    int64_t *off; /* pool offsets (elements) of the context's rows for the item's kv head */
+    int32_t qpos[MAX_BLOCKS][16];              /* each row's position in its sequence */
+    uint32_t vt[CHUNK_KEYS / KEY_TILE][MAX_D / 16][256]; /* values as A tiles: [dim][key pair] per 16 dims */
+    uint16_t kb[CHUNK_KEYS * MAX_D];           /* key rows copied or converted to bf16, d apart */
+    float ks[CHUNK_KEYS / 16][MAX_D / 32][16]; /* int8 keys: each row's group scales, times the softmax's */
+    float s[2][MAX_D / 32][256];               /* stored score tiles (int8: one per group) */
+    uint32_t pb[256];                          /* probabilities as a B tile: [key pair][row] */
+    int64_t off[SPLIT_KEYS];                   /* pool offsets (elements) of the split's rows for the item's kv head */
 } scratch;
 
-/* 2^x for x <= 0 (a degree-5 polynomial on the fraction: relative error ~2e-6, well under
- * the bf16 rounding the probabilities get); very negative x gives 0. */
-static inline __m512 exp2_neg(__m512 x) {
+/* One thread's scratch, made on its first call (a fresh allocation per call would pay the
+ * first-touch faults of ~600 KiB every layer). */
+static scratch *thread_scratch(void) {
+    static __thread scratch *w;
+    if (!w) w = aligned_alloc(64, sizeof(scratch));
+    return w;
+}
+
+/* 2^x for x <= RESCALE_LOG2: a degree-3 polynomial on the fraction (relative error 1e-4, well
+ * under the bf16 rounding the probabilities get); very negative x gives 0. */
+static inline __m512 exp2_poly(__m512 x) {
     const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_set1_ps(1.3333558e-3f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    __m512 p = _mm512_set1_ps(0.055922036f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24264008f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69312103f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.99992448f));
     return _mm512_scalef_ps(p, n);
 }
 
@@ -99,90 +113,92 @@ static inline __m512i interleave_words(int b) {
     return _mm512_loadu_si512(idx);
 }
 
-/* 32 values of a value row from column c as bf16 (zeros past the tile's keys) */
+/* 32 values of a value row from column c as bf16 (zeros past the staged keys) */
 static inline __m512i value_bf16(const chunk_args *a, const int64_t *off, int u, int nk, int c) {
     if (u >= nk) return _mm512_setzero_si512();
     if (a->kv_kind == KV_BF16) return _mm512_loadu_si512((const uint16_t *)a->v + off[u] + c);
     return i8x32_to_bf16((const int8_t *)a->v + off[u], a->d, c, 1);
 }
 
-/* Keys kt..kt+nk-1 of the tile (of the item's keys before end; pool offsets in w->off): key A
- * tiles (in place where 16 bf16 rows are evenly spaced, else copied; int8 rows converted),
- * values in pair layout; the next tile's rows are prefetched. */
-static void stage_tile(const chunk_args *a, int64_t kt, int nk, int64_t end, scratch *w,
-                       const uint16_t *kptr[2], int64_t kstride[2]) {
+/* Stage keys kc..kc+nk-1 (pool offsets at off): the key rows side by side in w->kb (int8 rows
+ * converted, their scales kept), zeros to the end of the last 16; the values as V^T A tiles;
+ * the next `ahead` rows are prefetched into L2. */
+static void stage_chunk(const chunk_args *a, const int64_t *off, int nk, int ahead, scratch *w) {
     const int d = a->d;
-    const int64_t *off = w->off + kt;
     const int es = a->kv_kind == KV_BF16 ? 2 : 1; /* bytes per element */
-    for (int64_t t = KEY_TILE; t < 2 * KEY_TILE && kt + t < end; t++) /* the next tile's rows */
+    for (int t = nk; t < nk + ahead; t++)
         for (int b = 0; b < a->hd * es; b += 64) {
-            _mm_prefetch((const char *)a->k + off[t] * es + b, _MM_HINT_T0);
-            _mm_prefetch((const char *)a->v + off[t] * es + b, _MM_HINT_T0);
+            _mm_prefetch((const char *)a->k + off[t] * es + b, _MM_HINT_T1);
+            _mm_prefetch((const char *)a->v + off[t] * es + b, _MM_HINT_T1);
         }
     for (int h = 0; h * 16 < nk; h++) {
         const int n = nk - 16 * h < 16 ? nk - 16 * h : 16;
         const int64_t *ho = off + 16 * h;
+        uint16_t *kb = w->kb + 16 * h * d;
         if (a->kv_kind == KV_BF16) {
-            const int64_t step = ho[1] - ho[0];
-            int even = n == 16 && step > 0;
-            for (int u = 2; u < n && even; u++) even = ho[u] == ho[0] + u * step;
-            if (even) {
-                kptr[h] = (const uint16_t *)a->k + ho[0], kstride[h] = step * 2;
-                continue;
-            }
-            for (int u = 0; u < n; u++) memcpy(w->kb[h] + u * d, (const uint16_t *)a->k + ho[u], 2 * (size_t)d);
+            for (int u = 0; u < n; u++) memcpy(kb + u * d, (const uint16_t *)a->k + ho[u], 2 * (size_t)d);
         } else {
             for (int u = 0; u < n; u++) {
                 const int8_t *kr = (const int8_t *)a->k + ho[u];
                 for (int c = 0; c < d; c += 32) {
-                    _mm512_storeu_si512(w->kb[h] + u * d + c, i8x32_to_bf16(kr, d, c, 0));
+                    _mm512_storeu_si512(kb + u * d + c, i8x32_to_bf16(kr, d, c, 0));
                     uint16_t sh;
                     memcpy(&sh, kr + d + 2 * (c / 32), sizeof sh);
-                    w->ks[h][c / 32][u] = f16_to_f32(sh);
+                    w->ks[h][c / 32][u] = f16_to_f32(sh) * a->scale2;
                 }
             }
+            for (int u = n; u < 16; u++)
+                for (int c = 0; c < d; c += 32) w->ks[h][c / 32][u] = 0.f;
         }
-        memset(w->kb[h] + n * d, 0, 2 * (size_t)(16 - n) * (size_t)d); /* rows past the context: finite */
-        kptr[h] = w->kb[h], kstride[h] = 2 * (int64_t)d;
+        for (int u = n; u < 16; u++) memset(kb + u * d, 0, 2 * (size_t)d); /* rows past the keys: finite */
     }
+    /* V^T: per key tile, pairs of keys as dwords (lane = dim), transposed to rows of dims */
     const __m512i lo = interleave_words(32), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-    for (int r = 0; r < KEY_TILE / 2; r++) /* pair r: keys 2r and 2r+1, word by word */
+    for (int t = 0; t * KEY_TILE < nk; t++)
         for (int c = 0; c < d; c += 32) {
-            const __m512i x = value_bf16(a, off, 2 * r, nk, c), y = value_bf16(a, off, 2 * r + 1, nk, c);
-            _mm512_store_si512(w->vt[c / 16] + 16 * r, _mm512_permutex2var_epi16(x, lo, y));
-            _mm512_store_si512(w->vt[c / 16 + 1] + 16 * r, _mm512_permutex2var_epi16(x, hi, y));
+            __m512i x0[16], x1[16];
+            for (int r = 0; r < KEY_TILE / 2; r++) { /* pair r: keys 2r and 2r+1 of the tile */
+                const int u = t * KEY_TILE + 2 * r;
+                const __m512i x = value_bf16(a, off, u, nk, c), y = value_bf16(a, off, u + 1, nk, c);
+                x0[r] = _mm512_permutex2var_epi16(x, lo, y);
+                x1[r] = _mm512_permutex2var_epi16(x, hi, y);
+            }
+            transpose16(x0);
+            transpose16(x1);
+            for (int e = 0; e < 16; e++) {
+                _mm512_store_si512(w->vt[t][c / 16] + 16 * e, x0[e]);
+                _mm512_store_si512(w->vt[t][c / 16 + 1] + 16 * e, x1[e]);
+            }
         }
 }
-
-/* output columns c and c+1 of the block += P V, in C tiles T0 and T1 (tile numbers are immediates) */
-#define PV_PAIR(T0, T1, c)                                            \
-    do {                                                              \
-        _tile_loadd(T0, acc + 16 * (c), astride);                     \
-        _tile_loadd(3, w->vt[c], 64);                                 \
-        _tile_dpbf16ps(T0, 2, 3);                                     \
-        _tile_loadd(T1, acc + 16 * ((c) + 1), astride);               \
-        _tile_loadd(1, w->vt[(c) + 1], 64);                           \
-        _tile_dpbf16ps(T1, 2, 1);                                     \
-        _tile_stored(T0, acc + 16 * (c), astride);                    \
-        _tile_stored(T1, acc + 16 * ((c) + 1), astride);              \
-    } while (0)
 
 /* scores of dims 32 blk.. for both halves of the keys: queries in tile TQ, keys in TK0, TK1 */
 #define QK_STEP(TQ, TK0, TK1, blk)                                    \
     do {                                                              \
         _tile_loadd(TQ, w->qt[bi][blk], 64);                          \
-        _tile_loadd(TK0, kptr[0] + 32 * (blk), kstride[0]);           \
+        _tile_loadd(TK0, kt0 + 32 * (blk), 2 * d);                    \
         _tile_dpbf16ps(0, TK0, TQ);                                   \
         if (halves > 1) {                                             \
-            _tile_loadd(TK1, kptr[1] + 32 * (blk), kstride[1]);       \
+            _tile_loadd(TK1, kt0 + 16 * d + 32 * (blk), 2 * d);       \
             _tile_dpbf16ps(1, TK1, TQ);                               \
         }                                                             \
     } while (0)
 
-/* One query block against the staged tile: scores, online softmax, then P V into acc. */
-static void block_step(const chunk_args *a, scratch *w, int bi, int64_t kt, int nk, const uint16_t *kptr[2],
-                       const int64_t kstride[2]) {
+/* sums of dims 16 c.. += V^T P^T: sums in C tile TC, values in A tile TA, probabilities in tile 3 */
+#define PV_STEP(TC, TA, c)                                            \
+    do {                                                              \
+        _tile_loadd(TC, acc[c], 64);                                  \
+        _tile_loadd(TA, vt[c], 64);                                   \
+        _tile_dpbf16ps(TC, TA, 3);                                    \
+        _tile_stored(TC, acc[c], 64);                                 \
+    } while (0)
+
+/* A step is one query block (bi) against one staged key tile (t: keys kt.., nk of them visible
+ * to the block). Its scores S^T = K Q^T into w->s: */
+static inline void step_scores(const chunk_args *a, scratch *w, int bi, int t, int nk) {
     const int d = a->d, blocks = d / 32, halves = nk > 16 ? 2 : 1, i8 = a->kv_kind == KV_INT8;
+    const uint16_t *kt0 = w->kb + (int64_t)t * KEY_TILE * d;
+    float(*sc)[MAX_D / 32][256] = w->s;
     if (!i8) {
         _tile_zero(0);
         _tile_zero(1);
@@ -197,113 +213,214 @@ static void block_step(const chunk_args *a, scratch *w, int bi, int64_t kt, int 
         else
             QK_STEP(3, 2, 5, blk);
         if (i8 || blk == blocks - 1) {
-            _tile_stored(0, w->s[0][i8 ? blk : 0], 64);
-            if (halves > 1) _tile_stored(1, w->s[1][i8 ? blk : 0], 64);
+            _tile_stored(0, sc[0][i8 ? blk : 0], 64);
+            if (halves > 1) _tile_stored(1, sc[1][i8 ? blk : 0], 64);
         }
     }
-    const __m512i qpos = _mm512_load_si512(w->qpos[bi]);
-    const int32_t first = w->qpos[bi][0];
-    const __m512 sc = _mm512_set1_ps(a->scale2);
-    __m512 p[KEY_TILE], mt = _mm512_set1_ps(NEG_BIG);
-    for (int k = 0; k < nk; k++) {
-        const int h = k / 16, u = k % 16;
-        __m512 s;
-        if (a->kv_kind == KV_BF16) {
-            s = _mm512_load_ps(w->s[h][0] + 16 * u);
-        } else {
-            s = _mm512_mul_ps(_mm512_load_ps(w->s[h][0] + 16 * u), _mm512_set1_ps(w->ks[h][0][u]));
-            for (int blk = 1; blk < blocks; blk++)
-                s = _mm512_fmadd_ps(_mm512_load_ps(w->s[h][blk] + 16 * u), _mm512_set1_ps(w->ks[h][blk][u]), s);
-        }
-        s = _mm512_mul_ps(s, sc);
-        if (kt + k > first) /* a key of the chunk: hidden from rows before it */
-            s = _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(qpos, _mm512_set1_epi32((int32_t)(kt + k))), s,
-                                     _mm512_set1_ps(NEG_BIG));
-        p[k] = s;
-        mt = _mm512_max_ps(mt, s);
-    }
-    const __m512 m_old = _mm512_load_ps(w->m[bi]), m_new = _mm512_max_ps(m_old, mt);
-    const __m512 alpha = exp2_neg(_mm512_sub_ps(m_old, m_new));
-    __m512 sum = _mm512_setzero_ps();
-    for (int k = 0; k < KEY_TILE; k++) {
-        p[k] = k < nk ? exp2_neg(_mm512_sub_ps(p[k], m_new)) : _mm512_setzero_ps();
-        sum = _mm512_add_ps(sum, p[k]);
-    }
-    _mm512_store_ps(w->l[bi], _mm512_fmadd_ps(_mm512_load_ps(w->l[bi]), alpha, sum));
-    _mm512_store_ps(w->m[bi], m_new);
-    if (_mm512_cmp_ps_mask(m_new, m_old, _CMP_GT_OQ)) { /* some row's maximum grew: rescale its sums */
-        float al[16] __attribute__((aligned(64)));
-        _mm512_store_ps(al, alpha);
-        for (int r = 0; r < 16; r++) {
-            if (al[r] == 1.f) continue;
-            float *o = w->acc[bi] + r * d;
-            for (int c = 0; c < d; c += 16) _mm512_store_ps(o + c, _mm512_mul_ps(_mm512_load_ps(o + c), _mm512_set1_ps(al[r])));
-        }
-    }
-    /* P as an A tile: key pairs as dwords (lane = row), then rows as dwords (lane = key pair) */
-    const __m512i pair = interleave_words(16);
-    __m512i pr[16];
-    for (int k = 0; k < 16; k++)
-        pr[k] = _mm512_permutexvar_epi16(pair, (__m512i)_mm512_cvtne2ps_pbh(p[2 * k + 1], p[2 * k]));
-    transpose16(pr);
-    for (int r = 0; r < 16; r++) _mm512_store_si512(w->pa + 32 * r, pr[r]);
-    _tile_loadd(2, w->pa, 64);
-    float *acc = w->acc[bi];
-    const int64_t astride = 4 * (int64_t)d;
-    for (int c = 0; c < d / 16; c += 2) /* two output columns at a time, tiles 4-5 and 6-7 by turns */
-        if (c & 2)
-            PV_PAIR(6, 7, c);
-        else
-            PV_PAIR(4, 5, c);
 }
 
-/* Query blocks b0..b1-1 of sequence `row` (see paged_chunk_attention) for kv head kh. */
-static void chunk_item(const chunk_args *a, const int64_t *row, int kh, int b0, int b1, scratch *w) {
-    const int g = a->g, d = a->d, tpb = a->tokens_per_block;
+/* then its online softmax over them and O^T += V^T P^T */
+static inline void step_softmax_pv(const chunk_args *a, scratch *w, int bi, int t, int nk, int64_t kt) {
+    const int d = a->d, blocks = d / 32, i8 = a->kv_kind == KV_INT8;
+    float(*sc)[MAX_D / 32][256] = w->s;
+    const float(*ks)[MAX_D / 32][16] = (const float(*)[MAX_D / 32][16])w->ks[2 * t];
+    const __m512i qpos = _mm512_load_si512(w->qpos[bi]);
+    const int32_t first = w->qpos[bi][0];
+    __m512 s[KEY_TILE], mx[4] = {_mm512_set1_ps(NEG_BIG), _mm512_set1_ps(NEG_BIG), _mm512_set1_ps(NEG_BIG),
+                                 _mm512_set1_ps(NEG_BIG)}; /* four running maxima: short dependency chains */
+    for (int k = 0; k < nk; k++) { /* raw scores; int8: scaled by the group scales, which carry the softmax's */
+        const int h = k / 16, u = k % 16;
+        if (!i8) {
+            s[k] = _mm512_load_ps(sc[h][0] + 16 * u);
+        } else {
+            s[k] = _mm512_mul_ps(_mm512_load_ps(sc[h][0] + 16 * u), _mm512_set1_ps(ks[h][0][u]));
+            for (int blk = 1; blk < blocks; blk++)
+                s[k] = _mm512_fmadd_ps(_mm512_load_ps(sc[h][blk] + 16 * u), _mm512_set1_ps(ks[h][blk][u]), s[k]);
+        }
+        if (kt + k > first) /* a key of the chunk: hidden from rows before it */
+            s[k] = _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(qpos, _mm512_set1_epi32((int32_t)(kt + k))), s[k],
+                                        _mm512_set1_ps(NEG_BIG));
+        mx[k & 3] = _mm512_max_ps(mx[k & 3], s[k]);
+    }
+    const __m512 scale = _mm512_set1_ps(i8 ? 1.f : a->scale2); /* positive: the maximum of raw scores scales */
+    const __m512 mt = _mm512_mul_ps(_mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3])), scale);
+    __m512 m = _mm512_load_ps(w->m[bi]), l = _mm512_load_ps(w->l[bi]);
+    if (_mm512_cmp_ps_mask(mt, _mm512_add_ps(m, _mm512_set1_ps(RESCALE_LOG2)), _CMP_GT_OQ)) {
+        /* a row's scores outgrew its maximum: move every row's to the new one, rescale the sums */
+        __m512 m_new = _mm512_max_ps(m, mt);
+        /* rows that see no key yet see none in this split (its first tile holds its first key): a
+         * maximum of 0 keeps their probabilities 0, and the merge gives them no weight */
+        m_new = _mm512_mask_mov_ps(m_new, _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(NEG_BIG / 1e6f), _CMP_LT_OQ),
+                                   _mm512_setzero_ps());
+        const __m512 alpha = exp2_poly(_mm512_sub_ps(m, m_new));
+        for (int c = 0; c < d / 16; c++)
+            for (int e = 0; e < 16; e++)
+                _mm512_store_ps(w->acc[bi][c] + 16 * e, _mm512_mul_ps(_mm512_load_ps(w->acc[bi][c] + 16 * e), alpha));
+        l = _mm512_mul_ps(l, alpha);
+        m = m_new;
+        _mm512_store_ps(w->m[bi], m);
+    }
+    /* probabilities: key pairs as dwords (lane = row), the B tile of O^T's product */
+    const __m512i pair = interleave_words(16);
+    uint32_t *pb = w->pb;
+    __m512 sum[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int k = 0; k < KEY_TILE; k += 2) {
+        const __m512 p0 = k < nk ? exp2_poly(_mm512_fmsub_ps(s[k], scale, m)) : _mm512_setzero_ps();
+        const __m512 p1 = k + 1 < nk ? exp2_poly(_mm512_fmsub_ps(s[k + 1], scale, m)) : _mm512_setzero_ps();
+        sum[(k / 2) & 3] = _mm512_add_ps(sum[(k / 2) & 3], _mm512_add_ps(p0, p1));
+        _mm512_store_si512(pb + 8 * k, _mm512_permutexvar_epi16(pair, (__m512i)_mm512_cvtne2ps_pbh(p1, p0)));
+    }
+    l = _mm512_add_ps(l, _mm512_add_ps(_mm512_add_ps(sum[0], sum[1]), _mm512_add_ps(sum[2], sum[3])));
+    _mm512_store_ps(w->l[bi], l);
+    _tile_loadd(3, pb, 64);
+    float(*acc)[256] = w->acc[bi];
+    uint32_t(*vt)[256] = w->vt[t];
+    for (int c = 0; c < d / 16; c += 4) { /* four 16-dim tiles at a time: sums in tiles 4-7, values in 0-2 */
+        const int n = d / 16 - c < 4 ? d / 16 - c : 4;
+        _tile_loadd(4, acc[c], 64);
+        if (n > 1) _tile_loadd(5, acc[c + 1], 64);
+        if (n > 2) _tile_loadd(6, acc[c + 2], 64);
+        if (n > 3) _tile_loadd(7, acc[c + 3], 64);
+        _tile_loadd(0, vt[c], 64);
+        _tile_dpbf16ps(4, 0, 3);
+        if (n > 1) {
+            _tile_loadd(1, vt[c + 1], 64);
+            _tile_dpbf16ps(5, 1, 3);
+        }
+        if (n > 2) {
+            _tile_loadd(2, vt[c + 2], 64);
+            _tile_dpbf16ps(6, 2, 3);
+        }
+        if (n > 3) {
+            _tile_loadd(0, vt[c + 3], 64);
+            _tile_dpbf16ps(7, 0, 3);
+        }
+        _tile_stored(4, acc[c], 64);
+        if (n > 1) _tile_stored(5, acc[c + 1], 64);
+        if (n > 2) _tile_stored(6, acc[c + 2], 64);
+        if (n > 3) _tile_stored(7, acc[c + 3], 64);
+    }
+}
+
+/* The 16 rows of a block's sums (acc [dim tiles][dim][row]) times inv[row], written out: rows
+ * 0..rows-1 to out row (token r / g, head r % g) at `base`. */
+static void write_rows(const chunk_args *a, float (*acc)[256], __m512 inv, int rows, int64_t tok0, int kh) {
+    const int d = a->d, g = a->g;
+    for (int c = 0; c < d / 16; c++) {
+        __m512i t[16];
+        for (int e = 0; e < 16; e++) t[e] = _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(acc[c] + 16 * e), inv));
+        transpose16(t); /* t[r]: row r's 16 dims */
+        for (int r = 0; r < rows; r++) {
+            const int64_t o = (tok0 + r / g) * a->out_stride + ((int64_t)kh * g + r % g) * d + 16 * c;
+            const __m512 y = _mm512_castsi512_ps(t[r]);
+            if (a->out_bf16)
+                _mm256_storeu_si256((__m256i *)((uint16_t *)a->out + o), f32_to_bf16x16(y));
+            else
+                _mm512_storeu_ps((float *)a->out + o, y);
+        }
+    }
+}
+
+typedef struct {
+    int64_t seq, b0, b1, split, cost;
+    int kh;
+} work_item;
+
+/* The chunk's partial sums of each (kv head, block, split), where its context spans splits:
+ * [m 16][l 16][sums d/16 x 256] floats per slot. */
+static inline int64_t slot_floats(int d) { return 32 + 16 * (int64_t)d; }
+
+/* Query blocks b0..b1-1 of sequence `row` (see paged_chunk_attention) for kv head kh over keys
+ * of split `split`: written out when the context is one split, else to their partial slots
+ * (part: the chunk's first slot). */
+static void chunk_item(const chunk_args *a, const int64_t *row, const work_item *it, float *part, scratch *w) {
+    const int g = a->g, d = a->d, tpb = a->tokens_per_block, kh = it->kh, nb = (int)(it->b1 - it->b0);
     const int64_t tok = row[0], qlen = row[2], len = row[3], prefix = len - qlen;
+    const int64_t splits = (len + SPLIT_KEYS - 1) / SPLIT_KEYS, blocks = (qlen + tpb - 1) / tpb;
     const int64_t *pages = a->block_table + row[1] * a->bt_stride;
-    for (int bi = 0; bi < b1 - b0; bi++) {
-        const int64_t t0 = (int64_t)(b0 + bi) * tpb;
+    for (int bi = 0; bi < nb; bi++) {
+        const int64_t t0 = (it->b0 + bi) * tpb;
         const int nt = qlen - t0 < tpb ? (int)(qlen - t0) : tpb;
         const float *qs[16]; /* the block's tokens' query groups: row r is token r / g's head r % g */
         for (int i = 0; i < nt; i++) qs[i] = a->q + (tok + t0 + i) * a->q_stride + (int64_t)kh * g * d;
         query_tiles(qs, nt, g, d, w->qt[bi]);
-        memset(w->acc[bi], 0, sizeof(float) * 16 * (size_t)d);
+        memset(w->acc[bi], 0, sizeof(w->acc[bi][0]) * (size_t)(d / 16));
         for (int r = 0; r < 16; r++) {
             w->m[bi][r] = NEG_BIG, w->l[bi][r] = 0.f;
             w->qpos[bi][r] = (int32_t)(prefix + t0 + (r < nt * g ? r / g : nt - 1)); /* padding: the last row's */
         }
     }
-    const int64_t end = w->qpos[b1 - b0 - 1][15] + 1; /* keys the last row sees */
+    const int64_t k0 = it->split * SPLIT_KEYS;
+    int64_t k1 = k0 + SPLIT_KEYS, last = w->qpos[nb - 1][15] + 1; /* keys the item's last row sees */
+    k1 = k1 < last ? k1 : last;
     const int64_t head = (int64_t)kh * a->hd;
-    for (int64_t t = 0, p = 0; t < end; p++)
-        for (int u = 0; u < a->page_size && t < end; u++, t++)
-            w->off[t] = (pages[p] * a->page_size + u) * a->row_stride + head;
-    for (int64_t kt = 0; kt < end; kt += KEY_TILE) {
-        const int nk = end - kt < KEY_TILE ? (int)(end - kt) : KEY_TILE;
-        const uint16_t *kptr[2];
-        int64_t kstride[2];
-        stage_tile(a, kt, nk, end, w, kptr, kstride);
-        for (int bi = 0; bi < b1 - b0; bi++) {
-            const int64_t visible = w->qpos[bi][15] + 1 - kt; /* keys of this tile the block's last row sees */
-            if (visible > 0) block_step(a, w, bi, kt, visible < nk ? (int)visible : nk, kptr, kstride);
-        }
-    }
-    for (int bi = 0; bi < b1 - b0; bi++) {
-        const int64_t t0 = (int64_t)(b0 + bi) * tpb;
-        const int rows = (qlen - t0 < tpb ? (int)(qlen - t0) : tpb) * g;
-        for (int r = 0; r < rows; r++) {
-            const __m512 inv = _mm512_set1_ps(1.f / w->l[bi][r]);
-            const int64_t o = (tok + t0 + r / g) * a->out_stride + ((int64_t)kh * g + r % g) * d;
-            for (int c = 0; c < d; c += 16) {
-                const __m512 y = _mm512_mul_ps(_mm512_load_ps(w->acc[bi] + r * d + c), inv);
-                if (a->out_bf16)
-                    _mm256_storeu_si256((__m256i *)((uint16_t *)a->out + o + c), f32_to_bf16x16(y));
-                else
-                    _mm512_storeu_ps((float *)a->out + o + c, y);
+    for (int64_t t = k0; t < k1; t++)
+        w->off[t - k0] = (pages[t / a->page_size] * a->page_size + t % a->page_size) * a->row_stride + head;
+    for (int64_t kc = k0; kc < k1; kc += CHUNK_KEYS) {
+        const int nk = k1 - kc < CHUNK_KEYS ? (int)(k1 - kc) : CHUNK_KEYS;
+        const int64_t rest = k1 - kc - nk;
+        stage_chunk(a, w->off + (kc - k0), nk, rest < CHUNK_KEYS ? (int)rest : CHUNK_KEYS, w);
+        for (int bi = 0; bi < nb; bi++) {
+            const int64_t visible = w->qpos[bi][15] + 1 - kc; /* keys of the chunk the block's last row sees */
+            for (int t = 0; t * KEY_TILE < nk && t * KEY_TILE < visible; t++) {
+                const int64_t left = (visible < nk ? visible : nk) - t * KEY_TILE;
+                const int n = left < KEY_TILE ? (int)left : KEY_TILE;
+                step_scores(a, w, bi, t, n);
+                step_softmax_pv(a, w, bi, t, n, kc + t * KEY_TILE);
             }
         }
     }
+    for (int bi = 0; bi < nb; bi++) {
+        const int64_t b = it->b0 + bi, t0 = b * tpb;
+        if (splits == 1) {
+            const int rows = (qlen - t0 < tpb ? (int)(qlen - t0) : tpb) * g;
+            write_rows(a, w->acc[bi], _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_load_ps(w->l[bi])), rows, tok + t0, kh);
+        } else {
+            float *slot = part + (((int64_t)kh * blocks + b) * splits + it->split) * slot_floats(d);
+            memcpy(slot, w->m[bi], sizeof(float) * 16);
+            memcpy(slot + 16, w->l[bi], sizeof(float) * 16);
+            memcpy(slot + 32, w->acc[bi], sizeof(float) * 16 * (size_t)d);
+        }
+    }
+}
+
+/* Block b of sequence `row`, kv head kh: its splits' partial sums merged (in split order) and written out. */
+static void merge_block(const chunk_args *a, const int64_t *row, int kh, int64_t b, const float *part, scratch *w) {
+    const int g = a->g, d = a->d, tpb = a->tokens_per_block;
+    const int64_t qlen = row[2], len = row[3], t0 = b * tpb, splits = (len + SPLIT_KEYS - 1) / SPLIT_KEYS;
+    const int nt = qlen - t0 < tpb ? (int)(qlen - t0) : tpb;
+    const int64_t last = len - qlen + t0 + nt; /* keys the block's last token sees */
+    const int64_t used = (last + SPLIT_KEYS - 1) / SPLIT_KEYS, blocks = (qlen + tpb - 1) / tpb;
+    const float *slot0 = part + ((int64_t)kh * blocks + b) * splits * slot_floats(d);
+    __m512 m = _mm512_set1_ps(NEG_BIG); /* over the splits where a row saw keys (a positive sum) */
+    for (int64_t s = 0; s < used; s++) {
+        const float *slot = slot0 + s * slot_floats(d);
+        m = _mm512_mask_max_ps(m, _mm512_cmp_ps_mask(_mm512_loadu_ps(slot + 16), _mm512_setzero_ps(), _CMP_GT_OQ), m,
+                               _mm512_loadu_ps(slot));
+    }
+    __m512 l = _mm512_setzero_ps();
+    float(*acc)[256] = w->acc[0];
+    memset(acc, 0, sizeof(float) * 16 * (size_t)d);
+    for (int64_t s = 0; s < used; s++) {
+        const float *slot = slot0 + s * slot_floats(d);
+        const __m512 wgt = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_loadu_ps(slot + 16), _mm512_setzero_ps(), _CMP_GT_OQ),
+                                               exp2_poly(_mm512_sub_ps(_mm512_loadu_ps(slot), m)));
+        l = _mm512_fmadd_ps(_mm512_loadu_ps(slot + 16), wgt, l);
+        for (int e = 0; e < d; e++)
+            _mm512_store_ps(acc[0] + 16 * e, _mm512_fmadd_ps(_mm512_loadu_ps(slot + 32 + 16 * e), wgt,
+                                                             _mm512_load_ps(acc[0] + 16 * e)));
+    }
+    write_rows(a, acc, _mm512_div_ps(_mm512_set1_ps(1.f), l), nt * g, row[0] + t0, kh);
+}
+
+/* blocks of a chunk that merge splits: all of them (every kv head) where its context spans splits */
+static inline int64_t merge_count(const int64_t *row, int hk, int tpb) {
+    return row[3] > SPLIT_KEYS ? hk * ((row[2] + tpb - 1) / tpb) : 0;
+}
+
+static int by_cost(const void *x, const void *y) { /* costliest first: the last items are the short ones */
+    const int64_t cx = ((const work_item *)x)->cost, cy = ((const work_item *)y)->cost;
+    return cx < cy ? 1 : cx > cy ? -1 : 0;
 }
 #endif
 
@@ -321,38 +438,64 @@ int paged_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
     const chunk_args a = {q, q_stride, k_cache, v_cache, kv_kind, block_table, bt_stride, out, out_bf16, out_stride,
                           g, d, kv_kind == KV_INT8 ? kv_int8_row_bytes(d) : d, page_size, 16 / g,
                           (int64_t)hk * (kv_kind == KV_INT8 ? kv_int8_row_bytes(d) : d), scale * 1.44269504f};
-    /* work items: (sequence, kv head, run of query blocks), short runs when there are few blocks */
-    int64_t total = 0, max_len = 0;
-    for (int64_t i = 0; i < n; i++) {
-        total += (rows[4 * i + 2] + a.tokens_per_block - 1) / a.tokens_per_block * hk;
-        max_len = rows[4 * i + 3] > max_len ? rows[4 * i + 3] : max_len;
+    const int tpb = a.tokens_per_block;
+    /* work items: (sequence, kv head, run of query blocks, split); runs as long as MAX_BLOCKS
+     * while there are enough items to keep the threads busy */
+    int64_t group = MAX_BLOCKS, items = 0, slots = 0;
+    for (;; group /= 2) {
+        items = 0;
+        for (int64_t i = 0; i < n; i++)
+            items += (rows[4 * i + 2] + tpb * group - 1) / (tpb * group) * hk *
+                     ((rows[4 * i + 3] + SPLIT_KEYS - 1) / SPLIT_KEYS);
+        if (group == 1 || items >= 3 * num_threads) break;
     }
-    int64_t per_item = total / (4 * (int64_t)num_threads);
-    per_item = per_item < 1 ? 1 : per_item > MAX_BLOCKS ? MAX_BLOCKS : per_item;
-    int64_t items = 0;
-    for (int64_t i = 0; i < n; i++)
-        items += (rows[4 * i + 2] + a.tokens_per_block * per_item - 1) / (a.tokens_per_block * per_item) * hk;
-    int64_t(*item)[3] = malloc(sizeof(*item) * (size_t)items); /* {sequence, kv head, first block} */
+    work_item *item = malloc(sizeof(*item) * (size_t)items);
+    int64_t *first_slot = malloc(sizeof(int64_t) * (size_t)n), merges = 0;
     for (int64_t i = 0, it = 0; i < n; i++) {
-        const int64_t blocks = (rows[4 * i + 2] + a.tokens_per_block - 1) / a.tokens_per_block;
+        const int64_t qlen = rows[4 * i + 2], len = rows[4 * i + 3], blocks = (qlen + tpb - 1) / tpb;
+        const int64_t splits = (len + SPLIT_KEYS - 1) / SPLIT_KEYS;
+        first_slot[i] = slots;
+        if (splits > 1) slots += hk * blocks * splits, merges += hk * blocks;
         for (int kh = 0; kh < hk; kh++)
-            for (int64_t b = 0; b < blocks; b += per_item) item[it][0] = i, item[it][1] = kh, item[it++][2] = b;
+            for (int64_t b = 0; b < blocks; b += group)
+                for (int64_t s = 0; s < splits; s++) {
+                    const int64_t b1 = b + group < blocks ? b + group : blocks;
+                    const int64_t last = len - qlen + (b1 * tpb < qlen ? b1 * tpb : qlen); /* keys the run sees */
+                    const int64_t keys = last < (s + 1) * SPLIT_KEYS ? last - s * SPLIT_KEYS : SPLIT_KEYS;
+                    item[it++] = (work_item){i, b, b1, s, (b1 - b) * keys, kh};
+                }
     }
+    qsort(item, (size_t)items, sizeof(*item), by_cost);
+    static __thread float *part; /* the caller's partial sums, kept: grown, never shrunk */
+    static __thread int64_t part_cap;
+    if (slots * slot_floats(d) > part_cap) {
+        free(part);
+        part_cap = slots * slot_floats(d);
+        part = aligned_alloc(64, sizeof(float) * (size_t)part_cap);
+    }
+    float *const partials = part;
     _Pragma("omp parallel num_threads(num_threads)")
     {
-        scratch *w = aligned_alloc(64, sizeof(scratch));
-        w->off = malloc(sizeof(int64_t) * (size_t)max_len);
+        scratch *w = thread_scratch();
         load_tile_config(TILES);
         _Pragma("omp for schedule(dynamic, 1)")
         for (int64_t it = 0; it < items; it++) {
-            const int64_t *row = rows + 4 * item[it][0];
-            const int64_t blocks = (row[2] + a.tokens_per_block - 1) / a.tokens_per_block, b0 = item[it][2];
-            chunk_item(&a, row, (int)item[it][1], (int)b0, (int)(b0 + per_item < blocks ? b0 + per_item : blocks), w);
+            const work_item *wi = item + it;
+            if (wi->cost > 0) chunk_item(&a, rows + 4 * wi->seq, wi, partials + first_slot[wi->seq] * slot_floats(d), w);
         }
         _tile_release();
-        free(w->off);
-        free(w);
+        if (merges) {
+            _Pragma("omp for schedule(static)")
+            for (int64_t j = 0; j < merges; j++) { /* (chunk, kv head, block) of the chunks over several splits */
+                int64_t i = 0, base = 0;
+                while (merge_count(rows + 4 * i, hk, tpb) <= j - base) base += merge_count(rows + 4 * i++, hk, tpb);
+                const int64_t blocks = (rows[4 * i + 2] + tpb - 1) / tpb, jj = j - base;
+                merge_block(&a, rows + 4 * i, (int)(jj / blocks), jj % blocks, partials + first_slot[i] * slot_floats(d),
+                            w);
+            }
+        }
     }
+    free(first_slot);
     free(item);
     return 1;
 #else
