@@ -74,11 +74,12 @@ def test_every_chunk_length_up_to_40(prefix, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8], ids=["bf16", "int8"])
-def test_contexts_over_several_splits(kv_dtype, monkeypatch) -> None:
+@pytest.mark.parametrize("heads,d", [((9, 3), 64), ((8, 1), 128), ((4, 4), 64)], ids=["g3-d64", "g8-d128", "g1-d64"])
+def test_contexts_over_several_splits(kv_dtype, heads, d, monkeypatch) -> None:
     """Contexts past the kernel's split (4,096 keys: each split's partial sums merged at the end):
     chunks whose rows straddle a split boundary, end exactly on one, and sit far past it."""
-    _check([40, 3, 1, 130], [4100, 8192, 9000, 12000], monkeypatch, q_scale=3.0, page_size=16, hq=9, hk=3, d=64,
-           kv_dtype=kv_dtype)
+    _check([40, 3, 1, 130], [4100, 8192, 9000, 12000], monkeypatch, q_scale=3.0, page_size=16, hq=heads[0],
+           hk=heads[1], d=d, kv_dtype=kv_dtype)
 
 
 def test_a_rows_result_does_not_depend_on_how_the_work_is_cut() -> None:
