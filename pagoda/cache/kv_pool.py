@@ -45,6 +45,9 @@ class KVPool:
         touched = max(page_size, min(num_pages * page_size, prefault_bytes // per_token // page_size * page_size))
         for cache in self.k + self.v:
             cache[:touched].zero_()
+        # Usable pages (ids 1..) whose memory is backed already: those written here where the host
+        # backs memory on its first write (prefault_bytes given), all of them on devices
+        self.warm_pages = touched // page_size - 1 if prefault_bytes else num_pages - 1
         self.layers = tuple(zip(self.k, self.v))  # per layer (k, v): what a ForwardBatch carries
 
     @property

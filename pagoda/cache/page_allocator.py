@@ -26,7 +26,9 @@ class PageAllocator:
     changing anything, so a rejected call leaves the allocator untouched.
     """
 
-    def __init__(self, num_pages: int, page_size: int) -> None:
+    def __init__(self, num_pages: int, page_size: int, warm_pages: int | None = None) -> None:
+        """`warm_pages`: how many of the first pages have backed memory already (None: all); the
+        rest are cold until first handed out (see `num_cold_free`)."""
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"need num_pages >= 1 and page_size >= 1, got {num_pages}, {page_size}")
         self.num_pages = num_pages
@@ -36,6 +38,8 @@ class PageAllocator:
         # A stack popped from the end: fresh pages come out in ascending order,
         # recently freed pages are reused first.
         self._free = list(range(num_pages, NULL_PAGE, -1))
+        # Pages up to here are warm: prefaulted, or handed out before (fresh pages leave in order)
+        self._warm_until = num_pages if warm_pages is None else max(0, min(num_pages, warm_pages))
 
     @staticmethod
     def storage_pages(num_pages: int) -> int:
@@ -44,6 +48,11 @@ class PageAllocator:
 
     def num_free(self) -> int:
         return len(self._free)
+
+    def num_cold_free(self) -> int:
+        """Free pages never handed out and never prefaulted: on a host that backs memory on its
+        first write, taking one costs that write in the step that takes it."""
+        return self.num_pages - self._warm_until
 
     def alloc(self, n: int) -> list[int] | None:
         """Take ``n`` pages (count 1 each), or None and nothing if fewer are free."""
@@ -54,6 +63,7 @@ class PageAllocator:
         pages = [self._free.pop() for _ in range(n)]
         for page in pages:
             self._refcount[page] = 1
+        self._warm_until = max(self._warm_until, max(pages, default=0))
         return pages
 
     def incref(self, pages: Iterable[int]) -> None:

@@ -256,8 +256,8 @@ class Engine:
 
     def _build_kv_pool(self, size: KVCacheSize) -> None:
         """The page allocator and the KV tensors it hands out pages of."""
-        self.allocator = PageAllocator(size.num_pages, self.config.page_size)
         self.kv_pool = build_kv_pool(self.config, self.platform, self.loaded, size)
+        self.allocator = PageAllocator(size.num_pages, self.config.page_size, self.kv_pool.warm_pages)
         self.kv_tokens = size.num_pages * self.config.page_size
 
     def _build_scheduler(self) -> Scheduler:

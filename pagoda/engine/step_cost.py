@@ -112,12 +112,14 @@ def calibrate(time_chunk: Callable[[int, int], float], context_length: int) -> S
 
 def timed_forward(runner, allocator, synchronize: Callable[[], None]) -> Callable[[int, int], float]:
     """time_chunk for `calibrate`: one forward of the model runner over a synthetic sequence.
-    Its page table cycles over the pages free now (given back after), so a small pool serves a
-    long context too; the attention reads whatever keys they hold, which the timing ignores."""
+    Its page table cycles over the warm pages free now (given back after), so a small pool serves
+    a long context too, the keys come from backed memory as in serving (never-written memory reads
+    as one shared zero page), and no cold page is marked warm; the attention reads whatever keys
+    they hold, which the timing ignores."""
 
     def time_chunk(n: int, start: int) -> float:
         need = -(-(start + n) // allocator.page_size)
-        pages = allocator.alloc(min(need, allocator.num_free()))
+        pages = allocator.alloc(min(need, max(1, allocator.num_free() - allocator.num_cold_free())))
         try:
             table = [pages[i % len(pages)] for i in range(need)]
             t = time.perf_counter()

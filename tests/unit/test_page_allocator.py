@@ -85,3 +85,16 @@ def test_incref_of_free_page_raises() -> None:
         alloc.incref([1])
     with pytest.raises(ValueError):
         alloc.incref([5])  # out of range
+
+
+def test_cold_pages_are_those_never_handed_out_past_the_warm_ones() -> None:
+    """Pages 1..warm are backed already (prefaulted); a fresh page past them is cold until it is
+    first handed out, and freeing it keeps it warm. Without a count, every page is warm."""
+    a = PageAllocator(10, 4, warm_pages=3)
+    assert a.num_cold_free() == 7
+    first = a.alloc(5)  # 1..5: two of them were cold
+    assert a.num_cold_free() == 5 and a.num_free() == 5
+    a.decref(first)
+    assert a.num_cold_free() == 5 and a.num_free() == 10
+    assert a.alloc(5) == first[::-1]  # freed (warm) pages are reused before fresh ones
+    assert PageAllocator(10, 4).num_cold_free() == 0

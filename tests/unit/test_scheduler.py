@@ -140,3 +140,28 @@ def test_a_prompt_with_no_stream_waiting_takes_whole_chunks() -> None:
     while doc.in_prefill:
         sizes.append(run_step(s).chunks[0].num_tokens)
     assert sizes == [512] * 5 + [3000 - 5 * 512]  # nobody decodes: the budget would only slow the prompt
+
+
+def test_cached_prefixes_are_evicted_before_cold_pages_are_taken() -> None:
+    """With pages past the warm ones (never written: a first write costs ~1 ms a page on the CPU
+    VMs), a new prompt reuses the least recently used cached prefix's pages rather than taking
+    cold ones; what no eviction can free comes from cold pages (the warm part grows)."""
+    cfg = SchedulerConfig(max_running_requests=8, max_batched_tokens=64, chunked_prefill_size=0,
+                          enable_prefix_cache=True, max_step_ms=0.0)
+    s = Scheduler(cfg, PageAllocator(16, 4, warm_pages=6))
+    a = req("a", 12)
+    s.add(a)
+    run_step(s)
+    s.finish(a)  # its 3 full pages of prompt stay cached
+    assert s.tree.evictable_pages() == 3 and s.allocator.num_cold_free() == 10
+    b = req("b", 16, start=100)  # 4 pages: the 3 warm free ones, then 1 of a's cached prefix
+    s.add(b)
+    run_step(s)
+    assert s.allocator.num_cold_free() == 10
+    c = req("c", 24, start=200)  # 6 pages, and b's next token 1: a's last 2 cached ones, then 5 cold
+    s.add(c)
+    run_step(s)
+    assert s.allocator.num_cold_free() == 5 and {1, 2} <= set(b.pages + c.pages)
+    for r in list(s.running):
+        s.finish(r)
+    s.check_integrity()
