@@ -141,7 +141,8 @@ class RadixTree:
         return i
 
     def evict(self, num_pages: int) -> int:
-        """Free up to ``num_pages`` unlocked pages, least recently used leaves first.
+        """Free up to ``num_pages`` unlocked pages, least recently used leaves first (leaves that
+        running requests still hold stay).
 
         A leaf's deepest pages go first (it is trimmed if only part is needed);
         a parent left childless joins the candidates.
@@ -213,7 +214,10 @@ class RadixTree:
         return out
 
     def _is_evictable_leaf(self, node: RadixNode) -> bool:
-        return node is not self._root and not node.children and node.lock_ref == 0
+        """An unlocked leaf whose pages only the tree holds: one a running request holds too (a
+        prompt cached for its siblings) would free nothing and only stop the sharing."""
+        return (node is not self._root and not node.children and node.lock_ref == 0
+                and (not node.pages or self.allocator.refcount(node.pages[-1]) == 1))
 
     def _path(self, handle: RadixNode) -> list[RadixNode]:
         """Nodes from ``handle`` up to (not including) the root."""

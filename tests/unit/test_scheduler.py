@@ -145,7 +145,8 @@ def test_a_prompt_with_no_stream_waiting_takes_whole_chunks() -> None:
 def test_cached_prefixes_are_evicted_before_cold_pages_are_taken() -> None:
     """With pages past the warm ones (never written: a first write costs ~1 ms a page on the CPU
     VMs), a new prompt reuses the least recently used cached prefix's pages rather than taking
-    cold ones; what no eviction can free comes from cold pages (the warm part grows)."""
+    cold ones; what no eviction can free comes from cold pages (the warm part grows), and a
+    prompt cached for sharing while its request still runs stays cached."""
     cfg = SchedulerConfig(max_running_requests=8, max_batched_tokens=64, chunked_prefill_size=0,
                           enable_prefix_cache=True, max_step_ms=0.0)
     s = Scheduler(cfg, PageAllocator(16, 4, warm_pages=6))
@@ -162,6 +163,7 @@ def test_cached_prefixes_are_evicted_before_cold_pages_are_taken() -> None:
     s.add(c)
     run_step(s)
     assert s.allocator.num_cold_free() == 5 and {1, 2} <= set(b.pages + c.pages)
+    assert s.tree.match_prefix(list(range(100, 116))).num_tokens == 12  # b's prompt, still shared
     for r in list(s.running):
         s.finish(r)
     s.check_integrity()
