@@ -215,7 +215,8 @@ class RadixTree:
 
     def _is_evictable_leaf(self, node: RadixNode) -> bool:
         """An unlocked leaf whose pages only the tree holds: one a running request holds too (a
-        prompt cached for its siblings) would free nothing and only stop the sharing."""
+        prompt cached for its siblings) would free nothing and only stop the sharing. Its deepest
+        page tells: a request holds a leaf's pages through the end (matches split nodes there)."""
         return (node is not self._root and not node.children and node.lock_ref == 0
                 and (not node.pages or self.allocator.refcount(node.pages[-1]) == 1))
 

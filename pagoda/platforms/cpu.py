@@ -62,7 +62,7 @@ class CpuPlatform(Platform):
         # their whole KV cache at start-up; pagoda writes the first 512 MiB (23K tokens of the
         # default model's bf16 cache): three rounds of 32 new 128-token prompts took 0.87-0.90 s
         # each instead of 0.93-1.31 s, with start-up time and serving's peak memory unchanged
-        # (the start-up step calibration writes much of it anyway; docs/BENCHMARKS.md).
+        # (docs/BENCHMARKS.md).
         return 512 << 20
 
     def total_memory(self) -> int:

@@ -275,35 +275,16 @@ static inline void step_softmax_pv(const chunk_args *a, scratch *w, int bi, int 
     _tile_loadd(3, pb, 64);
     float(*acc)[256] = w->acc[bi];
     uint32_t(*vt)[256] = w->vt[t];
-    for (int c = 0; c < d / 16; c += 4) { /* four 16-dim tiles at a time: sums in tiles 4-7, values in 0-2 */
-        const int n = d / 16 - c < 4 ? d / 16 - c : 4;
-        _tile_loadd(4, acc[c], 64);
-        if (n > 1) _tile_loadd(5, acc[c + 1], 64);
-        if (n > 2) _tile_loadd(6, acc[c + 2], 64);
-        if (n > 3) _tile_loadd(7, acc[c + 3], 64);
-        _tile_loadd(0, vt[c], 64);
-        _tile_dpbf16ps(4, 0, 3);
-        if (n > 1) {
-            _tile_loadd(1, vt[c + 1], 64);
-            _tile_dpbf16ps(5, 1, 3);
-        }
-        if (n > 2) {
-            _tile_loadd(2, vt[c + 2], 64);
-            _tile_dpbf16ps(6, 2, 3);
-        }
-        if (n > 3) {
-            _tile_loadd(0, vt[c + 3], 64);
-            _tile_dpbf16ps(7, 0, 3);
-        }
-        _tile_stored(4, acc[c], 64);
-        if (n > 1) _tile_stored(5, acc[c + 1], 64);
-        if (n > 2) _tile_stored(6, acc[c + 2], 64);
-        if (n > 3) _tile_stored(7, acc[c + 3], 64);
+    for (int c = 0; c < d / 16; c += 4) { /* four 16-dim tiles at a time, sums in tiles 4-7 */
+        PV_STEP(4, 2, c);
+        if (c + 1 < d / 16) PV_STEP(5, 1, c + 1);
+        if (c + 2 < d / 16) PV_STEP(6, 2, c + 2);
+        if (c + 3 < d / 16) PV_STEP(7, 1, c + 3);
     }
 }
 
-/* The 16 rows of a block's sums (acc [dim tiles][dim][row]) times inv[row], written out: rows
- * 0..rows-1 to out row (token r / g, head r % g) at `base`. */
+/* The 16 rows of a block's sums (acc [dim tiles][dim][row]) times inv[row], written out: row r
+ * (0..rows-1) to token tok0 + r / g's head kh * g + r % g. */
 static void write_rows(const chunk_args *a, float (*acc)[256], __m512 inv, int rows, int64_t tok0, int kh) {
     const int d = a->d, g = a->g;
     for (int c = 0; c < d / 16; c++) {
@@ -326,6 +307,10 @@ typedef struct {
     int kh;
 } work_item;
 
+/* A chunk's query blocks and its context's splits (rows[i] of paged_chunk_attention) */
+static inline int64_t row_blocks(const int64_t *row, int tpb) { return (row[2] + tpb - 1) / tpb; }
+static inline int64_t row_splits(const int64_t *row) { return (row[3] + SPLIT_KEYS - 1) / SPLIT_KEYS; }
+
 /* The chunk's partial sums of each (kv head, block, split), where its context spans splits:
  * [m 16][l 16][sums d/16 x 256] floats per slot. */
 static inline int64_t slot_floats(int d) { return 32 + 16 * (int64_t)d; }
@@ -336,7 +321,7 @@ static inline int64_t slot_floats(int d) { return 32 + 16 * (int64_t)d; }
 static void chunk_item(const chunk_args *a, const int64_t *row, const work_item *it, float *part, scratch *w) {
     const int g = a->g, d = a->d, tpb = a->tokens_per_block, kh = it->kh, nb = (int)(it->b1 - it->b0);
     const int64_t tok = row[0], qlen = row[2], len = row[3], prefix = len - qlen;
-    const int64_t splits = (len + SPLIT_KEYS - 1) / SPLIT_KEYS, blocks = (qlen + tpb - 1) / tpb;
+    const int64_t splits = row_splits(row), blocks = row_blocks(row, tpb);
     const int64_t *pages = a->block_table + row[1] * a->bt_stride;
     for (int bi = 0; bi < nb; bi++) {
         const int64_t t0 = (it->b0 + bi) * tpb;
@@ -387,10 +372,10 @@ static void chunk_item(const chunk_args *a, const int64_t *row, const work_item 
 /* Block b of sequence `row`, kv head kh: its splits' partial sums merged (in split order) and written out. */
 static void merge_block(const chunk_args *a, const int64_t *row, int kh, int64_t b, const float *part, scratch *w) {
     const int g = a->g, d = a->d, tpb = a->tokens_per_block;
-    const int64_t qlen = row[2], len = row[3], t0 = b * tpb, splits = (len + SPLIT_KEYS - 1) / SPLIT_KEYS;
+    const int64_t qlen = row[2], len = row[3], t0 = b * tpb, splits = row_splits(row);
     const int nt = qlen - t0 < tpb ? (int)(qlen - t0) : tpb;
     const int64_t last = len - qlen + t0 + nt; /* keys the block's last token sees */
-    const int64_t used = (last + SPLIT_KEYS - 1) / SPLIT_KEYS, blocks = (qlen + tpb - 1) / tpb;
+    const int64_t used = (last + SPLIT_KEYS - 1) / SPLIT_KEYS, blocks = row_blocks(row, tpb);
     const float *slot0 = part + ((int64_t)kh * blocks + b) * splits * slot_floats(d);
     __m512 m = _mm512_set1_ps(NEG_BIG); /* over the splits where a row saw keys (a positive sum) */
     for (int64_t s = 0; s < used; s++) {
@@ -415,7 +400,7 @@ static void merge_block(const chunk_args *a, const int64_t *row, int kh, int64_t
 
 /* blocks of a chunk that merge splits: all of them (every kv head) where its context spans splits */
 static inline int64_t merge_count(const int64_t *row, int hk, int tpb) {
-    return row[3] > SPLIT_KEYS ? hk * ((row[2] + tpb - 1) / tpb) : 0;
+    return row_splits(row) > 1 ? hk * row_blocks(row, tpb) : 0;
 }
 
 static int by_cost(const void *x, const void *y) { /* costliest first: the last items are the short ones */
@@ -445,17 +430,17 @@ int paged_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
     for (;; group /= 2) {
         items = 0;
         for (int64_t i = 0; i < n; i++)
-            items += (rows[4 * i + 2] + tpb * group - 1) / (tpb * group) * hk *
-                     ((rows[4 * i + 3] + SPLIT_KEYS - 1) / SPLIT_KEYS);
+            items += (row_blocks(rows + 4 * i, tpb) + group - 1) / group * hk * row_splits(rows + 4 * i);
         if (group == 1 || items >= 3 * num_threads) break;
     }
     work_item *item = malloc(sizeof(*item) * (size_t)items);
     int64_t *first_slot = malloc(sizeof(int64_t) * (size_t)n), merges = 0;
     for (int64_t i = 0, it = 0; i < n; i++) {
-        const int64_t qlen = rows[4 * i + 2], len = rows[4 * i + 3], blocks = (qlen + tpb - 1) / tpb;
-        const int64_t splits = (len + SPLIT_KEYS - 1) / SPLIT_KEYS;
+        const int64_t qlen = rows[4 * i + 2], len = rows[4 * i + 3], blocks = row_blocks(rows + 4 * i, tpb);
+        const int64_t splits = row_splits(rows + 4 * i);
         first_slot[i] = slots;
-        if (splits > 1) slots += hk * blocks * splits, merges += hk * blocks;
+        merges += merge_count(rows + 4 * i, hk, tpb);
+        if (splits > 1) slots += hk * blocks * splits;
         for (int kh = 0; kh < hk; kh++)
             for (int64_t b = 0; b < blocks; b += group)
                 for (int64_t s = 0; s < splits; s++) {
@@ -489,7 +474,7 @@ int paged_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
             for (int64_t j = 0; j < merges; j++) { /* (chunk, kv head, block) of the chunks over several splits */
                 int64_t i = 0, base = 0;
                 while (merge_count(rows + 4 * i, hk, tpb) <= j - base) base += merge_count(rows + 4 * i++, hk, tpb);
-                const int64_t blocks = (rows[4 * i + 2] + tpb - 1) / tpb, jj = j - base;
+                const int64_t blocks = row_blocks(rows + 4 * i, tpb), jj = j - base;
                 merge_block(&a, rows + 4 * i, (int)(jj / blocks), jj % blocks, partials + first_slot[i] * slot_floats(d),
                             w);
             }
