@@ -99,9 +99,14 @@ void decode_stack(const int64_t *table, int num_layers, int bits, float *x, floa
         if (lw) lora(lw + 6, att, x, lora_segments, lora_nseg, hidden, q_size, num_threads);
         add_rms_norm(x, 0, residual, (const float *)w[POST_NORM], h, xb, residual, t, hidden, eps, jiutian,
                      num_threads);
-        matmul(w + GATE_UP, bits, h, xb, gate_up, t, 2 * inter, hidden, num_threads);
-        if (lw) lora(lw + 12, h, gate_up, lora_segments, lora_nseg, 2 * inter, hidden, num_threads);
-        silu_and_mul(gate_up, 0, act, xb, t, inter, num_threads);
+        /* gate/up and silu in one pass where the rounded form serves (no adapter to add between) */
+        if (lw || !quant_matmul_silu((const uint8_t *)w[GATE_UP], (const uint16_t *)w[GATE_UP + 1],
+                                     bits == 4 ? (const uint16_t *)w[GATE_UP + 2] : NULL, h, xb, act, xb, t,
+                                     2 * inter, hidden, bits, num_threads)) {
+            matmul(w + GATE_UP, bits, h, xb, gate_up, t, 2 * inter, hidden, num_threads);
+            if (lw) lora(lw + 12, h, gate_up, lora_segments, lora_nseg, 2 * inter, hidden, num_threads);
+            silu_and_mul(gate_up, 0, act, xb, t, inter, num_threads);
+        }
         matmul(w + DOWN, bits, act, xb, x, t, hidden, inter, num_threads);
         if (lw) lora(lw + 18, act, x, lora_segments, lora_nseg, hidden, inter, num_threads);
     }

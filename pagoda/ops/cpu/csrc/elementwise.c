@@ -230,15 +230,10 @@ void silu_and_mul(const void *x, int x_bf16, void *out, int out_bf16, int64_t ro
     _Pragma("omp parallel for num_threads(num_threads) if(rows * n >= PARALLEL_MIN_ELEMENTS)")
     for (int64_t r = 0; r < rows; r++) {
 #ifdef __AVX512F__
-        const __m512 one = _mm512_set1_ps(1.f);
         for (int64_t c = 0; c < n; c += 16) {
             const __mmask16 m = tail(n - c);
             const __m512 g = ld16(x, x_bf16, r * 2 * n + c, m), u = ld16(x, x_bf16, r * 2 * n + n + c, m);
-            const __m512 den = _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
-            __m512 inv = _mm512_rcp14_ps(den); /* 14 bits, one Newton step: ~28 (a division is 10x slower) */
-            inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(den, inv, _mm512_set1_ps(2.f)));
-            const __m512 silu = _mm512_mul_ps(g, inv);
-            st16(_mm512_mul_ps(silu, u), out, out_bf16, r * n + c, m);
+            st16(silu_mul16(g, u), out, out_bf16, r * n + c, m);
         }
 #else
         float gate[CHUNK], up[CHUNK];

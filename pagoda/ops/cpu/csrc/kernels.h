@@ -47,6 +47,8 @@ void int4_matmul(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, co
                  int out_bf16, int64_t rows, int64_t n, int64_t k, int num_threads);
 void int8_matmul(const int8_t *qp, const uint16_t *d16, const void *x, int x_bf16, void *out, int out_bf16,
                  int64_t rows, int64_t n, int64_t k, int num_threads);
+int quant_matmul_silu(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const void *x, int x_bf16,
+                      void *out, int out_bf16, int64_t rows, int64_t n, int64_t k, int bits, int num_threads);
 
 void lora_apply(float *y, int64_t y_stride, const float *x, int64_t x_stride, const int64_t *segments, int nseg,
                 const float *a, const float *bt, const int32_t *cols, const int32_t *width, const float *scaling,

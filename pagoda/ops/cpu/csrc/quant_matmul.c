@@ -30,6 +30,7 @@
 #include "amx.h"
 #include "bf16.h"
 #include "kernels.h"
+#include "simd.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -285,7 +286,7 @@ static inline __attribute__((always_inline)) void rounded_group(const uint8_t *q
     }
 }
 
-/* One pass of RB (1-2) row blocks (16 rows at x0, x1) x NT (1-2) output tiles over all groups:
+/* One pass of RB (1-2) row blocks (16 rows at x0, x1) x NT (1-2) output tiles (t, t + ts) over all groups:
  * sums in C tiles 0, 1 (x0) and 2, 3 (x1); A tiles 4, 5; B tiles 6, 7; c gets them as
  * [RB][NT][16 x 16]. b holds the NT tiles' B tiles group by group (group g's at b + g * NT * 256).
  * A tile pair's first pass (make: qp given, t its first tile) makes each group's weights into b as
@@ -293,7 +294,7 @@ static inline __attribute__((always_inline)) void rounded_group(const uint8_t *q
  * first, each unit idled while the other worked: at 32 rows the weights cost more than the
  * products); the later passes read b. The same products in the same order either way. */
 static inline __attribute__((always_inline)) void rounded_pass(const uint8_t *qp, const uint16_t *d16,
-                                                                const uint16_t *m16, int64_t t, int bits,
+                                                                const uint16_t *m16, int64_t t, int64_t ts, int bits,
                                                                 const uint16_t *x0, const uint16_t *x1, uint32_t *b,
                                                                 int64_t groups, int64_t k, const int RB, const int NT,
                                                                 float *c) {
@@ -305,7 +306,7 @@ static inline __attribute__((always_inline)) void rounded_pass(const uint8_t *qp
     for (int64_t g = 0; g < groups; g++) {
         uint32_t *bg = b + g * NT * 256;
         for (int j = 0; qp && j < NT; j++) {
-            const int64_t tg = (t + j) * groups + g; /* the weights come from memory: fetched well ahead */
+            const int64_t tg = (t + j * ts) * groups + g; /* the weights come from memory: fetched well ahead */
             for (int l = 0; l < group_bytes; l += 64)
                 _mm_prefetch((const char *)(qp + (tg + 4 * PREFETCH) * group_bytes + l), _MM_HINT_T0);
             rounded_group(qp + tg * group_bytes, d16 + tg * 16, m16 ? m16 + tg * 16 : NULL, bits, bg + j * 256);
@@ -329,10 +330,15 @@ static inline __attribute__((always_inline)) void rounded_pass(const uint8_t *qp
     if (RB > 1 && NT > 1) _tile_stored(3, c + 3 * 256, 64);
 }
 
-/* The rounded form: rows > 16, x float32 or bfloat16 as given. */
+/* The rounded form: rows > 16, x float32 or bfloat16 as given. With silu, n is a gate/up
+ * projection's 2 x width: each pass pairs gate tile t with up tile t + tiles / 2 and writes
+ * silu(gate) * up [rows, n / 2] as silu_and_mul would (the same sums, the same bits), so the
+ * gate and up sums never go to memory. */
 static void amx_rounded(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const void *x, int x_bf16,
-                        void *out, int out_bf16, int64_t rows, int64_t n, int64_t k, int bits, int num_threads) {
+                        void *out, int out_bf16, int64_t rows, int64_t n, int64_t k, int bits, int silu,
+                        int num_threads) {
     const int64_t groups = k / GROUP, blocks = (rows + 15) / 16, tiles = n / 16, full = x_bf16 ? rows / 16 : 0;
+    const int64_t pair_step = silu ? 1 : 2, pairs_end = silu ? tiles / 2 : tiles, ts = silu ? tiles / 2 : 1;
     /* bf16 rows: bfloat16 x in place but for its last partial block, which is copied with zero
      * padding; float32 x rounded here */
     const int64_t copied = rows - full * 16; /* rows in xb, then zeros to the block's end */
@@ -355,17 +361,26 @@ static void amx_rounded(const uint8_t *qp, const uint16_t *d16, const uint16_t *
         for (int64_t rb0 = 0; rb0 < blocks; rb0 += span) {
             const int64_t rb1 = rb0 + span < blocks ? rb0 + span : blocks;
             _Pragma("omp for schedule(static)")
-            for (int64_t t = 0; t < tiles; t += 2) {
-                const int nt = tiles - t < 2 ? 1 : 2;
+            for (int64_t t = 0; t < pairs_end; t += pair_step) {
+                const int nt = silu || tiles - t >= 2 ? 2 : 1;
                 for (int64_t rb = rb0; rb < rb1; rb += 2) {
                     const int rbn = rb1 - rb < 2 ? 1 : 2;
                     const uint16_t *x0 = rb < full ? (const uint16_t *)x + rb * 16 * k : xb + (rb - full) * 16 * k;
                     const uint16_t *x1 = rb + 1 < full ? x0 + 16 * k : xb + (rb + 1 - full) * 16 * k;
                     const uint8_t *make = rb == rb0 ? qp : NULL; /* the first pass makes b */
-                    if (rbn == 2 && nt == 2) rounded_pass(make, d16, m16, t, bits, x0, x1, b, groups, k, 2, 2, c);
-                    else if (rbn == 2) rounded_pass(make, d16, m16, t, bits, x0, x1, b, groups, k, 2, 1, c);
-                    else if (nt == 2) rounded_pass(make, d16, m16, t, bits, x0, x1, b, groups, k, 1, 2, c);
-                    else rounded_pass(make, d16, m16, t, bits, x0, x1, b, groups, k, 1, 1, c);
+                    if (rbn == 2 && nt == 2) rounded_pass(make, d16, m16, t, ts, bits, x0, x1, b, groups, k, 2, 2, c);
+                    else if (rbn == 2) rounded_pass(make, d16, m16, t, ts, bits, x0, x1, b, groups, k, 2, 1, c);
+                    else if (nt == 2) rounded_pass(make, d16, m16, t, ts, bits, x0, x1, b, groups, k, 1, 2, c);
+                    else rounded_pass(make, d16, m16, t, ts, bits, x0, x1, b, groups, k, 1, 1, c);
+                    if (silu) {
+                        for (int i = 0; i < rbn; i++)
+                            for (int r = 0; r < 16 && (rb + i) * 16 + r < rows; r++) {
+                                const float *ci = c + i * 2 * 256 + r * 16;
+                                store_row(silu_mul16(_mm512_load_ps(ci), _mm512_load_ps(ci + 256)), out, out_bf16,
+                                          ((rb + i) * 16 + r) * (n / 2) + t * 16);
+                            }
+                        continue;
+                    }
                     for (int i = 0; i < rbn; i++)
                         for (int j = 0; j < nt; j++)
                             for (int r = 0; r < 16 && (rb + i) * 16 + r < rows; r++)
@@ -394,7 +409,7 @@ static void amx_rounded(const uint8_t *qp, const uint16_t *d16, const uint16_t *
 static void quant_matmul(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const void *x, int x_bf16,
                          void *out, int out_bf16, int64_t rows, int64_t n, int64_t k, int bits, int num_threads) {
     if (USE_AMX(rows) && rows > EXACT_MAX_ROWS) {
-        amx_rounded(qp, d16, m16, x, x_bf16, out, out_bf16, rows, n, k, bits, num_threads);
+        amx_rounded(qp, d16, m16, x, x_bf16, out, out_bf16, rows, n, k, bits, 0, num_threads);
         return;
     }
     float *xf = float_rows(x, x_bf16, rows, k, bits == 4); /* int4's min term needs the group sums */
@@ -426,6 +441,23 @@ void int8_matmul(const int8_t *qp, const uint16_t *d16, const void *x, int x_bf1
 #else
     (void)qp, (void)d16, (void)x, (void)x_bf16, (void)out, (void)out_bf16, (void)rows, (void)n, (void)k,
         (void)num_threads;
+#endif
+}
+
+/* out [rows, n / 2] = silu(x W_gate^T) * (x W_up^T) for a gate/up projection W [n, k] (gate rows
+ * first), in one pass where the rounded form serves (AMX, rows > 16, n / 16 even): returns 1, or
+ * 0 where it does not and the caller multiplies and applies silu_and_mul itself. bits 4 (m16 the
+ * mins) or 8 (m16 NULL). */
+int quant_matmul_silu(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const void *x, int x_bf16,
+                      void *out, int out_bf16, int64_t rows, int64_t n, int64_t k, int bits, int num_threads) {
+#if defined(__AVX512F__) && HAVE_AMX
+    if (!USE_AMX(rows) || rows <= EXACT_MAX_ROWS || (n / 16) % 2) return 0;
+    amx_rounded(qp, d16, m16, x, x_bf16, out, out_bf16, rows, n, k, bits, 1, num_threads);
+    return 1;
+#else
+    (void)qp, (void)d16, (void)m16, (void)x, (void)x_bf16, (void)out, (void)out_bf16, (void)rows, (void)n, (void)k,
+        (void)bits, (void)num_threads;
+    return 0;
 #endif
 }
 

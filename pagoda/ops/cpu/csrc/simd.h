@@ -21,6 +21,16 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* silu(g) * u: g / (1 + e^-g) with the reciprocal from rcp14 and one Newton step (~28 bits; a
+ * division is 10x slower). One definition: silu_and_mul and the gate/up matmul's fused
+ * epilogue must give the same bits. */
+static inline __m512 silu_mul16(__m512 g, __m512 u) {
+    const __m512 den = _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+    __m512 inv = _mm512_rcp14_ps(den);
+    inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(den, inv, _mm512_set1_ps(2.f)));
+    return _mm512_mul_ps(_mm512_mul_ps(g, inv), u);
+}
+
 /* r[i] lane j := r[j] lane i, for 16 vectors of 16 dwords */
 static inline void transpose16(__m512i r[16]) {
     __m512i a[16], b[16];
