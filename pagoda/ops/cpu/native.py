@@ -104,6 +104,7 @@ SIGNATURES = {  # the C functions and their argument types (see the sources for 
     "silu_and_mul": [_P, _I32, _P, _I32, _I64, _I64, _I32],
     "int4_matmul": [_P, _P, _P, _P, _I32, _P, _I32, _I64, _I64, _I64, _I32],
     "int8_matmul": [_P, _P, _P, _I32, _P, _I32, _I64, _I64, _I64, _I32],
+    "quant_matmul_silu": [_P, _P, _P, _P, _I32, _P, _I32, _I64, _I64, _I64, _I32, _I32],
     "argmax_rows": [_P, _I32, _I64, _I64, _P, _I32],
     "lora_apply": [_P, _I64, _P, _I64, _P, _I32, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I32],
     "quant_matmul_available": [],
@@ -111,7 +112,8 @@ SIGNATURES = {  # the C functions and their argument types (see the sources for 
     "decode_stack": [_P, _I32, _I32, _P, _P, _I64, _I64, _I32, _I32, _I32, _I64, _F32, _I32, _P, _P, _I32, _P, _P, _I64,
                      _P, _P, _I64, _P, _I64, _I32, _F32, _I32, _P, _P, _I32, _I32],
 }
-RESTYPES = {"paged_chunk_attention": ctypes.c_int, "quant_matmul_available": ctypes.c_int, "quant_matmul_rounded_rows": ctypes.c_int}
+RESTYPES = {"paged_chunk_attention": ctypes.c_int, "quant_matmul_available": ctypes.c_int,
+            "quant_matmul_rounded_rows": ctypes.c_int, "quant_matmul_silu": ctypes.c_int}
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
