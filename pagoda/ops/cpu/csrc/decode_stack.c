@@ -67,7 +67,7 @@ void decode_stack(const int64_t *table, int num_layers, int bits, float *x, floa
     float *qkv = malloc(sizeof(float) * (size_t)(t * qkv_size));
     float *q = malloc(sizeof(float) * (size_t)(t * q_size));
     void *att = malloc((size_t)xs * (size_t)(t * q_size));
-    float *gate_up = malloc(sizeof(float) * (size_t)(t * 2 * inter));
+    float *gate_up = NULL; /* the gate/up sums, where they are not fused with silu (allocated then) */
     void *act = malloc((size_t)xs * (size_t)(t * inter));
     for (int l = 0; l < num_layers; l++) {
         const int64_t *w = table + (int64_t)l * STACK_LAYER_SLOTS;
@@ -103,6 +103,7 @@ void decode_stack(const int64_t *table, int num_layers, int bits, float *x, floa
         if (lw || !quant_matmul_silu((const uint8_t *)w[GATE_UP], (const uint16_t *)w[GATE_UP + 1],
                                      bits == 4 ? (const uint16_t *)w[GATE_UP + 2] : NULL, h, xb, act, xb, t,
                                      2 * inter, hidden, bits, num_threads)) {
+            if (!gate_up) gate_up = malloc(sizeof(float) * (size_t)(t * 2 * inter));
             matmul(w + GATE_UP, bits, h, xb, gate_up, t, 2 * inter, hidden, num_threads);
             if (lw) lora(lw + 12, h, gate_up, lora_segments, lora_nseg, 2 * inter, hidden, num_threads);
             silu_and_mul(gate_up, 0, act, xb, t, inter, num_threads);

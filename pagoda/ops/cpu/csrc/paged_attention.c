@@ -94,11 +94,12 @@ static inline __m512 load16_i8(const int8_t *p) { return _mm512_cvtepi32_ps(_mm5
 static inline void prefetch_row(const void *p, size_t bytes) {
     for (size_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)p + b, _MM_HINT_T0);
 }
-/* Rows from..to-1 of a context (bytes each from base + off[t] elements of elem bytes): a pass
- * over a head's rows asks for its first PREFETCH rows before it starts, then PREFETCH ahead. */
-static inline void prefetch_rows(const void *base, size_t elem, const int64_t *off, int64_t from, int64_t to,
-                                 size_t bytes) {
-    for (int64_t t = from; t < to; t++) prefetch_row((const char *)base + off[t] * elem, bytes);
+/* A pass over a head's rows asks for its first PREFETCH rows before it starts (from `from`, the
+ * rows its first step does not load itself; bytes of each from base + off[t] elements of elem
+ * bytes), then PREFETCH ahead as it goes. */
+static inline void prefetch_first_rows(const void *base, size_t elem, const int64_t *off, int64_t from, int64_t len,
+                                       size_t bytes) {
+    for (int64_t t = from; t < len && t < PREFETCH; t++) prefetch_row((const char *)base + off[t] * elem, bytes);
 }
 
 /* Lane i of the result is the sum of a[i]'s lanes: 16 horizontal sums in 30 shuffles and
@@ -229,7 +230,7 @@ DEFINE_VALUES_VEC(i8, int8_t, group_scale)
 static void values_x64_##SUFFIX(const void *v_, int64_t h, const int64_t *off, int64_t len, int g, int d, \
                                 const float *probs, int64_t stride, float *out, int pf) {     \
     const KV_T *v = (const KV_T *)v_ + h;                                                      \
-    if (pf) prefetch_rows(v, sizeof(KV_T), off, 0, len < PREFETCH ? len : PREFETCH, pf * sizeof(KV_T)); \
+    if (pf) prefetch_first_rows(v, sizeof(KV_T), off, 0, len, pf * sizeof(KV_T));                \
     for (int c0 = 0; c0 < d; c0 += 64) {                                                       \
         __m512 acc[X64_GROUP][4];                                                              \
         for (int j = 0; j < X64_GROUP; j++)                                                    \
@@ -295,7 +296,7 @@ static void scores_amx_bf16_run(const float *const *qs, const int64_t *lens, int
         const int rn = rows - r0 < per_pass ? rows - r0 : per_pass;
         const int64_t longest = lens[r0 + rn - 1];
         query_tiles(qs + r0, rn, g, d, b);
-        if (pf && r0 == 0) prefetch_rows(k, sizeof(uint16_t), off, 16, longest < PREFETCH ? longest : PREFETCH, pf * sizeof(uint16_t));
+        if (pf && r0 == 0) prefetch_first_rows(k, sizeof(uint16_t), off, 16, longest, pf * sizeof(uint16_t));
         for (int64_t t = 0; t + 16 <= longest; t += 16) {
             const int64_t step = off[t + 1] - off[t];
             if (pf && r0 == 0)
@@ -359,7 +360,7 @@ static void scores_amx_i8(const float *q, const void *k_, int64_t h, const int64
     memset(a, 0, sizeof a); /* rows past a short context's end stay finite */
     memset(gs, 0, sizeof gs);
     const __m512 sc = _mm512_set1_ps(scale);
-    if (pf) prefetch_rows(k, 1, off, 16, len < PREFETCH ? len : PREFETCH, (size_t)pf);
+    if (pf) prefetch_first_rows(k, 1, off, 16, len, (size_t)pf);
     for (int64_t t = 0; t < len; t += 16) {
         const int n = len - t < 16 ? (int)(len - t) : 16;
         for (int u = 0; u < n; u++) {

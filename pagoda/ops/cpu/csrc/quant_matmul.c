@@ -395,8 +395,10 @@ static void amx_rounded(const uint8_t *qp, const uint16_t *d16, const uint16_t *
     free(xb);
 }
 #define USE_AMX(rows) ((rows) >= AMX_MIN_ROWS && amx_ready())
+#define USE_ROUNDED(rows) (USE_AMX(rows) && (rows) > EXACT_MAX_ROWS) /* amx_rounded's rows */
 #else
 #define USE_AMX(rows) 0
+#define USE_ROUNDED(rows) 0
 #define EXACT_MAX_ROWS 0
 #define amx_exact(...) ((void)0)
 #define amx_rounded(...) ((void)0)
@@ -408,7 +410,7 @@ static void amx_rounded(const uint8_t *qp, const uint16_t *d16, const uint16_t *
  * the mins, or 8 with m16 NULL. */
 static void quant_matmul(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const void *x, int x_bf16,
                          void *out, int out_bf16, int64_t rows, int64_t n, int64_t k, int bits, int num_threads) {
-    if (USE_AMX(rows) && rows > EXACT_MAX_ROWS) {
+    if (USE_ROUNDED(rows)) {
         amx_rounded(qp, d16, m16, x, x_bf16, out, out_bf16, rows, n, k, bits, 0, num_threads);
         return;
     }
@@ -451,7 +453,7 @@ void int8_matmul(const int8_t *qp, const uint16_t *d16, const void *x, int x_bf1
 int quant_matmul_silu(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const void *x, int x_bf16,
                       void *out, int out_bf16, int64_t rows, int64_t n, int64_t k, int bits, int num_threads) {
 #if defined(__AVX512F__) && HAVE_AMX
-    if (!USE_AMX(rows) || rows <= EXACT_MAX_ROWS || (n / 16) % 2) return 0;
+    if (!USE_ROUNDED(rows) || (n / 16) % 2) return 0;
     amx_rounded(qp, d16, m16, x, x_bf16, out, out_bf16, rows, n, k, bits, 1, num_threads);
     return 1;
 #else
