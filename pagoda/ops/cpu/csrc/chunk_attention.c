@@ -10,21 +10,26 @@
  *   head's group (GQA: the group's heads share every K/V tile), the queries rounded to bf16
  *   once. A work item is a sequence, a kv head, up to MAX_BLOCKS consecutive query blocks
  *   and one split of the context (SPLIT_KEYS keys at fixed boundaries). The item stages
- *   CHUNK_KEYS keys at a time (key rows copied side by side, values transposed) and every one
- *   of its blocks passes over them while they are in L1, so the context comes from memory once
- *   per item and the tile loads never wait on it. Rows over several splits get
- *   each split's partial sums merged at the end (flash-decoding); the boundaries are fixed,
- *   so a row's sums never depend on how the work was cut (threads, heads per rank).
- * - Scores are computed transposed, S^T = K Q^T ([key][row]): 16 bf16 key rows of a page
- *   are an A tile loaded in place (a row stride apart), and the online softmax (running max
- *   and sum per row, float32) is lane-wise over 16 rows, with no horizontal reductions. The
- *   running maximum is lazy: it moves only when a score passes it by more than 2^RESCALE_LOG2,
- *   so the sums are rarely rescaled. Causal masking applies only to keys inside the chunk
- *   (key position <= query position); a block stops at its last query's position.
+ *   CHUNK_KEYS keys at a time (values transposed; bf16 key rows stay in place, their pages
+ *   holding 16 consecutive keys a tile, else they are copied side by side) and every one of
+ *   its blocks passes over them while they are in cache, so the context comes from memory
+ *   once per item. Rows over several splits get each split's partial sums merged at the end
+ *   (flash-decoding); the boundaries are fixed, so a row's sums never depend on how the work
+ *   was cut (threads, heads per rank).
+ * - A block's pass is three phases over all the staged keys it sees: scores, probabilities,
+ *   sums. The tile products of the first and last run as a stream of units that alternate
+ *   between two pairs of sum tiles, so no unit waits for the previous one's stores.
+ * - Scores are computed transposed, S^T = K Q^T ([key][row]): 16 bf16 key rows are an A tile,
+ *   and the online softmax (running max and sum per row, float32) is lane-wise over 16 rows,
+ *   with no horizontal reductions. The running maximum is lazy: the probabilities are taken
+ *   against it as it stands, and it moves (the sums rescaled, the probabilities taken again)
+ *   only where a row's probabilities sum past SUM_LIMIT. Causal masking applies only to keys
+ *   inside the chunk (key position <= query position); a block stops at its last query's
+ *   position.
  * - The output is computed transposed too, O^T += V^T P^T: the probabilities (bf16) are the
- *   B tile as they come (key pairs by row, no transpose), the values are staged once per item
- *   as V^T A tiles ([dim][key]), and the sums stay float32 [dim][row], so a rescale is one
- *   vector multiply per dim. Rows are transposed back when they are written.
+ *   B tile as they come (key pairs by row, no transpose), the values are staged as V^T A
+ *   tiles ([dim][key]), and the sums stay float32 [dim][row], so a rescale is one vector
+ *   multiply per dim. Rows are transposed back when they are written.
  * - int8 caches (kv_kind, kernels.h): key rows become bf16 exactly in cache and each 32-value
  *   group's partial scores are scaled by the row's group scale, as scores_amx_i8 does; value
  *   rows are dequantized to bf16 (the rounding the SDPA path applies to them too).
@@ -54,9 +59,8 @@
 #define MAX_BLOCKS 32   /* query blocks per work item: their sums (128 KiB at head_dim 64) stay in L2 */
 #define MAX_D 128
 #define NEG_BIG (-1e30f)     /* a masked score: exp2 of it minus any maximum is 0 */
-#define RESCALE_LOG2 8.f     /* probabilities may reach 2^8 before the running maximum moves */
-/* tiles: 0, 1 scores of keys 0-15 and 16-31; 2-7 operands of S^T, then 4-7 sums and 1-3 operands of O^T */
-#define TILES 8
+#define SUM_LIMIT 65536.f    /* a row's probabilities may sum to this before the running maximum moves */
+#define TILES 8              /* tiles 0-3 hold sums, 4-7 operands (tile_stream) */
 
 typedef struct {
     const float *q;
@@ -81,9 +85,11 @@ typedef struct { /* one thread's working set, 64-byte aligned, kept for the thre
     uint32_t vt[CHUNK_KEYS / KEY_TILE][MAX_D / 16][256]; /* values as A tiles: [dim][key pair] per 16 dims */
     uint16_t kb[CHUNK_KEYS * MAX_D];           /* key rows copied or converted to bf16, d apart */
     float ks[CHUNK_KEYS / 16][MAX_D / 32][16]; /* int8 keys: each row's group scales, times the softmax's */
-    float s[2][MAX_D / 32][256];               /* stored score tiles (int8: one per group) */
-    uint32_t pb[256];                          /* probabilities as a B tile: [key pair][row] */
+    float s[CHUNK_KEYS / 16 * MAX_D / 32 * 256]; /* a block's stored score tiles */
+    uint32_t pb[CHUNK_KEYS / KEY_TILE][256];   /* its probabilities as B tiles: [key pair][row] */
     int64_t off[SPLIT_KEYS];                   /* pool offsets (elements) of the split's rows for the item's kv head */
+    const uint16_t *kg[CHUNK_KEYS / 16];       /* each 16 staged keys' first row: in kb, or in place */
+    int64_t kstride;                           /* bytes from one of those rows to the next */
 } scratch;
 
 /* One thread's scratch, made on its first call (a fresh allocation per call would pay the
@@ -94,16 +100,15 @@ static scratch *thread_scratch(void) {
     return w;
 }
 
-/* 2^x for x <= RESCALE_LOG2: a degree-3 polynomial on the fraction (relative error 1e-4, well
- * under the bf16 rounding the probabilities get); very negative x gives 0. */
-static inline __m512 exp2_poly(__m512 x) {
-    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_set1_ps(0.055922036f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24264008f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69312103f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.99992448f));
-    return _mm512_scalef_ps(p, n);
+/* 2^x: a degree-3 polynomial on x - floor(x) (relative error 7.5e-5, well under the bf16
+ * rounding the probabilities get) scaled by 2^floor(x); very negative x gives 0. */
+static inline __m512 exp2_fast(__m512 x) {
+    const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 p = _mm512_set1_ps(0.078024293f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.22606728f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69583361f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999252f));
+    return _mm512_scalef_ps(p, x);
 }
 
 /* word indices 0, b, 1, b+1, ..., 15, b+15: interleave words 0-15 with words b-b+15 */
@@ -124,7 +129,8 @@ static inline __m512i value_bf16(const chunk_args *a, const int64_t *off, int u,
  * converted, their scales kept), zeros to the end of the last 16; the values as V^T A tiles;
  * the next `ahead` rows are prefetched into L2. */
 static void stage_chunk(const chunk_args *a, const int64_t *off, int nk, int ahead, scratch *w) {
-    const int d = a->d;
+    const int d = a->d, in_place = a->kv_kind == KV_BF16 && a->page_size % 16 == 0;
+    w->kstride = in_place ? 2 * a->row_stride : 2 * d;
     const int es = a->kv_kind == KV_BF16 ? 2 : 1; /* bytes per element */
     for (int t = nk; t < nk + ahead; t++)
         for (int b = 0; b < a->hd * es; b += 64) {
@@ -135,6 +141,11 @@ static void stage_chunk(const chunk_args *a, const int64_t *off, int nk, int ahe
         const int n = nk - 16 * h < 16 ? nk - 16 * h : 16;
         const int64_t *ho = off + 16 * h;
         uint16_t *kb = w->kb + 16 * h * d;
+        w->kg[h] = kb;
+        if (in_place) {
+            w->kg[h] = (const uint16_t *)a->k + ho[0]; /* the 16 keys are consecutive rows of one page */
+            continue;
+        }
         if (a->kv_kind == KV_BF16) {
             for (int u = 0; u < n; u++) memcpy(kb + u * d, (const uint16_t *)a->k + ho[u], 2 * (size_t)d);
         } else {
@@ -172,114 +183,217 @@ static void stage_chunk(const chunk_args *a, const int64_t *off, int nk, int ahe
         }
 }
 
-/* scores of dims 32 blk.. for both halves of the keys: queries in tile TQ, keys in TK0, TK1 */
-#define QK_STEP(TQ, TK0, TK1, blk)                                    \
-    do {                                                              \
-        _tile_loadd(TQ, w->qt[bi][blk], 64);                          \
-        _tile_loadd(TK0, kt0 + 32 * (blk), 2 * d);                    \
-        _tile_dpbf16ps(0, TK0, TQ);                                   \
-        if (halves > 1) {                                             \
-            _tile_loadd(TK1, kt0 + 16 * d + 32 * (blk), 2 * d);       \
-            _tile_dpbf16ps(1, TK1, TQ);                               \
-        }                                                             \
-    } while (0)
+/* A block's pass over the staged keys is three phases, each over all n keys it sees (up to
+ * CHUNK_KEYS): scores (tile products), probabilities (vector), sums (tile products). */
 
-/* sums of dims 16 c.. += V^T P^T: sums in C tile TC, values in A tile TA, probabilities in tile 3 */
-#define PV_STEP(TC, TA, c)                                            \
-    do {                                                              \
-        _tile_loadd(TC, acc[c], 64);                                  \
-        _tile_loadd(TA, vt[c], 64);                                   \
-        _tile_dpbf16ps(TC, TA, 3);                                    \
-        _tile_stored(TC, acc[c], 64);                                 \
-    } while (0)
-
-/* A step is one query block (bi) against one staged key tile (t: keys kt.., nk of them visible
- * to the block). Its scores S^T = K Q^T into w->s: */
-static inline void step_scores(const chunk_args *a, scratch *w, int bi, int t, int nk) {
-    const int d = a->d, blocks = d / 32, halves = nk > 16 ? 2 : 1, i8 = a->kv_kind == KV_INT8;
-    const uint16_t *kt0 = w->kb + (int64_t)t * KEY_TILE * d;
-    float(*sc)[MAX_D / 32][256] = w->s;
-    if (!i8) {
-        _tile_zero(0);
-        _tile_zero(1);
-    }
-    for (int blk = 0; blk < blocks; blk++) { /* both halves at once: two independent sums */
-        if (i8) {
-            _tile_zero(0);
-            _tile_zero(1);
-        }
-        if (blk & 1)
-            QK_STEP(4, 6, 7, blk);
-        else
-            QK_STEP(3, 2, 5, blk);
-        if (i8 || blk == blocks - 1) {
-            _tile_stored(0, sc[0][i8 ? blk : 0], 64);
-            if (halves > 1) _tile_stored(1, sc[1][i8 ? blk : 0], 64);
-        }
-    }
+/* key k's score in base-2 log units, less the running maximum m: int8 keys' partial scores
+ * are scaled by their group scales (which carry the softmax's) */
+static inline __attribute__((always_inline)) __m512 key_score(const scratch *w, int k, int i8, int blocks,
+                                                              __m512 scale, __m512 m) {
+    if (!i8) return _mm512_fmsub_ps(_mm512_load_ps(w->s + 16 * k), scale, m); /* one tile per 16 keys */
+    const int h = k / 16, u = k % 16;
+    const float *sh = w->s + (int64_t)h * blocks * 256 + 16 * u;
+    __m512 x = _mm512_fmsub_ps(_mm512_load_ps(sh), _mm512_set1_ps(w->ks[h][0][u]), m);
+    for (int blk = 1; blk < blocks; blk++)
+        x = _mm512_fmadd_ps(_mm512_load_ps(sh + blk * 256), _mm512_set1_ps(w->ks[h][blk][u]), x);
+    return x;
 }
 
-/* then its online softmax over them and O^T += V^T P^T */
-static inline void step_softmax_pv(const chunk_args *a, scratch *w, int bi, int t, int nk, int64_t kt) {
-    const int d = a->d, blocks = d / 32, i8 = a->kv_kind == KV_INT8;
-    float(*sc)[MAX_D / 32][256] = w->s;
-    const float(*ks)[MAX_D / 32][16] = (const float(*)[MAX_D / 32][16])w->ks[2 * t];
-    const __m512i qpos = _mm512_load_si512(w->qpos[bi]);
-    const int32_t first = w->qpos[bi][0];
-    __m512 s[KEY_TILE], mx[4] = {_mm512_set1_ps(NEG_BIG), _mm512_set1_ps(NEG_BIG), _mm512_set1_ps(NEG_BIG),
-                                 _mm512_set1_ps(NEG_BIG)}; /* four running maxima: short dependency chains */
-    for (int k = 0; k < nk; k++) { /* raw scores; int8: scaled by the group scales, which carry the softmax's */
-        const int h = k / 16, u = k % 16;
-        if (!i8) {
-            s[k] = _mm512_load_ps(sc[h][0] + 16 * u);
-        } else {
-            s[k] = _mm512_mul_ps(_mm512_load_ps(sc[h][0] + 16 * u), _mm512_set1_ps(ks[h][0][u]));
-            for (int blk = 1; blk < blocks; blk++)
-                s[k] = _mm512_fmadd_ps(_mm512_load_ps(sc[h][blk] + 16 * u), _mm512_set1_ps(ks[h][blk][u]), s[k]);
-        }
-        if (kt + k > first) /* a key of the chunk: hidden from rows before it */
-            s[k] = _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(qpos, _mm512_set1_epi32((int32_t)(kt + k))), s[k],
-                                        _mm512_set1_ps(NEG_BIG));
-        mx[k & 3] = _mm512_max_ps(mx[k & 3], s[k]);
+/* a key of the chunk (position pos) is hidden from rows before it */
+static inline __m512 causal(__m512 x, __m512i qpos, int64_t pos) {
+    return _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(qpos, _mm512_set1_epi32((int32_t)pos)), x,
+                                _mm512_set1_ps(NEG_BIG));
+}
+
+/* keys k, k+1's probabilities as one row of their P^T B tile (key pairs as dwords, lane = row) */
+static inline __attribute__((always_inline)) void store_pair(scratch *w, int k, __m512 p0, __m512 p1, __m512i pair) {
+    _mm512_store_si512(w->pb[k / KEY_TILE] + 8 * (k % KEY_TILE),
+                       _mm512_permutexvar_epi16(pair, (__m512i)_mm512_cvtne2ps_pbh(p1, p0)));
+}
+
+/* The probabilities 2^(score - m) of the first n staged keys into w->pb (zeros past n, to the
+ * end of their key tile) and their sum per row. The first `open` keys, which every row sees,
+ * go through a loop without masks or bounds. */
+static inline __attribute__((always_inline)) __m512 probabilities_of(scratch *w, int n, int open, int64_t kc,
+                                                                     __m512i qpos, __m512 scale, __m512 m, int i8,
+                                                                     int blocks) {
+    const __m512i pair = interleave_words(16);
+    __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 4 <= open; k += 4) {
+        const __m512 p0 = exp2_fast(key_score(w, k, i8, blocks, scale, m));
+        const __m512 p1 = exp2_fast(key_score(w, k + 1, i8, blocks, scale, m));
+        const __m512 p2 = exp2_fast(key_score(w, k + 2, i8, blocks, scale, m));
+        const __m512 p3 = exp2_fast(key_score(w, k + 3, i8, blocks, scale, m));
+        sum0 = _mm512_add_ps(sum0, _mm512_add_ps(p0, p1));
+        sum1 = _mm512_add_ps(sum1, _mm512_add_ps(p2, p3));
+        store_pair(w, k, p0, p1, pair);
+        store_pair(w, k + 2, p2, p3, pair);
     }
-    const __m512 scale = _mm512_set1_ps(i8 ? 1.f : a->scale2); /* positive: the maximum of raw scores scales */
-    const __m512 mt = _mm512_mul_ps(_mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3])), scale);
-    __m512 m = _mm512_load_ps(w->m[bi]), l = _mm512_load_ps(w->l[bi]);
-    if (_mm512_cmp_ps_mask(mt, _mm512_add_ps(m, _mm512_set1_ps(RESCALE_LOG2)), _CMP_GT_OQ)) {
-        /* a row's scores outgrew its maximum: move every row's to the new one, rescale the sums */
+    for (; k < ((n + KEY_TILE - 1) & -KEY_TILE); k += 2) {
+        __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
+        if (k < n) p0 = exp2_fast(causal(key_score(w, k, i8, blocks, scale, m), qpos, kc + k));
+        if (k + 1 < n) p1 = exp2_fast(causal(key_score(w, k + 1, i8, blocks, scale, m), qpos, kc + k + 1));
+        sum0 = _mm512_add_ps(sum0, _mm512_add_ps(p0, p1));
+        store_pair(w, k, p0, p1, pair);
+    }
+    return _mm512_add_ps(sum0, sum1);
+}
+
+static __m512 probabilities(const chunk_args *a, scratch *w, int n, int open, int64_t kc, __m512i qpos, __m512 scale,
+                            __m512 m) {
+    if (a->kv_kind == KV_INT8) return probabilities_of(w, n, open, kc, qpos, scale, m, 1, a->d / 32);
+    return probabilities_of(w, n, open, kc, qpos, scale, m, 0, 1);
+}
+
+/* Block bi's online softmax over its first n staged keys (positions kc..): probabilities into
+ * w->pb, their sums added to l. The running maximum is lazy: the probabilities are taken against
+ * the maximum so far, which stands unless a row's sum passes SUM_LIMIT (each probability is then
+ * at most that) or the row had none yet; then it moves to the scores' maximum, the sums are
+ * rescaled and the probabilities taken again. */
+static void block_softmax(const chunk_args *a, scratch *w, int bi, int n, int64_t kc) {
+    const int d = a->d, i8 = a->kv_kind == KV_INT8;
+    const __m512 scale = _mm512_set1_ps(i8 ? 1.f : a->scale2);
+    const __m512i qpos = _mm512_load_si512(w->qpos[bi]);
+    const int64_t seen = w->qpos[bi][0] + 1 - kc; /* keys of the chunk every row sees */
+    const int open = seen < 0 ? 0 : seen < n ? (int)seen : n;
+    const __m512 m = _mm512_load_ps(w->m[bi]);
+    __m512 l = _mm512_load_ps(w->l[bi]), sum = _mm512_setzero_ps();
+    const int fresh = _mm512_cmp_ps_mask(m, _mm512_set1_ps(NEG_BIG / 1e6f), _CMP_LT_OQ) != 0;
+    if (!fresh) sum = probabilities(a, w, n, open, kc, qpos, scale, m);
+    if (fresh || _mm512_cmp_ps_mask(sum, _mm512_set1_ps(SUM_LIMIT), _CMP_NLE_UQ)) {
+        __m512 mt = _mm512_set1_ps(NEG_BIG);
+        for (int k = 0; k < n; k++) {
+            const __m512 x = key_score(w, k, i8, d / 32, scale, _mm512_setzero_ps());
+            mt = _mm512_max_ps(mt, k < open ? x : causal(x, qpos, kc + k));
+        }
         __m512 m_new = _mm512_max_ps(m, mt);
-        /* rows that see no key yet see none in this split (its first tile holds its first key): a
-         * maximum of 0 keeps their probabilities 0, and the merge gives them no weight */
+        /* rows that see no key yet see none in this split (its first staged keys hold its first
+         * key): a maximum of 0 keeps their probabilities 0, and the merge gives them no weight */
         m_new = _mm512_mask_mov_ps(m_new, _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(NEG_BIG / 1e6f), _CMP_LT_OQ),
                                    _mm512_setzero_ps());
-        const __m512 alpha = exp2_poly(_mm512_sub_ps(m, m_new));
+        const __m512 alpha = exp2_fast(_mm512_sub_ps(m, m_new));
         for (int c = 0; c < d / 16; c++)
             for (int e = 0; e < 16; e++)
                 _mm512_store_ps(w->acc[bi][c] + 16 * e, _mm512_mul_ps(_mm512_load_ps(w->acc[bi][c] + 16 * e), alpha));
         l = _mm512_mul_ps(l, alpha);
-        m = m_new;
-        _mm512_store_ps(w->m[bi], m);
+        _mm512_store_ps(w->m[bi], m_new);
+        sum = probabilities(a, w, n, open, kc, qpos, scale, m_new);
     }
-    /* probabilities: key pairs as dwords (lane = row), the B tile of O^T's product */
-    const __m512i pair = interleave_words(16);
-    uint32_t *pb = w->pb;
-    __m512 sum[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int k = 0; k < KEY_TILE; k += 2) {
-        const __m512 p0 = k < nk ? exp2_poly(_mm512_fmsub_ps(s[k], scale, m)) : _mm512_setzero_ps();
-        const __m512 p1 = k + 1 < nk ? exp2_poly(_mm512_fmsub_ps(s[k + 1], scale, m)) : _mm512_setzero_ps();
-        sum[(k / 2) & 3] = _mm512_add_ps(sum[(k / 2) & 3], _mm512_add_ps(p0, p1));
-        _mm512_store_si512(pb + 8 * k, _mm512_permutexvar_epi16(pair, (__m512i)_mm512_cvtne2ps_pbh(p1, p0)));
+    _mm512_store_ps(w->l[bi], _mm512_add_ps(l, sum));
+}
+
+/* The tile products run as a stream of units, each accumulating into a pair of sum tiles: 0-1
+ * and 2-3 in turn, so that a unit's products never wait for the previous unit's results to be
+ * stored (its stores are issued after the next unit's products). Tiles 4-5 hold queries or
+ * probabilities, 6-7 keys or values. */
+typedef struct {
+    int par;       /* the next unit's pair: 0 tiles 0-1, 1 tiles 2-3 */
+    float *dst[2]; /* where the previous unit's pair goes (NULL: nothing) */
+} tile_stream;
+
+#define STORE_PAIR(X, Y)                                   \
+    do {                                                   \
+        if (ts->dst[0]) _tile_stored(X, ts->dst[0], 64);   \
+        if (ts->dst[1]) _tile_stored(Y, ts->dst[1], 64);   \
+    } while (0)
+
+/* the previous unit's pair stored, this one's destinations noted */
+static inline void unit_done(tile_stream *ts, float *d0, float *d1) {
+    if (ts->par)
+        STORE_PAIR(0, 1);
+    else
+        STORE_PAIR(2, 3);
+    ts->dst[0] = d0, ts->dst[1] = d1, ts->par ^= 1;
+}
+
+/* the last unit's pair stored */
+static inline void stream_flush(tile_stream *ts) {
+    if (ts->par)
+        STORE_PAIR(0, 1);
+    else
+        STORE_PAIR(2, 3);
+    ts->dst[0] = ts->dst[1] = NULL;
+}
+
+/* scores of key groups g, g+1 (two == 0: g alone) for dim blocks b0..b1-1 into tiles X, Y; the
+ * queries of dim block b in tile 4 + b % 2 (loaded here unless resident) */
+#define SCORE_UNIT(X, Y)                                                          \
+    do {                                                                          \
+        _tile_zero(X);                                                            \
+        if (two) _tile_zero(Y);                                                   \
+        for (int b = b0; b < b1; b++) {                                           \
+            if (b & 1) {                                                          \
+                if (!resident) _tile_loadd(5, w->qt[bi][b], 64);                  \
+                _tile_loadd(6, w->kg[g] + 32 * b, w->kstride);                    \
+                _tile_dpbf16ps(X, 6, 5);                                          \
+                if (two) {                                                        \
+                    _tile_loadd(7, w->kg[g + 1] + 32 * b, w->kstride);            \
+                    _tile_dpbf16ps(Y, 7, 5);                                      \
+                }                                                                 \
+            } else {                                                              \
+                if (!resident) _tile_loadd(4, w->qt[bi][b], 64);                  \
+                _tile_loadd(6, w->kg[g] + 32 * b, w->kstride);                    \
+                _tile_dpbf16ps(X, 6, 4);                                          \
+                if (two) {                                                        \
+                    _tile_loadd(7, w->kg[g + 1] + 32 * b, w->kstride);            \
+                    _tile_dpbf16ps(Y, 7, 4);                                      \
+                }                                                                 \
+            }                                                                     \
+        }                                                                         \
+    } while (0)
+
+/* Block bi's scores S^T = K Q^T over its first n staged keys into w->s: per 16-key group
+ * [key][row] (int8: a tile per 32-dim group, [group][dim block]). */
+static void block_scores(const chunk_args *a, scratch *w, tile_stream *ts, int bi, int n) {
+    const int d = a->d, blocks = d / 32, i8 = a->kv_kind == KV_INT8, per = i8 ? blocks : 1, groups = (n + 15) / 16;
+    const int resident = blocks <= 2; /* the queries stay in tiles 4-5 through the block's units */
+    if (resident) {
+        _tile_loadd(4, w->qt[bi][0], 64);
+        if (blocks > 1) _tile_loadd(5, w->qt[bi][1], 64);
     }
-    l = _mm512_add_ps(l, _mm512_add_ps(_mm512_add_ps(sum[0], sum[1]), _mm512_add_ps(sum[2], sum[3])));
-    _mm512_store_ps(w->l[bi], l);
-    _tile_loadd(3, pb, 64);
+    for (int g = 0; g < groups; g += 2)
+        for (int bb = 0; bb < per; bb++) { /* int8: a unit per dim block */
+            const int two = g + 1 < groups, b0 = i8 ? bb : 0, b1 = i8 ? bb + 1 : blocks;
+            if (ts->par)
+                SCORE_UNIT(2, 3);
+            else
+                SCORE_UNIT(0, 1);
+            unit_done(ts, w->s + ((int64_t)g * per + bb) * 256, two ? w->s + ((int64_t)(g + 1) * per + bb) * 256 : NULL);
+        }
+}
+
+/* sums of dims 16 c, 16 (c + 1) in tiles X, Y over n keys: probabilities in tile 4 + t % 2 */
+#define PV_UNIT(X, Y)                                                             \
+    do {                                                                          \
+        _tile_loadd(X, acc[c], 64);                                               \
+        _tile_loadd(Y, acc[c + 1], 64);                                           \
+        for (int t = 0; t * KEY_TILE < n; t++) {                                  \
+            if (t & 1) {                                                          \
+                _tile_loadd(5, w->pb[t], 64);                                     \
+                _tile_loadd(6, w->vt[t][c], 64);                                  \
+                _tile_dpbf16ps(X, 6, 5);                                          \
+                _tile_loadd(7, w->vt[t][c + 1], 64);                              \
+                _tile_dpbf16ps(Y, 7, 5);                                          \
+            } else {                                                              \
+                _tile_loadd(4, w->pb[t], 64);                                     \
+                _tile_loadd(6, w->vt[t][c], 64);                                  \
+                _tile_dpbf16ps(X, 6, 4);                                          \
+                _tile_loadd(7, w->vt[t][c + 1], 64);                              \
+                _tile_dpbf16ps(Y, 7, 4);                                          \
+            }                                                                     \
+        }                                                                         \
+    } while (0)
+
+/* Block bi's sums O^T += V^T P^T over its first n staged keys, 32 dims a unit. */
+static void block_pv(const chunk_args *a, scratch *w, tile_stream *ts, int bi, int n) {
     float(*acc)[256] = w->acc[bi];
-    uint32_t(*vt)[256] = w->vt[t];
-    for (int c = 0; c < d / 16; c += 4) { /* four 16-dim tiles at a time, sums in tiles 4-7 */
-        PV_STEP(4, 2, c);
-        if (c + 1 < d / 16) PV_STEP(5, 1, c + 1);
-        if (c + 2 < d / 16) PV_STEP(6, 2, c + 2);
-        if (c + 3 < d / 16) PV_STEP(7, 1, c + 3);
+    for (int c = 0; c < a->d / 16; c += 2) {
+        if (ts->par)
+            PV_UNIT(2, 3);
+        else
+            PV_UNIT(0, 1);
+        unit_done(ts, acc[c], acc[c + 1]);
     }
 }
 
@@ -345,15 +459,17 @@ static void chunk_item(const chunk_args *a, const int64_t *row, const work_item 
         const int nk = k1 - kc < CHUNK_KEYS ? (int)(k1 - kc) : CHUNK_KEYS;
         const int64_t rest = k1 - kc - nk;
         stage_chunk(a, w->off + (kc - k0), nk, rest < CHUNK_KEYS ? (int)rest : CHUNK_KEYS, w);
+        tile_stream ts = {0, {NULL, NULL}};
         for (int bi = 0; bi < nb; bi++) {
             const int64_t visible = w->qpos[bi][15] + 1 - kc; /* keys of the chunk the block's last row sees */
-            for (int t = 0; t * KEY_TILE < nk && t * KEY_TILE < visible; t++) {
-                const int64_t left = (visible < nk ? visible : nk) - t * KEY_TILE;
-                const int n = left < KEY_TILE ? (int)left : KEY_TILE;
-                step_scores(a, w, bi, t, n);
-                step_softmax_pv(a, w, bi, t, n, kc + t * KEY_TILE);
-            }
+            if (visible <= 0) continue;
+            const int n = visible < nk ? (int)visible : nk;
+            block_scores(a, w, &ts, bi, n);
+            stream_flush(&ts);
+            block_softmax(a, w, bi, n, kc);
+            block_pv(a, w, &ts, bi, n);
         }
+        stream_flush(&ts);
     }
     for (int bi = 0; bi < nb; bi++) {
         const int64_t b = it->b0 + bi, t0 = b * tpb;
@@ -389,7 +505,7 @@ static void merge_block(const chunk_args *a, const int64_t *row, int kh, int64_t
     for (int64_t s = 0; s < used; s++) {
         const float *slot = slot0 + s * slot_floats(d);
         const __m512 wgt = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_loadu_ps(slot + 16), _mm512_setzero_ps(), _CMP_GT_OQ),
-                                               exp2_poly(_mm512_sub_ps(_mm512_loadu_ps(slot), m)));
+                                               exp2_fast(_mm512_sub_ps(_mm512_loadu_ps(slot), m)));
         l = _mm512_fmadd_ps(_mm512_loadu_ps(slot + 16), wgt, l);
         for (int e = 0; e < d; e++)
             _mm512_store_ps(acc[0] + 16 * e, _mm512_fmadd_ps(_mm512_loadu_ps(slot + 32 + 16 * e), wgt,
