@@ -56,7 +56,7 @@
 #define KEY_TILE 32     /* keys per step: the depth of one P V product */
 #define CHUNK_KEYS 128  /* keys staged at a time; every block of the item passes over them */
 #define SPLIT_KEYS 4096 /* keys per split of the context (fixed boundaries) */
-#define MAX_BLOCKS 32   /* query blocks per work item: their sums (128 KiB at head_dim 64) stay in L2 */
+#define MAX_BLOCKS 128  /* query blocks per work item: their sums (512 KiB at head_dim 64) stay in L2 */
 #define MAX_D 128
 #define NEG_BIG (-1e30f)     /* a masked score: exp2 of it minus any maximum is 0 */
 #define SUM_LIMIT 65536.f    /* a row's probabilities may sum to this before the running maximum moves */
@@ -308,13 +308,7 @@ static inline void unit_done(tile_stream *ts, float *d0, float *d1) {
 }
 
 /* the last unit's pair stored */
-static inline void stream_flush(tile_stream *ts) {
-    if (ts->par)
-        STORE_PAIR(0, 1);
-    else
-        STORE_PAIR(2, 3);
-    ts->dst[0] = ts->dst[1] = NULL;
-}
+static inline void stream_flush(tile_stream *ts) { unit_done(ts, NULL, NULL); }
 
 /* scores of key groups g, g+1 (two == 0: g alone) for dim blocks b0..b1-1 into tiles X, Y; the
  * queries of dim block b in tile 4 + b % 2 (loaded here unless resident) */
@@ -519,6 +513,12 @@ static inline int64_t merge_count(const int64_t *row, int hk, int tpb) {
     return row_splits(row) > 1 ? hk * row_blocks(row, tpb) : 0;
 }
 
+/* the length of each run of query blocks that items take, at most `group`: the runs as even as can be */
+static inline int64_t run_length(int64_t blocks, int64_t group) {
+    const int64_t runs = (blocks + group - 1) / group;
+    return (blocks + runs - 1) / runs;
+}
+
 static int by_cost(const void *x, const void *y) { /* costliest first: the last items are the short ones */
     const int64_t cx = ((const work_item *)x)->cost, cy = ((const work_item *)y)->cost;
     return cx < cy ? 1 : cx > cy ? -1 : 0;
@@ -545,8 +545,10 @@ int paged_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
     int64_t group = MAX_BLOCKS, items = 0, slots = 0;
     for (;; group /= 2) {
         items = 0;
-        for (int64_t i = 0; i < n; i++)
-            items += (row_blocks(rows + 4 * i, tpb) + group - 1) / group * hk * row_splits(rows + 4 * i);
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t blocks = row_blocks(rows + 4 * i, tpb);
+            items += (blocks + run_length(blocks, group) - 1) / run_length(blocks, group) * hk * row_splits(rows + 4 * i);
+        }
         if (group == 1 || items >= 3 * num_threads) break;
     }
     work_item *item = malloc(sizeof(*item) * (size_t)items);
@@ -558,9 +560,9 @@ int paged_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
         merges += merge_count(rows + 4 * i, hk, tpb);
         if (splits > 1) slots += hk * blocks * splits;
         for (int kh = 0; kh < hk; kh++)
-            for (int64_t b = 0; b < blocks; b += group)
+            for (int64_t b = 0, run = run_length(blocks, group); b < blocks; b += run)
                 for (int64_t s = 0; s < splits; s++) {
-                    const int64_t b1 = b + group < blocks ? b + group : blocks;
+                    const int64_t b1 = b + run < blocks ? b + run : blocks;
                     const int64_t last = len - qlen + (b1 * tpb < qlen ? b1 * tpb : qlen); /* keys the run sees */
                     const int64_t keys = last < (s + 1) * SPLIT_KEYS ? last - s * SPLIT_KEYS : SPLIT_KEYS;
                     item[it++] = (work_item){i, b, b1, s, (b1 - b) * keys, kh};
