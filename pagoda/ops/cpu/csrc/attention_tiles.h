@@ -9,19 +9,24 @@
 
 #include "amx.h"
 #include "bf16.h"
+#include "simd.h"
 
 #if HAVE_AMX
 /* The query groups of `rows` rows (rows * g <= 16 heads, rounded to bf16) as B tiles, one per 32
  * dims: row r holds dims 2r, 2r+1 of each head (column i * g + j: row i's head j), the other
  * columns zero. */
 static inline void query_tiles(const float *const *qs, int rows, int g, int d, uint32_t b[4][256]) {
-    memset(b, 0, sizeof(b[0]) * (size_t)(d / 32));
-    for (int i = 0; i < rows; i++)
-        for (int j = 0; j < g; j++)
-            for (int e = 0; e < d; e += 2) {
-                const float *qj = qs[i] + j * d;
-                b[e / 32][(e % 32) / 2 * 16 + i * g + j] = f32_to_bf16(qj[e]) | (uint32_t)f32_to_bf16(qj[e + 1]) << 16;
+    for (int c = 0; c < d; c += 32) {
+        __m512i col[16]; /* column i * g + j: the head's 32 dims as bf16, dim pairs as dwords */
+        for (int e = 0; e < 16; e++) col[e] = _mm512_setzero_si512();
+        for (int i = 0; i < rows; i++)
+            for (int j = 0; j < g; j++) {
+                const float *qj = qs[i] + j * d + c;
+                col[i * g + j] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(qj + 16), _mm512_loadu_ps(qj));
             }
+        transpose16(col);
+        for (int r = 0; r < 16; r++) _mm512_storeu_si512(b[c / 32] + 16 * r, col[r]);
+    }
 }
 
 /* 32 values of an int8 row from column c, times their group's scale, as bf16 */
