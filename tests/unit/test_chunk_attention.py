@@ -34,12 +34,15 @@ def _sdpa_only(*args) -> None:
     raise AssertionError("a chunk went to the SDPA path: the C kernel should have served it")
 
 
-def _check(query_lens: list[int], seq_lens: list[int], monkeypatch, out_dtype=None, q_scale: float = 1.0, **shape):
+def _check(query_lens: list[int], seq_lens: list[int], monkeypatch, out_dtype=None, q_scale: float = 1.0, edit=None,
+           **shape):
     """The kernel (through paged_attention_cpu, which must not fall back) against the float32
     reference: within bf16 attention's tolerance, and on average no further from it than the
-    SDPA path in bf16 (the fallback) is."""
+    SDPA path in bf16 (the fallback) is. edit(k, v, batch) may change the caches first."""
     q, k, v, batch, scale = _attention_inputs(query_lens, seq_lens, **shape)
     q = q * q_scale  # sharper attention: a wrong mask or a lost key shows
+    if edit is not None:
+        k, v = edit(k, v, batch)
     with monkeypatch.context() as m:
         m.setattr(attention, "attend_per_sequence", _sdpa_only)
         got = paged_attention_cpu(q, k, v, batch, scale, out_dtype)
@@ -80,6 +83,38 @@ def test_contexts_over_several_splits(kv_dtype, heads, d, monkeypatch) -> None:
     chunks whose rows straddle a split boundary, end exactly on one, and sit far past it."""
     _check([40, 3, 1, 130], [4100, 8192, 9000, 12000], monkeypatch, q_scale=3.0, page_size=16, hq=heads[0],
            hk=heads[1], d=d, kv_dtype=kv_dtype)
+
+
+def _slots(batch: ForwardBatch, b: int, positions: range) -> torch.Tensor:
+    """The cache slots of sequence b's positions."""
+    pos = torch.tensor(list(positions), dtype=torch.long)
+    return batch.block_table[b, pos // batch.page_size] * batch.page_size + pos % batch.page_size
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8], ids=["bf16", "int8"])
+def test_scores_that_keep_growing_move_the_running_maximum(kv_dtype, monkeypatch) -> None:
+    """Keys whose scores grow along the context, so that each row's running maximum must move
+    chunk after chunk by far more than the lazy limit lets the probabilities grow (2^16), with
+    the sums rescaled each time; and NaN in the cache slots past each context's end, on the
+    pages whose keys the kernel reads in place (bf16): the same results as the reference."""
+
+    def edit(k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        k = k.float() if kv_dtype == torch.bfloat16 else k
+        for b, n in enumerate(batch.seq_lens):
+            slots = _slots(batch, b, range(n))
+            if kv_dtype == torch.bfloat16:
+                k[slots] *= (1 + torch.arange(n) / 40.0).view(-1, 1, 1)  # scores grow ~25x along 1,000 keys
+                end = (n + batch.page_size - 1) // batch.page_size * batch.page_size
+                k[_slots(batch, b, range(n, end))] = float("nan")
+                v[_slots(batch, b, range(n, end))] = float("nan")
+            else:  # int8 rows: the group scales grow instead
+                scales = k[slots, :, 64:].contiguous().view(torch.float16).float()
+                scales *= (1 + torch.arange(n) / 40.0).view(-1, 1, 1)
+                k[slots, :, 64:] = scales.half().view(torch.int8)
+        return (k.to(torch.bfloat16) if kv_dtype == torch.bfloat16 else k), v
+
+    _check([40, 200, 7], [1000, 1200, 517], monkeypatch, q_scale=2.0, edit=edit, page_size=16, hq=9, hk=3, d=64,
+           kv_dtype=kv_dtype)
 
 
 def test_a_rows_result_does_not_depend_on_how_the_work_is_cut() -> None:
