@@ -30,9 +30,8 @@
  *   B tile as they come (key pairs by row, no transpose), the values are staged as V^T A
  *   tiles ([dim][key]), and the sums stay float32 [dim][row], so a rescale is one vector
  *   multiply per dim. Rows are transposed back when they are written.
- * - int8 caches (kv_kind, kernels.h): key rows become bf16 exactly in cache and each 32-value
- *   group's partial scores are scaled by the row's group scale, as scores_amx_i8 does; value
- *   rows are dequantized to bf16 (the rounding the SDPA path applies to them too).
+ * - int8 caches (kv_kind, kernels.h): key and value rows are dequantized to bf16 as they are
+ *   staged (the rounding the SDPA path applies to them too), and from there on are bf16 rows.
  *
  * Returns 0, computing nothing, where the build or CPU has no AMX or the shape does not fit
  * (head_dim not a multiple of 32 or above 128, more than 16 query heads per kv head): the
@@ -84,8 +83,7 @@ typedef struct { /* one thread's working set, 64-byte aligned, kept for the thre
     int32_t qpos[MAX_BLOCKS][16];              /* each row's position in its sequence */
     uint32_t vt[CHUNK_KEYS / KEY_TILE][MAX_D / 16][256]; /* values as A tiles: [dim][key pair] per 16 dims */
     uint16_t kb[CHUNK_KEYS * MAX_D];           /* key rows copied or converted to bf16, d apart */
-    float ks[CHUNK_KEYS / 16][MAX_D / 32][16]; /* int8 keys: each row's group scales, times the softmax's */
-    float s[CHUNK_KEYS / 16 * MAX_D / 32 * 256]; /* a block's stored score tiles */
+    float s[CHUNK_KEYS * 16];                  /* a block's stored score tiles: [key][row] */
     uint32_t pb[CHUNK_KEYS / KEY_TILE][256];   /* its probabilities as B tiles: [key pair][row] */
     int64_t off[SPLIT_KEYS];                   /* pool offsets (elements) of the split's rows for the item's kv head */
     const uint16_t *kg[CHUNK_KEYS / 16];       /* each 16 staged keys' first row: in kb, or in place */
@@ -125,9 +123,10 @@ static inline __m512i value_bf16(const chunk_args *a, const int64_t *off, int u,
     return i8x32_to_bf16((const int8_t *)a->v + off[u], a->d, c, 1);
 }
 
-/* Stage keys kc..kc+nk-1 (pool offsets at off): the key rows side by side in w->kb (int8 rows
- * converted, their scales kept), zeros to the end of the last 16; the values as V^T A tiles;
- * the next `ahead` rows are prefetched into L2. */
+/* Stage keys kc..kc+nk-1 (pool offsets at off): w->kg points at each 16 key rows, in place
+ * (bf16 rows, pages of 16 keys or a multiple) or copied side by side into w->kb (int8 rows
+ * dequantized to bf16), zeros to the end of the last 16; the values as V^T A tiles; the next
+ * `ahead` rows are prefetched into L2. */
 static void stage_chunk(const chunk_args *a, const int64_t *off, int nk, int ahead, scratch *w) {
     const int d = a->d, in_place = a->kv_kind == KV_BF16 && a->page_size % 16 == 0;
     w->kstride = in_place ? 2 * a->row_stride : 2 * d;
@@ -149,17 +148,9 @@ static void stage_chunk(const chunk_args *a, const int64_t *off, int nk, int ahe
         if (a->kv_kind == KV_BF16) {
             for (int u = 0; u < n; u++) memcpy(kb + u * d, (const uint16_t *)a->k + ho[u], 2 * (size_t)d);
         } else {
-            for (int u = 0; u < n; u++) {
-                const int8_t *kr = (const int8_t *)a->k + ho[u];
-                for (int c = 0; c < d; c += 32) {
-                    _mm512_storeu_si512(kb + u * d + c, i8x32_to_bf16(kr, d, c, 0));
-                    uint16_t sh;
-                    memcpy(&sh, kr + d + 2 * (c / 32), sizeof sh);
-                    w->ks[h][c / 32][u] = f16_to_f32(sh) * a->scale2;
-                }
-            }
-            for (int u = n; u < 16; u++)
-                for (int c = 0; c < d; c += 32) w->ks[h][c / 32][u] = 0.f;
+            for (int u = 0; u < n; u++)
+                for (int c = 0; c < d; c += 32)
+                    _mm512_storeu_si512(kb + u * d + c, i8x32_to_bf16((const int8_t *)a->k + ho[u], d, c, 1));
         }
         for (int u = n; u < 16; u++) memset(kb + u * d, 0, 2 * (size_t)d); /* rows past the keys: finite */
     }
@@ -186,17 +177,9 @@ static void stage_chunk(const chunk_args *a, const int64_t *off, int nk, int ahe
 /* A block's pass over the staged keys is three phases, each over all n keys it sees (up to
  * CHUNK_KEYS): scores (tile products), probabilities (vector), sums (tile products). */
 
-/* key k's score in base-2 log units, less the running maximum m: int8 keys' partial scores
- * are scaled by their group scales (which carry the softmax's) */
-static inline __attribute__((always_inline)) __m512 key_score(const scratch *w, int k, int i8, int blocks,
-                                                              __m512 scale, __m512 m) {
-    if (!i8) return _mm512_fmsub_ps(_mm512_load_ps(w->s + 16 * k), scale, m); /* one tile per 16 keys */
-    const int h = k / 16, u = k % 16;
-    const float *sh = w->s + (int64_t)h * blocks * 256 + 16 * u;
-    __m512 x = _mm512_fmsub_ps(_mm512_load_ps(sh), _mm512_set1_ps(w->ks[h][0][u]), m);
-    for (int blk = 1; blk < blocks; blk++)
-        x = _mm512_fmadd_ps(_mm512_load_ps(sh + blk * 256), _mm512_set1_ps(w->ks[h][blk][u]), x);
-    return x;
+/* key k's score in base-2 log units, less the running maximum m */
+static inline __m512 key_score(const scratch *w, int k, __m512 scale, __m512 m) {
+    return _mm512_fmsub_ps(_mm512_load_ps(w->s + 16 * k), scale, m);
 }
 
 /* a key of the chunk (position pos) is hidden from rows before it */
@@ -219,16 +202,14 @@ static inline __attribute__((always_inline)) void store_pair(scratch *w, int k, 
 /* The probabilities 2^(score - m) of the first n staged keys into w->pb (zeros past n, to the
  * end of their key tile) and their sum per row. The first `open` keys, which every row sees,
  * go through a loop without masks or bounds. */
-static inline __attribute__((always_inline)) __m512 probabilities_of(scratch *w, int n, int open, int64_t kc,
-                                                                     __m512i qpos, __m512 scale, __m512 m, int i8,
-                                                                     int blocks) {
+static __m512 probabilities(scratch *w, int n, int open, int64_t kc, __m512i qpos, __m512 scale, __m512 m) {
     __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
     int k = 0;
     for (; k + 4 <= open; k += 4) {
-        const __m512 p0 = exp2_fast(key_score(w, k, i8, blocks, scale, m));
-        const __m512 p1 = exp2_fast(key_score(w, k + 1, i8, blocks, scale, m));
-        const __m512 p2 = exp2_fast(key_score(w, k + 2, i8, blocks, scale, m));
-        const __m512 p3 = exp2_fast(key_score(w, k + 3, i8, blocks, scale, m));
+        const __m512 p0 = exp2_fast(key_score(w, k, scale, m));
+        const __m512 p1 = exp2_fast(key_score(w, k + 1, scale, m));
+        const __m512 p2 = exp2_fast(key_score(w, k + 2, scale, m));
+        const __m512 p3 = exp2_fast(key_score(w, k + 3, scale, m));
         sum0 = _mm512_add_ps(sum0, _mm512_add_ps(p0, p1));
         sum1 = _mm512_add_ps(sum1, _mm512_add_ps(p2, p3));
         store_pair(w, k, p0, p1);
@@ -236,19 +217,14 @@ static inline __attribute__((always_inline)) __m512 probabilities_of(scratch *w,
     }
     for (; k < ((n + KEY_TILE - 1) & -KEY_TILE); k += 2) {
         __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
-        if (k < n) p0 = exp2_fast(causal(key_score(w, k, i8, blocks, scale, m), qpos, kc + k));
-        if (k + 1 < n) p1 = exp2_fast(causal(key_score(w, k + 1, i8, blocks, scale, m), qpos, kc + k + 1));
+        if (k < n) p0 = exp2_fast(causal(key_score(w, k, scale, m), qpos, kc + k));
+        if (k + 1 < n) p1 = exp2_fast(causal(key_score(w, k + 1, scale, m), qpos, kc + k + 1));
         sum0 = _mm512_add_ps(sum0, _mm512_add_ps(p0, p1));
         store_pair(w, k, p0, p1);
     }
     return _mm512_add_ps(sum0, sum1);
 }
 
-static __m512 probabilities(const chunk_args *a, scratch *w, int n, int open, int64_t kc, __m512i qpos, __m512 scale,
-                            __m512 m) {
-    if (a->kv_kind == KV_INT8) return probabilities_of(w, n, open, kc, qpos, scale, m, 1, a->d / 32);
-    return probabilities_of(w, n, open, kc, qpos, scale, m, 0, 1);
-}
 
 /* Block bi's online softmax over its first n staged keys (positions kc..): probabilities into
  * w->pb, their sums added to l. The running maximum is lazy: the probabilities are taken against
@@ -256,19 +232,19 @@ static __m512 probabilities(const chunk_args *a, scratch *w, int n, int open, in
  * at most that) or the row had none yet; then it moves to the scores' maximum, the sums are
  * rescaled and the probabilities taken again. */
 static void block_softmax(const chunk_args *a, scratch *w, int bi, int n, int64_t kc) {
-    const int d = a->d, i8 = a->kv_kind == KV_INT8;
-    const __m512 scale = _mm512_set1_ps(i8 ? 1.f : a->scale2);
+    const int d = a->d;
+    const __m512 scale = _mm512_set1_ps(a->scale2);
     const __m512i qpos = _mm512_load_si512(w->qpos[bi]);
     const int64_t seen = w->qpos[bi][0] + 1 - kc; /* keys of the chunk every row sees */
     const int open = seen < 0 ? 0 : seen < n ? (int)seen : n;
     const __m512 m = _mm512_load_ps(w->m[bi]);
     __m512 l = _mm512_load_ps(w->l[bi]), sum = _mm512_setzero_ps();
     const int fresh = _mm512_cmp_ps_mask(m, _mm512_set1_ps(NEG_BIG / 1e6f), _CMP_LT_OQ) != 0;
-    if (!fresh) sum = probabilities(a, w, n, open, kc, qpos, scale, m);
+    if (!fresh) sum = probabilities(w, n, open, kc, qpos, scale, m);
     if (fresh || _mm512_cmp_ps_mask(sum, _mm512_set1_ps(SUM_LIMIT), _CMP_NLE_UQ)) {
         __m512 mt = _mm512_set1_ps(NEG_BIG);
         for (int k = 0; k < n; k++) {
-            const __m512 x = key_score(w, k, i8, d / 32, scale, _mm512_setzero_ps());
+            const __m512 x = key_score(w, k, scale, _mm512_setzero_ps());
             mt = _mm512_max_ps(mt, k < open ? x : causal(x, qpos, kc + k));
         }
         __m512 m_new = _mm512_max_ps(m, mt);
@@ -282,7 +258,7 @@ static void block_softmax(const chunk_args *a, scratch *w, int bi, int n, int64_
                 _mm512_store_ps(w->acc[bi][c] + 16 * e, _mm512_mul_ps(_mm512_load_ps(w->acc[bi][c] + 16 * e), alpha));
         l = _mm512_mul_ps(l, alpha);
         _mm512_store_ps(w->m[bi], m_new);
-        sum = probabilities(a, w, n, open, kc, qpos, scale, m_new);
+        sum = probabilities(w, n, open, kc, qpos, scale, m_new);
     }
     _mm512_store_ps(w->l[bi], _mm512_add_ps(l, sum));
 }
@@ -314,13 +290,13 @@ static inline void unit_done(tile_stream *ts, float *d0, float *d1) {
 /* the last unit's pair stored */
 static inline void stream_flush(tile_stream *ts) { unit_done(ts, NULL, NULL); }
 
-/* scores of key groups g, g+1 (two == 0: g alone) for dim blocks b0..b1-1 into tiles X, Y; the
+/* scores of key groups g, g+1 (two == 0: g alone) into tiles X, Y; the
  * queries of dim block b in tile 4 + b % 2 (loaded here unless resident) */
 #define SCORE_UNIT(X, Y)                                                          \
     do {                                                                          \
         _tile_zero(X);                                                            \
         if (two) _tile_zero(Y);                                                   \
-        for (int b = b0; b < b1; b++) {                                           \
+        for (int b = 0; b < blocks; b++) {                                        \
             if (b & 1) {                                                          \
                 if (!resident) _tile_loadd(5, w->qt[bi][b], 64);                  \
                 _tile_loadd(6, w->kg[g] + 32 * b, w->kstride);                    \
@@ -342,23 +318,22 @@ static inline void stream_flush(tile_stream *ts) { unit_done(ts, NULL, NULL); }
     } while (0)
 
 /* Block bi's scores S^T = K Q^T over its first n staged keys into w->s: per 16-key group
- * [key][row] (int8: a tile per 32-dim group, [group][dim block]). */
+ * [key][row]. */
 static void block_scores(const chunk_args *a, scratch *w, tile_stream *ts, int bi, int n) {
-    const int d = a->d, blocks = d / 32, i8 = a->kv_kind == KV_INT8, per = i8 ? blocks : 1, groups = (n + 15) / 16;
+    const int blocks = a->d / 32, groups = (n + 15) / 16;
     const int resident = blocks <= 2; /* the queries stay in tiles 4-5 through the block's units */
     if (resident) {
         _tile_loadd(4, w->qt[bi][0], 64);
         if (blocks > 1) _tile_loadd(5, w->qt[bi][1], 64);
     }
-    for (int g = 0; g < groups; g += 2)
-        for (int bb = 0; bb < per; bb++) { /* int8: a unit per dim block */
-            const int two = g + 1 < groups, b0 = i8 ? bb : 0, b1 = i8 ? bb + 1 : blocks;
-            if (ts->par)
-                SCORE_UNIT(2, 3);
-            else
-                SCORE_UNIT(0, 1);
-            unit_done(ts, w->s + ((int64_t)g * per + bb) * 256, two ? w->s + ((int64_t)(g + 1) * per + bb) * 256 : NULL);
-        }
+    for (int g = 0; g < groups; g += 2) {
+        const int two = g + 1 < groups;
+        if (ts->par)
+            SCORE_UNIT(2, 3);
+        else
+            SCORE_UNIT(0, 1);
+        unit_done(ts, w->s + g * 256, two ? w->s + (g + 1) * 256 : NULL);
+    }
 }
 
 /* sums of dims 16 c, 16 (c + 1) in tiles X, Y over n keys: probabilities in tile 4 + t % 2 */
