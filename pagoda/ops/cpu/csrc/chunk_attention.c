@@ -189,20 +189,17 @@ static inline __m512 causal(__m512 x, __m512i qpos, int64_t pos) {
 }
 
 /* keys k, k+1's probabilities as one row of their P^T B tile (key pairs as dwords, lane = row),
- * each rounded to bf16 (half up) with integer adds, a shift and a merge: no shuffles, which
- * share a port with the tile products */
-static inline __attribute__((always_inline)) void store_pair(scratch *w, int k, __m512 p0, __m512 p1) {
-    const __m512i half = _mm512_set1_epi32(0x8000);
-    const __m512i lo = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(p0), half), 16);
-    const __m512i hi = _mm512_add_epi32(_mm512_castps_si512(p1), half);
+ * rounded to bf16 (to nearest even, as torch does) */
+static inline __attribute__((always_inline)) void store_pair(scratch *w, int k, __m512 p0, __m512 p1, __m512i pair) {
     _mm512_store_si512(w->pb[k / KEY_TILE] + 8 * (k % KEY_TILE),
-                       _mm512_ternarylogic_epi32(hi, lo, _mm512_set1_epi32((int)0xffff0000u), 0xe4)); /* hi : lo */
+                       _mm512_permutexvar_epi16(pair, (__m512i)_mm512_cvtne2ps_pbh(p1, p0)));
 }
 
 /* The probabilities 2^(score - m) of the first n staged keys into w->pb (zeros past n, to the
  * end of their key tile) and their sum per row. The first `open` keys, which every row sees,
  * go through a loop without masks or bounds. */
 static __m512 probabilities(scratch *w, int n, int open, int64_t kc, __m512i qpos, __m512 scale, __m512 m) {
+    const __m512i pair = interleave_words(16);
     __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
     int k = 0;
     for (; k + 4 <= open; k += 4) {
@@ -212,15 +209,15 @@ static __m512 probabilities(scratch *w, int n, int open, int64_t kc, __m512i qpo
         const __m512 p3 = exp2_fast(key_score(w, k + 3, scale, m));
         sum0 = _mm512_add_ps(sum0, _mm512_add_ps(p0, p1));
         sum1 = _mm512_add_ps(sum1, _mm512_add_ps(p2, p3));
-        store_pair(w, k, p0, p1);
-        store_pair(w, k + 2, p2, p3);
+        store_pair(w, k, p0, p1, pair);
+        store_pair(w, k + 2, p2, p3, pair);
     }
     for (; k < ((n + KEY_TILE - 1) & -KEY_TILE); k += 2) {
         __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
         if (k < n) p0 = exp2_fast(causal(key_score(w, k, scale, m), qpos, kc + k));
         if (k + 1 < n) p1 = exp2_fast(causal(key_score(w, k + 1, scale, m), qpos, kc + k + 1));
         sum0 = _mm512_add_ps(sum0, _mm512_add_ps(p0, p1));
-        store_pair(w, k, p0, p1);
+        store_pair(w, k, p0, p1, pair);
     }
     return _mm512_add_ps(sum0, sum1);
 }
