@@ -40,12 +40,14 @@ def _model(arch: str, quantization: str | None) -> LlamaForCausalLM:
 def _decode_inputs(model: LlamaForCausalLM, context_lens: list[int], kv_dtype=torch.bfloat16):
     """One decode token per sequence, each after a context already in its (scattered) pages."""
     cfg = model.config
-    kv = KVPool(cfg.num_hidden_layers, 64, PAGE, cfg.num_key_value_heads, cfg.head_dim, kv_dtype, torch.device("cpu"))
+    pages = max(64, sum(length // PAGE + 1 for length in context_lens) + 4)  # page 0 stays the pool's null page
+    kv = KVPool(cfg.num_hidden_layers, pages, PAGE, cfg.num_key_value_heads, cfg.head_dim, kv_dtype,
+                torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     for cache in kv.k + kv.v:
         rows = torch.randn(cache.shape[0] - PAGE, cfg.num_key_value_heads, cfg.head_dim, generator=g)
         cache[PAGE:].copy_(quantize_rows(rows) if kv_dtype == torch.int8 else rows)
-    seqs, next_page = [], 60
+    seqs, next_page = [], pages - 4
     ids = torch.randint(0, cfg.vocab_size, (len(context_lens),), generator=g).tolist()
     for token, length in zip(ids, context_lens):  # pages from the top down, not in order
         own = [next_page - i for i in range(length // PAGE + 1)]

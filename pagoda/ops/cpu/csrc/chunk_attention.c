@@ -52,7 +52,7 @@
 
 #if HAVE_AMX
 
-#define KEY_TILE 32     /* keys per step: the depth of one P V product */
+#define KEY_TILE 32     /* keys per P V product (its depth) */
 #define CHUNK_KEYS 128  /* keys staged at a time; every block of the item passes over them */
 #define SPLIT_KEYS 4096 /* keys per split of the context (fixed boundaries) */
 #define MAX_BLOCKS 128  /* query blocks per work item: their sums (512 KiB at head_dim 64) stay in L2 */
@@ -90,23 +90,28 @@ typedef struct { /* one thread's working set, 64-byte aligned, kept for the thre
     int64_t kstride;                           /* bytes from one of those rows to the next */
 } scratch;
 
-/* One thread's scratch, made on its first call (a fresh allocation per call would pay the
- * first-touch faults of ~600 KiB every layer). */
+/* One thread's scratch (~1.7 MiB, about half of it touched at head_dim 64), made on its first
+ * call: a fresh allocation per call would pay its first-touch faults every layer. */
 static scratch *thread_scratch(void) {
     static __thread scratch *w;
     if (!w) w = aligned_alloc(64, sizeof(scratch));
     return w;
 }
 
-/* 2^x: a degree-3 polynomial on x - floor(x) (relative error 7.5e-5, well under the bf16
- * rounding the probabilities get) scaled by 2^floor(x); very negative x gives 0. */
+/* 2^x: a degree-3 polynomial on the fraction |f| <= 1/2 (relative error 1e-4, well under the
+ * bf16 rounding the probabilities get) scaled by 2^round(x); very negative x gives 0. (The
+ * fraction from floor(x) by vreduceps saves an instruction but moves the roundings, and with
+ * them a near-tie that tests/integration/test_messages_api.py's real-model conversation
+ * meets: a prompt served from the prefix cache has its last token attended by the decode
+ * kernel, the same prompt uncached by this one.) */
 static inline __m512 exp2_fast(__m512 x) {
-    const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 p = _mm512_set1_ps(0.078024293f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.22606728f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69583361f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999252f));
-    return _mm512_scalef_ps(p, x);
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(0.055922036f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24264008f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69312103f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.99992448f));
+    return _mm512_scalef_ps(p, n);
 }
 
 /* word indices 0, b, 1, b+1, ..., 15, b+15: interleave words 0-15 with words b-b+15 */
