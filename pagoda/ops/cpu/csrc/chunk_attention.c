@@ -500,6 +500,31 @@ static inline int64_t run_length(int64_t blocks, int64_t group) {
     return (blocks + runs - 1) / runs;
 }
 
+/* The work items of chunks rows[0..n-1] with runs of up to `group` query blocks, written to
+ * item (when not NULL), their number returned; *total and *largest: their summed and largest
+ * cost (blocks x keys). */
+static int64_t plan_items(const int64_t *rows, int64_t n, int hk, int tpb, int64_t group, work_item *item,
+                          int64_t *total, int64_t *largest) {
+    int64_t it = 0;
+    *total = *largest = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t qlen = rows[4 * i + 2], len = rows[4 * i + 3], blocks = row_blocks(rows + 4 * i, tpb);
+        const int64_t splits = row_splits(rows + 4 * i);
+        for (int kh = 0; kh < hk; kh++)
+            for (int64_t b = 0, run = run_length(blocks, group); b < blocks; b += run)
+                for (int64_t s = 0; s < splits; s++, it++) {
+                    const int64_t b1 = b + run < blocks ? b + run : blocks;
+                    const int64_t last = len - qlen + (b1 * tpb < qlen ? b1 * tpb : qlen); /* keys the run sees */
+                    const int64_t keys = last < (s + 1) * SPLIT_KEYS ? last - s * SPLIT_KEYS : SPLIT_KEYS;
+                    const int64_t cost = (b1 - b) * keys;
+                    if (item) item[it] = (work_item){i, b, b1, s, cost, kh};
+                    *total += cost > 0 ? cost : 0;
+                    *largest = cost > *largest ? cost : *largest;
+                }
+    }
+    return it;
+}
+
 static int by_cost(const void *x, const void *y) { /* costliest first: the last items are the short ones */
     const int64_t cx = ((const work_item *)x)->cost, cy = ((const work_item *)y)->cost;
     return cx < cy ? 1 : cx > cy ? -1 : 0;
@@ -522,32 +547,21 @@ int paged_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
                           (int64_t)hk * (kv_kind == KV_INT8 ? kv_int8_row_bytes(d) : d), scale * 1.44269504f};
     const int tpb = a.tokens_per_block;
     /* work items: (sequence, kv head, run of query blocks, split); runs as long as MAX_BLOCKS
-     * while there are enough items to keep the threads busy */
-    int64_t group = MAX_BLOCKS, items = 0, slots = 0;
+     * (each staged key serves the most blocks) while the items are enough, and even enough, to
+     * keep the threads busy: at least 3 a thread, none over half a thread's share */
+    int64_t group = MAX_BLOCKS, items = 0, total = 0, largest = 0;
     for (;; group /= 2) {
-        items = 0;
-        for (int64_t i = 0; i < n; i++) {
-            const int64_t blocks = row_blocks(rows + 4 * i, tpb);
-            items += (blocks + run_length(blocks, group) - 1) / run_length(blocks, group) * hk * row_splits(rows + 4 * i);
-        }
-        if (group == 1 || items >= 3 * num_threads) break;
+        items = plan_items(rows, n, hk, tpb, group, NULL, &total, &largest);
+        if (group == 1 || (items >= 3 * num_threads && 2 * num_threads * largest <= total)) break;
     }
     work_item *item = malloc(sizeof(*item) * (size_t)items);
-    int64_t *first_slot = malloc(sizeof(int64_t) * (size_t)n), merges = 0;
-    for (int64_t i = 0, it = 0; i < n; i++) {
-        const int64_t qlen = rows[4 * i + 2], len = rows[4 * i + 3], blocks = row_blocks(rows + 4 * i, tpb);
+    plan_items(rows, n, hk, tpb, group, item, &total, &largest);
+    int64_t *first_slot = malloc(sizeof(int64_t) * (size_t)n), merges = 0, slots = 0;
+    for (int64_t i = 0; i < n; i++) {
         const int64_t splits = row_splits(rows + 4 * i);
         first_slot[i] = slots;
         merges += merge_count(rows + 4 * i, hk, tpb);
-        if (splits > 1) slots += hk * blocks * splits;
-        for (int kh = 0; kh < hk; kh++)
-            for (int64_t b = 0, run = run_length(blocks, group); b < blocks; b += run)
-                for (int64_t s = 0; s < splits; s++) {
-                    const int64_t b1 = b + run < blocks ? b + run : blocks;
-                    const int64_t last = len - qlen + (b1 * tpb < qlen ? b1 * tpb : qlen); /* keys the run sees */
-                    const int64_t keys = last < (s + 1) * SPLIT_KEYS ? last - s * SPLIT_KEYS : SPLIT_KEYS;
-                    item[it++] = (work_item){i, b, b1, s, (b1 - b) * keys, kh};
-                }
+        if (splits > 1) slots += hk * row_blocks(rows + 4 * i, tpb) * splits;
     }
     qsort(item, (size_t)items, sizeof(*item), by_cost);
     static __thread float *part; /* the caller's partial sums, kept: grown, never shrunk */
