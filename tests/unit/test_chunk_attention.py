@@ -18,7 +18,7 @@ from pagoda.models.loader import _fill_dummy
 from pagoda.ops import reference
 from pagoda.ops.cpu import attention, native
 from pagoda.ops.cpu.attention import chunk_rows, paged_attention_cpu
-from pagoda.ops.cpu.decoder_stack import decoder_stack_c
+from pagoda.ops.cpu.decoder_stack import MAX_CHUNK, decoder_stack_c
 from pagoda.ops.forward_batch import ForwardBatch
 from pagoda.ops.registry import DECLINE
 from pagoda.ops.sdpa import attend_per_sequence
@@ -223,20 +223,22 @@ def test_chunked_prefill_logits_match_the_sdpa_path(kv_cache_dtype, length, tmp_
 @needs_c_quant
 def test_the_c_stack_attends_prompt_chunks_with_the_chunk_kernel_and_verification_as_decodes() -> None:
     """A quantized model's one-call layer stack, head_dim 64 over a bf16 cache, beside decodes: a
-    5-token verification chunk after 300 cached tokens and a fresh 19-token prompt chunk. The
-    prompt chunk's attention is the chunk kernel's and the verification's the decode kernel's
-    rows, as on the per-op path, so the two paths agree to float32 rounding; and the verification
-    rows are exactly what decoding those tokens one at a time computes."""
+    5-token verification chunk after 300 cached tokens, a fresh 19-token prompt chunk and a
+    300-token one after 40 (longer than MAX_CHUNK: the stack takes it because the chunk kernel
+    attends for it). The prompt chunks' attention is the chunk kernel's and the verification's
+    the decode kernel's rows, as on the per-op path, so the two paths agree to float32 rounding;
+    and the verification rows are exactly what decoding those tokens one at a time computes."""
     cfg = ModelConfig.from_hf_dict(dict(BASE, architectures=["LlamaForCausalLM"], hidden_size=192,
                                         num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=1024))
     model = LlamaForCausalLM(cfg, torch.float32, torch.device("cpu"), quantization=LinearFormat("int8")).eval()
     _fill_dummy(model, seed=1)
-    kv = KVPool(cfg.num_hidden_layers, 128, PAGE, 1, 64, torch.bfloat16, torch.device("cpu"))
+    kv = KVPool(cfg.num_hidden_layers, 256, PAGE, 1, 64, torch.bfloat16, torch.device("cpu"))  # 180 pages used
     g = torch.Generator().manual_seed(0)
     for cache in kv.k + kv.v:
         cache[PAGE:].copy_(torch.randn(cache[PAGE:].shape, generator=g))
     seqs, next_page = [], 1
-    for start, n in ((7, 1), (300, 5), (30, 1), (0, 19)):
+    assert 300 > MAX_CHUNK
+    for start, n in ((7, 1), (300, 5), (30, 1), (0, 19), (40, 300)):
         pages = list(range(next_page, next_page + (start + n) // PAGE + 1))[::-1]
         next_page += len(pages)
         seqs.append((torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist(), start, pages))

@@ -31,7 +31,9 @@ from pagoda.ops.forward_batch import ForwardBatch
 from pagoda.ops.lora import lora_segment_table
 from pagoda.ops.registry import DECLINE, kernel
 
-# Prompt chunks up to this long ride along in the C stack; longer ones take the per-op path.
+# Prompt chunks up to this long ride along in the C stack where each of their tokens would be a
+# decode-kernel row; longer ones take the per-op path. Where the chunk kernel attends for them,
+# chunks of any length do (chunk_kernel_serves).
 MAX_CHUNK = 256
 _BITS = {Int4Tiles: 4, Int8Tiles: 8}
 
@@ -88,13 +90,21 @@ def _plan(spec: DecoderStackSpec, kv_caches) -> StackPlan | None:
     return cached[1]
 
 
+def chunk_kernel_serves(spec: DecoderStackSpec, plan: StackPlan) -> bool:
+    """Whether the C chunk kernel (csrc/chunk_attention.c) attends for the stack's prompt chunks:
+    AMX, a bf16 or int8 cache, head_dim a multiple of 32 up to 128, at most 16 query heads per
+    kv head (else it declines, and each token of a chunk becomes a decode-kernel row)."""
+    return (native.HAS_AMX and plan.kv_kind in (KV_KIND[torch.bfloat16], KV_KIND[torch.int8])
+            and spec.head_dim % 32 == 0 and spec.head_dim <= 128 and spec.num_heads // spec.num_kv_heads <= 16)
+
+
 @kernel("decoder_stack", priority=20)
 def decoder_stack_c(spec: DecoderStackSpec, x: torch.Tensor, batch: ForwardBatch):
     lib = native.library()
     if lib is None or x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous():
         return DECLINE
     plan = _plan(spec, batch.kv_caches)
-    if plan is None or max(batch.query_lens) > MAX_CHUNK:
+    if plan is None or (max(batch.query_lens) > MAX_CHUNK and not chunk_kernel_serves(spec, plan)):
         return DECLINE
     lora_table, segments = None, None
     if batch.lora_ids is not None:  # adapters in the step: added after each linear, as the per-op path does
