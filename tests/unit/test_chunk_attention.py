@@ -80,8 +80,9 @@ def test_every_chunk_length_up_to_40(prefix, monkeypatch) -> None:
 @pytest.mark.parametrize("heads,d", [((9, 3), 64), ((8, 1), 128), ((4, 4), 64)], ids=["g3-d64", "g8-d128", "g1-d64"])
 def test_contexts_over_several_splits(kv_dtype, heads, d, monkeypatch) -> None:
     """Contexts past the kernel's split (4,096 keys: each split's partial sums merged at the end):
-    chunks whose rows straddle a split boundary, end exactly on one, and sit far past it."""
-    _check([40, 3, 1, 130], [4100, 8192, 9000, 12000], monkeypatch, q_scale=3.0, page_size=16, hq=heads[0],
+    chunks whose rows straddle a split boundary, end exactly on one, and sit far past it (up to
+    five splits)."""
+    _check([40, 3, 1, 130, 20], [4100, 8192, 9000, 12000, 16500], monkeypatch, q_scale=3.0, page_size=16, hq=heads[0],
            hk=heads[1], d=d, kv_dtype=kv_dtype)
 
 
@@ -193,12 +194,14 @@ class _Counting:
         return done
 
 
-@pytest.mark.parametrize("kv_cache_dtype,length", [("bfloat16", 700), ("int8", 700), ("bfloat16", 4096)])
+@pytest.mark.parametrize("kv_cache_dtype,length",
+                         [("bfloat16", 700), ("int8", 700), ("bfloat16", 4096), ("bfloat16", 16384), ("int8", 16384)])
 def test_chunked_prefill_logits_match_the_sdpa_path(kv_cache_dtype, length, tmp_path, monkeypatch) -> None:
     """Last-position logits of a prompt prefilled 512 tokens at a time: the kernel's equal the
-    SDPA path's within bf16 tolerance (head_dim 64, groups of 3)."""
+    SDPA path's within bf16 tolerance (head_dim 64, groups of 3), up to 16K tokens (four of the
+    kernel's splits merged)."""
     config = dict(TINY_LLAMA, hidden_size=192, num_attention_heads=3, num_key_value_heads=1,
-                  max_position_embeddings=8192)
+                  max_position_embeddings=16384)
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     llm = LLM(model_config=str(path), load_format="dummy", kv_cache_memory=0.05, kv_cache_dtype=kv_cache_dtype)
