@@ -292,30 +292,29 @@ static inline void unit_done(tile_stream *ts, float *d0, float *d1) {
 /* the last unit's pair stored */
 static inline void stream_flush(tile_stream *ts) { unit_done(ts, NULL, NULL); }
 
-/* scores of key groups g, g+1 (two == 0: g alone) into tiles X, Y; the
- * queries of dim block b in tile 4 + b % 2 (loaded here unless resident) */
+/* dim block b's share of the scores of key groups g, g+1 (two == 0: g alone) into tiles X, Y,
+ * the queries in tile TQ (loaded here unless resident) */
+#define SCORE_STEP(X, Y, TQ)                                                      \
+    do {                                                                          \
+        if (!resident) _tile_loadd(TQ, w->qt[bi][b], 64);                         \
+        _tile_loadd(6, w->kg[g] + 32 * b, w->kstride);                            \
+        _tile_dpbf16ps(X, 6, TQ);                                                 \
+        if (two) {                                                                \
+            _tile_loadd(7, w->kg[g + 1] + 32 * b, w->kstride);                    \
+            _tile_dpbf16ps(Y, 7, TQ);                                             \
+        }                                                                         \
+    } while (0)
+
+/* the scores of key groups g, g+1 into tiles X, Y: dim block b's queries in tile 4 + b % 2 */
 #define SCORE_UNIT(X, Y)                                                          \
     do {                                                                          \
         _tile_zero(X);                                                            \
         if (two) _tile_zero(Y);                                                   \
         for (int b = 0; b < blocks; b++) {                                        \
-            if (b & 1) {                                                          \
-                if (!resident) _tile_loadd(5, w->qt[bi][b], 64);                  \
-                _tile_loadd(6, w->kg[g] + 32 * b, w->kstride);                    \
-                _tile_dpbf16ps(X, 6, 5);                                          \
-                if (two) {                                                        \
-                    _tile_loadd(7, w->kg[g + 1] + 32 * b, w->kstride);            \
-                    _tile_dpbf16ps(Y, 7, 5);                                      \
-                }                                                                 \
-            } else {                                                              \
-                if (!resident) _tile_loadd(4, w->qt[bi][b], 64);                  \
-                _tile_loadd(6, w->kg[g] + 32 * b, w->kstride);                    \
-                _tile_dpbf16ps(X, 6, 4);                                          \
-                if (two) {                                                        \
-                    _tile_loadd(7, w->kg[g + 1] + 32 * b, w->kstride);            \
-                    _tile_dpbf16ps(Y, 7, 4);                                      \
-                }                                                                 \
-            }                                                                     \
+            if (b & 1)                                                            \
+                SCORE_STEP(X, Y, 5);                                              \
+            else                                                                  \
+                SCORE_STEP(X, Y, 4);                                              \
         }                                                                         \
     } while (0)
 
@@ -338,25 +337,28 @@ static void block_scores(const chunk_args *a, scratch *w, tile_stream *ts, int b
     }
 }
 
-/* sums of dims 16 c, 16 (c + 1) in tiles X, Y over n keys: probabilities in tile 4 + t % 2 */
+/* key tile t's share of the sums of dims 16 c, 16 (c + 1) in tiles X, Y, its probabilities
+ * in tile TP */
+#define PV_STEP(X, Y, TP)                                                         \
+    do {                                                                          \
+        _tile_loadd(TP, w->pb[t], 64);                                            \
+        _tile_loadd(6, w->vt[t][c], 64);                                          \
+        _tile_dpbf16ps(X, 6, TP);                                                 \
+        _tile_loadd(7, w->vt[t][c + 1], 64);                                      \
+        _tile_dpbf16ps(Y, 7, TP);                                                 \
+    } while (0)
+
+/* the sums of dims 16 c, 16 (c + 1) in tiles X, Y over n keys: key tile t's probabilities in
+ * tile 4 + t % 2 */
 #define PV_UNIT(X, Y)                                                             \
     do {                                                                          \
         _tile_loadd(X, acc[c], 64);                                               \
         _tile_loadd(Y, acc[c + 1], 64);                                           \
         for (int t = 0; t * KEY_TILE < n; t++) {                                  \
-            if (t & 1) {                                                          \
-                _tile_loadd(5, w->pb[t], 64);                                     \
-                _tile_loadd(6, w->vt[t][c], 64);                                  \
-                _tile_dpbf16ps(X, 6, 5);                                          \
-                _tile_loadd(7, w->vt[t][c + 1], 64);                              \
-                _tile_dpbf16ps(Y, 7, 5);                                          \
-            } else {                                                              \
-                _tile_loadd(4, w->pb[t], 64);                                     \
-                _tile_loadd(6, w->vt[t][c], 64);                                  \
-                _tile_dpbf16ps(X, 6, 4);                                          \
-                _tile_loadd(7, w->vt[t][c + 1], 64);                              \
-                _tile_dpbf16ps(Y, 7, 4);                                          \
-            }                                                                     \
+            if (t & 1)                                                            \
+                PV_STEP(X, Y, 5);                                                 \
+            else                                                                  \
+                PV_STEP(X, Y, 4);                                                 \
         }                                                                         \
     } while (0)
 
