@@ -13,7 +13,7 @@ from pagoda.models.layers import LinearFormat
 from pagoda.models.llama import LlamaForCausalLM
 from pagoda.models.loader import _fill_dummy
 from pagoda.ops import ForwardBatch
-from pagoda.ops.cpu.decoder_stack import MAX_CHUNK, _plan, chunk_kernel_serves, decoder_stack_c
+from pagoda.ops.cpu.decoder_stack import MAX_CHUNK, _plan, decoder_stack_c
 from pagoda.ops.kv_quant import quantize_rows
 from pagoda.ops.registry import DECLINE
 from tests.unit.test_quant import needs_c_quant
@@ -107,7 +107,7 @@ def test_stack_declines_long_prompt_chunks_and_unquantized_models():
     """Past MAX_CHUNK tokens where the chunk kernel does not attend for them (head_dim 16 here:
     each token would be a decode-kernel row), and unquantized models."""
     model = _model("LlamaForCausalLM", "int4")
-    assert not chunk_kernel_serves(model.stack_spec, _plan(model.stack_spec, _decode_inputs(model, [3])[2].layers))
+    assert not _plan(model.stack_spec, _decode_inputs(model, [3])[2].layers).long_chunks
     x, batch, kv, _, _ = _decode_inputs(model, [3, 11])
     n = MAX_CHUNK + 1
     long_chunk = ForwardBatch.build([([t % 90 for t in range(n)], 0, list(range(1, n // PAGE + 2)))], PAGE,

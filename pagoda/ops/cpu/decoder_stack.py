@@ -33,7 +33,7 @@ from pagoda.ops.registry import DECLINE, kernel
 
 # Prompt chunks up to this long ride along in the C stack where each of their tokens would be a
 # decode-kernel row; longer ones take the per-op path. Where the chunk kernel attends for them,
-# chunks of any length do (chunk_kernel_serves).
+# chunks of any length do (StackPlan.long_chunks).
 MAX_CHUNK = 256
 _BITS = {Int4Tiles: 4, Int8Tiles: 8}
 
@@ -47,6 +47,7 @@ class StackPlan:
     table: torch.Tensor  # [layers * STACK_LAYER_SLOTS] int64 addresses
     bits: int
     kv_kind: int
+    long_chunks: bool  # the C chunk kernel attends for prompt chunks (chunk_attention_fits): any length rides along
 
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # spec -> (kv caches, plan or None)
@@ -79,7 +80,9 @@ def _make_plan(spec: DecoderStackSpec, kv_caches: Sequence[tuple[torch.Tensor, t
         rows += [norms[0].data_ptr(), norms[1].data_ptr(), 0 if bias is None else bias.data_ptr(), k.data_ptr(),
                  v.data_ptr()]
     assert len(rows) == len(spec.layers) * STACK_LAYER_SLOTS
-    return StackPlan(torch.tensor(rows, dtype=torch.int64), _BITS[kind], KV_KIND[kv_caches[0][0].dtype])
+    kv_kind = KV_KIND[kv_caches[0][0].dtype]
+    fits = native.library().chunk_attention_fits(kv_kind, spec.num_heads, spec.num_kv_heads, spec.head_dim)
+    return StackPlan(torch.tensor(rows, dtype=torch.int64), _BITS[kind], kv_kind, bool(fits))
 
 
 def _plan(spec: DecoderStackSpec, kv_caches) -> StackPlan | None:
@@ -90,21 +93,13 @@ def _plan(spec: DecoderStackSpec, kv_caches) -> StackPlan | None:
     return cached[1]
 
 
-def chunk_kernel_serves(spec: DecoderStackSpec, plan: StackPlan) -> bool:
-    """Whether the C chunk kernel (csrc/chunk_attention.c) attends for the stack's prompt chunks:
-    AMX, a bf16 or int8 cache, head_dim a multiple of 32 up to 128, at most 16 query heads per
-    kv head (else it declines, and each token of a chunk becomes a decode-kernel row)."""
-    return (native.HAS_AMX and plan.kv_kind in (KV_KIND[torch.bfloat16], KV_KIND[torch.int8])
-            and spec.head_dim % 32 == 0 and spec.head_dim <= 128 and spec.num_heads // spec.num_kv_heads <= 16)
-
-
 @kernel("decoder_stack", priority=20)
 def decoder_stack_c(spec: DecoderStackSpec, x: torch.Tensor, batch: ForwardBatch):
     lib = native.library()
     if lib is None or x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous():
         return DECLINE
     plan = _plan(spec, batch.kv_caches)
-    if plan is None or (max(batch.query_lens) > MAX_CHUNK and not chunk_kernel_serves(spec, plan)):
+    if plan is None or (max(batch.query_lens) > MAX_CHUNK and not plan.long_chunks):
         return DECLINE
     lora_table, segments = None, None
     if batch.lora_ids is not None:  # adapters in the step: added after each linear, as the per-op path does

@@ -96,6 +96,7 @@ _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_f
 SIGNATURES = {  # the C functions and their argument types (see the sources for their meaning)
     "paged_decode_attention": [_P, _I64, _P, _P, _I32, _P, _I64, _P, _I64, _P, _I32, _I64, _I32, _I32, _I32, _I32,
                                _F32, _I32, _I32],
+    "chunk_attention_fits": [_I32, _I32, _I32, _I32],
     "paged_chunk_attention": [_P, _I64, _P, _P, _I32, _P, _I64, _P, _I64, _P, _I32, _I64, _I32, _I32, _I32, _I32,
                               _F32, _I32],
     "rms_norm": [_P, _P, _P, _I32, _I64, _I64, _F32, _I32, _I32],
@@ -112,7 +113,7 @@ SIGNATURES = {  # the C functions and their argument types (see the sources for 
     "decode_stack": [_P, _I32, _I32, _P, _P, _I64, _I64, _I32, _I32, _I32, _I64, _F32, _I32, _P, _P, _I32, _P, _P, _I64,
                      _P, _P, _I64, _P, _I64, _I32, _F32, _I32, _P, _P, _I32, _I32],
 }
-RESTYPES = {"paged_chunk_attention": ctypes.c_int, "quant_matmul_available": ctypes.c_int,
+RESTYPES = {"chunk_attention_fits": ctypes.c_int, "paged_chunk_attention": ctypes.c_int, "quant_matmul_available": ctypes.c_int,
             "quant_matmul_rounded_rows": ctypes.c_int, "quant_matmul_silu": ctypes.c_int}
 
 

@@ -34,8 +34,8 @@
  *   staged (the rounding the SDPA path applies to them too), and from there on are bf16 rows.
  *
  * Returns 0, computing nothing, where the build or CPU has no AMX or the shape does not fit
- * (head_dim not a multiple of 32 or above 128, more than 16 query heads per kv head): the
- * caller then uses torch's SDPA, which stays the reference (tests/unit/test_chunk_attention.py).
+ * (chunk_attention_fits): the caller then uses torch's SDPA, which stays the reference
+ * (tests/unit/test_chunk_attention.py).
  *
  * Built by pagoda/ops/cpu/native.py (FLAGS there: -O3 -march=native -ffast-math -fopenmp, ...); called
  * through ctypes.
@@ -533,6 +533,17 @@ static int by_cost(const void *x, const void *y) { /* costliest first: the last 
 }
 #endif
 
+/* 1 where paged_chunk_attention serves this cache and shape: AMX in the build and the CPU, a
+ * bf16 or int8 cache, head_dim a multiple of 32 up to 128, at most 16 query heads per kv head. */
+int chunk_attention_fits(int kv_kind, int hq, int hk, int d) {
+#if HAVE_AMX
+    return (kv_kind == KV_BF16 || kv_kind == KV_INT8) && d % 32 == 0 && d <= MAX_D && hq / hk <= 16 && amx_ready();
+#else
+    (void)kv_kind, (void)hq, (void)hk, (void)d;
+    return 0;
+#endif
+}
+
 /* rows[i] = {first token index in q/out, block-table row, query length, context length} of
  * each chunk (its tokens are the context's last ones, already in the cache); q float32
  * [tokens][hq][d] rows q_stride apart, out float32 or (out_bf16) bfloat16. Returns 1, or 0
@@ -543,7 +554,7 @@ int paged_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
                           int num_threads) {
 #if HAVE_AMX
     const int g = hq / hk;
-    if ((kv_kind != KV_BF16 && kv_kind != KV_INT8) || d % 32 || d > MAX_D || g > 16 || !amx_ready()) return 0;
+    if (!chunk_attention_fits(kv_kind, hq, hk, d)) return 0;
     const chunk_args a = {q, q_stride, k_cache, v_cache, kv_kind, block_table, bt_stride, out, out_bf16, out_stride,
                           g, d, kv_kind == KV_INT8 ? kv_int8_row_bytes(d) : d, page_size, 16 / g,
                           (int64_t)hk * (kv_kind == KV_INT8 ? kv_int8_row_bytes(d) : d), scale * 1.44269504f};

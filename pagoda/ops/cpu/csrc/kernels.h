@@ -39,6 +39,7 @@ void paged_decode_attention(const float *q, int64_t q_stride, const void *k_cach
                             int kv_kind, const int64_t *block_table, int64_t bt_stride, const int64_t *rows,
                             int64_t n, void *out, int out_bf16, int64_t out_stride, int hq, int hk, int d,
                             int page_size, float scale, int max_len, int num_threads);
+int chunk_attention_fits(int kv_kind, int hq, int hk, int d);
 int paged_chunk_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int kv_kind,
                           const int64_t *block_table, int64_t bt_stride, const int64_t *rows, int64_t n, void *out,
                           int out_bf16, int64_t out_stride, int hq, int hk, int d, int page_size, float scale,
