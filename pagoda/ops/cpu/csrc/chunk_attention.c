@@ -17,8 +17,11 @@
  *   (flash-decoding); the boundaries are fixed, so a row's sums never depend on how the work
  *   was cut (threads, heads per rank).
  * - A block's pass is three phases over all the staged keys it sees: scores, probabilities,
- *   sums. The tile products of the first and last run as a stream of units that alternate
- *   between two pairs of sum tiles, so no unit waits for the previous one's stores.
+ *   sums. The blocks are software-pipelined: a block's probabilities (vector units) run with
+ *   the next block's score products and the previous block's sum products issued between
+ *   their steps, one tile product at a time, so the tile unit and the vector units work at
+ *   once. The probabilities use only vector operations that do run beside tile products
+ *   (exp2_bf16: no vrndscaleps, no bf16 conversion instruction).
  * - Scores are computed transposed, S^T = K Q^T ([key][row]): 16 bf16 key rows are an A tile,
  *   and the online softmax (running max and sum per row, float32) is lane-wise over 16 rows,
  *   with no horizontal reductions. The running maximum is lazy: the probabilities are taken
@@ -53,13 +56,14 @@
 #if HAVE_AMX
 
 #define KEY_TILE 32     /* keys per P V product (its depth) */
-#define CHUNK_KEYS 128  /* keys staged at a time; every block of the item passes over them */
+#define CHUNK_KEYS 64   /* keys staged at a time; every block of the item passes over them (64: the
+                         * staged keys, two blocks' scores and probabilities stay in L1) */
 #define SPLIT_KEYS 4096 /* keys per split of the context (fixed boundaries) */
 #define MAX_BLOCKS 128  /* query blocks per work item: their sums (512 KiB at head_dim 64) stay in L2 */
 #define MAX_D 128
 #define NEG_BIG (-1e30f)     /* a masked score: exp2 of it minus any maximum is 0 */
 #define SUM_LIMIT 65536.f    /* a row's probabilities may sum to this before the running maximum moves */
-#define TILES 8              /* tiles 0-3 hold sums, 4-7 operands (tile_stream) */
+#define TILES 8              /* the tiles tile_work uses */
 
 typedef struct {
     const float *q;
@@ -83,8 +87,8 @@ typedef struct { /* one thread's working set, 64-byte aligned, kept for the thre
     int32_t qpos[MAX_BLOCKS][16];              /* each row's position in its sequence */
     uint32_t vt[CHUNK_KEYS / KEY_TILE][MAX_D / 16][256]; /* values as A tiles: [dim][key pair] per 16 dims */
     uint16_t kb[CHUNK_KEYS * MAX_D];           /* key rows copied or converted to bf16, d apart */
-    float s[CHUNK_KEYS * 16];                  /* a block's stored score tiles: [key][row] */
-    uint32_t pb[CHUNK_KEYS / KEY_TILE][256];   /* its probabilities as B tiles: [key pair][row] */
+    float s[2][CHUNK_KEYS * 16];               /* two blocks' stored score tiles: [key][row] */
+    uint32_t pb[2][CHUNK_KEYS / KEY_TILE][256]; /* two blocks' probabilities as B tiles: [key pair][row] */
     int64_t off[SPLIT_KEYS];                   /* pool offsets (elements) of the split's rows for the item's kv head */
     const uint16_t *kg[CHUNK_KEYS / 16];       /* each 16 staged keys' first row: in kb, or in place */
     int64_t kstride;                           /* bytes from one of those rows to the next */
@@ -112,6 +116,22 @@ static inline __m512 exp2_fast(__m512 x) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69312103f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.99992448f));
     return _mm512_scalef_ps(p, n);
+}
+
+/* 2^x rounded to bf16 precision (to nearest, an exact bf16 value in float32: its low 16 bits are
+ * zero), from the vector operations that run beside tile products (vrndscaleps and the bf16
+ * conversions do not: they take the tile unit's port): floor(x) by an addition rounded down,
+ * a degree-3 polynomial on the fraction in [0, 1) (relative error 8.6e-5) whose last step adds
+ * 2^16, which rounds it to 2^-7 (bf16's precision in [1, 2]); very negative x gives 0. */
+static inline __m512 exp2_bf16(__m512 x) {
+    const __m512 big = _mm512_set1_ps(12582912.f), top = _mm512_set1_ps(65536.f); /* 1.5 * 2^23, 2^16 */
+    const __m512 n = _mm512_sub_ps(_mm512_add_round_ps(x, big, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), big);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(0.07706707f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.22764495f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69511682f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(65537.f)); /* 2^16 + 1 */
+    return _mm512_scalef_ps(_mm512_sub_ps(p, top), n);
 }
 
 /* word indices 0, b, 1, b+1, ..., 15, b+15: interleave words 0-15 with words b-b+15 */
@@ -180,11 +200,92 @@ static void stage_chunk(const chunk_args *a, const int64_t *off, int nk, int ahe
 }
 
 /* A block's pass over the staged keys is three phases, each over all n keys it sees (up to
- * CHUNK_KEYS): scores (tile products), probabilities (vector), sums (tile products). */
+ * CHUNK_KEYS): scores (tile products), probabilities (vector), sums (tile products). The
+ * tile products of the next block's scores and the previous block's sums run interleaved
+ * with a block's probabilities, one product at a time (tile_work): the tile unit and the
+ * vector units then work at once. Scores and probabilities are double-buffered by block
+ * parity for that. */
 
-/* key k's score in base-2 log units, less the running maximum m */
-static inline __m512 key_score(const scratch *w, int k, __m512 scale, __m512 m) {
-    return _mm512_fmsub_ps(_mm512_load_ps(w->s + 16 * k), scale, m);
+/* The tile work beside one block's probabilities: the scores of block sb over its first
+ * sgroups 16-key groups into sdst, and the sums of block pbk over its first ptiles key tiles
+ * with probabilities from pbuf, as steps of one tile product each. Tiles: scores 0-1 (by
+ * group parity), queries 4-5, keys 6; sums 2, values 3, probabilities 7. */
+typedef struct {
+    int sb, sgroups, sg, sdb, resident; /* sb < 0: no scores */
+    float *sdst;
+    int pbk, ptiles, pc, pt; /* pbk < 0: no sums */
+    int turn;                /* the last step's kind, while both are left: 1 scores */
+    uint32_t (*pbuf)[256];
+} tile_work;
+
+/* queries of dim block b in tile 4 + b % 2 */
+#define LOAD_Q(b)                                                                 \
+    do {                                                                          \
+        if ((b) & 1)                                                              \
+            _tile_loadd(5, w->qt[tw->sb][b], 64);                                 \
+        else                                                                      \
+            _tile_loadd(4, w->qt[tw->sb][b], 64);                                 \
+    } while (0)
+
+/* dim block sdb's product of key group sg's scores, in tile X */
+#define SCORE_STEP(X)                                                             \
+    do {                                                                          \
+        if (tw->sdb == 0) _tile_zero(X);                                          \
+        if (!tw->resident) LOAD_Q(tw->sdb);                                       \
+        _tile_loadd(6, w->kg[tw->sg] + 32 * tw->sdb, w->kstride);                 \
+        if (tw->sdb & 1)                                                          \
+            _tile_dpbf16ps(X, 6, 5);                                              \
+        else                                                                      \
+            _tile_dpbf16ps(X, 6, 4);                                              \
+        if (++tw->sdb == d / 32) {                                                \
+            _tile_stored(X, tw->sdst + 256 * tw->sg, 64);                         \
+            tw->sdb = 0, tw->sg++;                                                \
+        }                                                                         \
+    } while (0)
+
+/* Block sb's scores set up as tile work over n keys, into score buffer sdst. */
+static inline void start_scores(const chunk_args *a, scratch *w, tile_work *tw, int sb, int n, float *sdst) {
+    tw->sb = sb, tw->sgroups = (n + 15) / 16, tw->sg = 0, tw->sdb = 0, tw->sdst = sdst;
+    tw->resident = a->d <= 64; /* the queries stay in tiles 4-5 through the block's scores */
+    if (tw->resident) {
+        _tile_loadd(4, w->qt[sb][0], 64);
+        if (a->d > 32) _tile_loadd(5, w->qt[sb][1], 64);
+    }
+}
+
+/* One step of the tile work: a score product or a sum product, in turn while both are left.
+ * Returns 0 when none is. */
+static inline __attribute__((always_inline)) int tile_step(const chunk_args *a, scratch *w, tile_work *tw) {
+    const int d = a->d;
+    const int scores = tw->sb >= 0 && tw->sg < tw->sgroups, sums = tw->pbk >= 0 && tw->pc < d / 16;
+    if (scores && (!sums || (tw->turn ^= 1))) {
+        if (tw->sg & 1)
+            SCORE_STEP(1);
+        else
+            SCORE_STEP(0);
+        return 1;
+    }
+    if (!sums) return 0;
+    if (tw->pt == 0) _tile_loadd(2, w->acc[tw->pbk][tw->pc], 64);
+    _tile_loadd(7, tw->pbuf[tw->pt], 64);
+    _tile_loadd(3, w->vt[tw->pt][tw->pc], 64);
+    _tile_dpbf16ps(2, 3, 7);
+    if (++tw->pt == tw->ptiles) {
+        _tile_stored(2, w->acc[tw->pbk][tw->pc], 64);
+        tw->pt = 0, tw->pc++;
+    }
+    return 1;
+}
+
+/* the rest of the tile work done */
+static inline void tile_drain(const chunk_args *a, scratch *w, tile_work *tw) {
+    while (tile_step(a, w, tw)) {
+    }
+}
+
+/* key k's score in base-2 log units, less the running maximum m, from score buffer s */
+static inline __m512 key_score(const float *s, int k, __m512 scale, __m512 m) {
+    return _mm512_fmsub_ps(_mm512_load_ps(s + 16 * k), scale, m);
 }
 
 /* a key of the chunk (position pos) is hidden from rows before it */
@@ -193,47 +294,53 @@ static inline __m512 causal(__m512 x, __m512i qpos, int64_t pos) {
                                 _mm512_set1_ps(NEG_BIG));
 }
 
-/* keys k, k+1's probabilities as one row of their P^T B tile (key pairs as dwords, lane = row),
- * rounded to bf16 (to nearest even, as torch does) */
-static inline __attribute__((always_inline)) void store_pair(scratch *w, int k, __m512 p0, __m512 p1, __m512i pair) {
-    _mm512_store_si512(w->pb[k / KEY_TILE] + 8 * (k % KEY_TILE),
-                       _mm512_permutexvar_epi16(pair, (__m512i)_mm512_cvtne2ps_pbh(p1, p0)));
+/* keys k, k+1's probabilities (bf16 values in float32, but for denormals) as one row of their
+ * P^T B tile: key pairs as dwords (p1's upper half over p0's), lane = row */
+static inline __attribute__((always_inline)) void store_pair(uint32_t (*pb)[256], int k, __m512 p0, __m512 p1) {
+    const __m512i upper = _mm512_set1_epi32((int)0xFFFF0000u); /* (p1 & upper) | (p0 >> 16): */
+    _mm512_store_si512(pb[k / KEY_TILE] + 8 * (k % KEY_TILE),
+                       _mm512_ternarylogic_epi32(_mm512_castps_si512(p1), _mm512_srli_epi32(_mm512_castps_si512(p0), 16),
+                                                 upper, 0xEC));
 }
 
-/* The probabilities 2^(score - m) of the first n staged keys into w->pb (zeros past n, to the
- * end of their key tile) and their sum per row. The first `open` keys, which every row sees,
- * go through a loop without masks or bounds. */
-static __m512 probabilities(scratch *w, int n, int open, int64_t kc, __m512i qpos, __m512 scale, __m512 m) {
-    const __m512i pair = interleave_words(16);
+/* The probabilities 2^(score - m) of the first n keys of score buffer s into pb (zeros past n,
+ * to the end of their key tile) and their sum per row, a step of the tile work tw (when not
+ * NULL) beside every few keys. The first `open` keys, which every row sees, go through a loop
+ * without masks or bounds. */
+static __m512 probabilities(const chunk_args *a, scratch *w, tile_work *tw, const float *s, uint32_t (*pb)[256], int n,
+                            int open, int64_t kc, __m512i qpos, __m512 scale, __m512 m) {
     __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
     int k = 0;
     for (; k + 4 <= open; k += 4) {
-        const __m512 p0 = exp2_fast(key_score(w, k, scale, m));
-        const __m512 p1 = exp2_fast(key_score(w, k + 1, scale, m));
-        const __m512 p2 = exp2_fast(key_score(w, k + 2, scale, m));
-        const __m512 p3 = exp2_fast(key_score(w, k + 3, scale, m));
+        if (tw) tile_step(a, w, tw);
+        const __m512 p0 = exp2_bf16(key_score(s, k, scale, m));
+        const __m512 p1 = exp2_bf16(key_score(s, k + 1, scale, m));
+        const __m512 p2 = exp2_bf16(key_score(s, k + 2, scale, m));
+        const __m512 p3 = exp2_bf16(key_score(s, k + 3, scale, m));
         sum0 = _mm512_add_ps(sum0, _mm512_add_ps(p0, p1));
         sum1 = _mm512_add_ps(sum1, _mm512_add_ps(p2, p3));
-        store_pair(w, k, p0, p1, pair);
-        store_pair(w, k + 2, p2, p3, pair);
+        store_pair(pb, k, p0, p1);
+        store_pair(pb, k + 2, p2, p3);
     }
     for (; k < ((n + KEY_TILE - 1) & -KEY_TILE); k += 2) {
+        if (tw) tile_step(a, w, tw);
         __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
-        if (k < n) p0 = exp2_fast(causal(key_score(w, k, scale, m), qpos, kc + k));
-        if (k + 1 < n) p1 = exp2_fast(causal(key_score(w, k + 1, scale, m), qpos, kc + k + 1));
+        if (k < n) p0 = exp2_bf16(causal(key_score(s, k, scale, m), qpos, kc + k));
+        if (k + 1 < n) p1 = exp2_bf16(causal(key_score(s, k + 1, scale, m), qpos, kc + k + 1));
         sum0 = _mm512_add_ps(sum0, _mm512_add_ps(p0, p1));
-        store_pair(w, k, p0, p1, pair);
+        store_pair(pb, k, p0, p1);
     }
     return _mm512_add_ps(sum0, sum1);
 }
 
-
-/* Block bi's online softmax over its first n staged keys (positions kc..): probabilities into
- * w->pb, their sums added to l. The running maximum is lazy: the probabilities are taken against
- * the maximum so far, which stands unless a row's sum passes SUM_LIMIT (each probability is then
- * at most that) or the row had none yet; then it moves to the scores' maximum, the sums are
- * rescaled and the probabilities taken again. */
-static void block_softmax(const chunk_args *a, scratch *w, int bi, int n, int64_t kc) {
+/* Block bi's online softmax over its first n staged keys (positions kc..) from score buffer s:
+ * probabilities into pb, their sums added to l, the tile work tw done beside them. The running
+ * maximum is lazy: the probabilities are taken against the maximum so far, which stands unless
+ * a row's sum passes SUM_LIMIT (each probability is then at most that) or the row had none
+ * yet; then it moves to the scores' maximum, the sums are rescaled and the probabilities taken
+ * again. */
+static void block_softmax(const chunk_args *a, scratch *w, tile_work *tw, int bi, int n, int64_t kc, const float *s,
+                          uint32_t (*pb)[256]) {
     const int d = a->d;
     const __m512 scale = _mm512_set1_ps(a->scale2);
     const __m512i qpos = _mm512_load_si512(w->qpos[bi]);
@@ -242,11 +349,12 @@ static void block_softmax(const chunk_args *a, scratch *w, int bi, int n, int64_
     const __m512 m = _mm512_load_ps(w->m[bi]);
     __m512 l = _mm512_load_ps(w->l[bi]), sum = _mm512_setzero_ps();
     const int fresh = _mm512_cmp_ps_mask(m, _mm512_set1_ps(NEG_BIG / 1e6f), _CMP_LT_OQ) != 0;
-    if (!fresh) sum = probabilities(w, n, open, kc, qpos, scale, m);
+    if (!fresh) sum = probabilities(a, w, tw, s, pb, n, open, kc, qpos, scale, m);
+    tile_drain(a, w, tw);
     if (fresh || _mm512_cmp_ps_mask(sum, _mm512_set1_ps(SUM_LIMIT), _CMP_NLE_UQ)) {
         __m512 mt = _mm512_set1_ps(NEG_BIG);
         for (int k = 0; k < n; k++) {
-            const __m512 x = key_score(w, k, scale, _mm512_setzero_ps());
+            const __m512 x = key_score(s, k, scale, _mm512_setzero_ps());
             mt = _mm512_max_ps(mt, k < open ? x : causal(x, qpos, kc + k));
         }
         __m512 m_new = _mm512_max_ps(m, mt);
@@ -260,118 +368,9 @@ static void block_softmax(const chunk_args *a, scratch *w, int bi, int n, int64_
                 _mm512_store_ps(w->acc[bi][c] + 16 * e, _mm512_mul_ps(_mm512_load_ps(w->acc[bi][c] + 16 * e), alpha));
         l = _mm512_mul_ps(l, alpha);
         _mm512_store_ps(w->m[bi], m_new);
-        sum = probabilities(w, n, open, kc, qpos, scale, m_new);
+        sum = probabilities(a, w, NULL, s, pb, n, open, kc, qpos, scale, m_new);
     }
     _mm512_store_ps(w->l[bi], _mm512_add_ps(l, sum));
-}
-
-/* The tile products run as a stream of units, each accumulating into a pair of sum tiles: 0-1
- * and 2-3 in turn, so that a unit's products never wait for the previous unit's results to be
- * stored (its stores are issued after the next unit's products). Tiles 4-5 hold queries or
- * probabilities, 6-7 keys or values. */
-typedef struct {
-    int par;       /* the next unit's pair: 0 tiles 0-1, 1 tiles 2-3 */
-    float *dst[2]; /* where the previous unit's pair goes (NULL: nothing) */
-} tile_stream;
-
-#define STORE_PAIR(X, Y)                                   \
-    do {                                                   \
-        if (ts->dst[0]) _tile_stored(X, ts->dst[0], 64);   \
-        if (ts->dst[1]) _tile_stored(Y, ts->dst[1], 64);   \
-    } while (0)
-
-/* the previous unit's pair stored, this one's destinations noted */
-static inline void unit_done(tile_stream *ts, float *d0, float *d1) {
-    if (ts->par)
-        STORE_PAIR(0, 1);
-    else
-        STORE_PAIR(2, 3);
-    ts->dst[0] = d0, ts->dst[1] = d1, ts->par ^= 1;
-}
-
-/* the last unit's pair stored */
-static inline void stream_flush(tile_stream *ts) { unit_done(ts, NULL, NULL); }
-
-/* dim block b's share of the scores of key groups g, g+1 (two == 0: g alone) into tiles X, Y,
- * the queries in tile TQ (loaded here unless resident) */
-#define SCORE_STEP(X, Y, TQ)                                                      \
-    do {                                                                          \
-        if (!resident) _tile_loadd(TQ, w->qt[bi][b], 64);                         \
-        _tile_loadd(6, w->kg[g] + 32 * b, w->kstride);                            \
-        _tile_dpbf16ps(X, 6, TQ);                                                 \
-        if (two) {                                                                \
-            _tile_loadd(7, w->kg[g + 1] + 32 * b, w->kstride);                    \
-            _tile_dpbf16ps(Y, 7, TQ);                                             \
-        }                                                                         \
-    } while (0)
-
-/* the scores of key groups g, g+1 into tiles X, Y: dim block b's queries in tile 4 + b % 2 */
-#define SCORE_UNIT(X, Y)                                                          \
-    do {                                                                          \
-        _tile_zero(X);                                                            \
-        if (two) _tile_zero(Y);                                                   \
-        for (int b = 0; b < blocks; b++) {                                        \
-            if (b & 1)                                                            \
-                SCORE_STEP(X, Y, 5);                                              \
-            else                                                                  \
-                SCORE_STEP(X, Y, 4);                                              \
-        }                                                                         \
-    } while (0)
-
-/* Block bi's scores S^T = K Q^T over its first n staged keys into w->s: per 16-key group
- * [key][row]. */
-static void block_scores(const chunk_args *a, scratch *w, tile_stream *ts, int bi, int n) {
-    const int blocks = a->d / 32, groups = (n + 15) / 16;
-    const int resident = blocks <= 2; /* the queries stay in tiles 4-5 through the block's units */
-    if (resident) {
-        _tile_loadd(4, w->qt[bi][0], 64);
-        if (blocks > 1) _tile_loadd(5, w->qt[bi][1], 64);
-    }
-    for (int g = 0; g < groups; g += 2) {
-        const int two = g + 1 < groups;
-        if (ts->par)
-            SCORE_UNIT(2, 3);
-        else
-            SCORE_UNIT(0, 1);
-        unit_done(ts, w->s + g * 256, two ? w->s + (g + 1) * 256 : NULL);
-    }
-}
-
-/* key tile t's share of the sums of dims 16 c, 16 (c + 1) in tiles X, Y, its probabilities
- * in tile TP */
-#define PV_STEP(X, Y, TP)                                                         \
-    do {                                                                          \
-        _tile_loadd(TP, w->pb[t], 64);                                            \
-        _tile_loadd(6, w->vt[t][c], 64);                                          \
-        _tile_dpbf16ps(X, 6, TP);                                                 \
-        _tile_loadd(7, w->vt[t][c + 1], 64);                                      \
-        _tile_dpbf16ps(Y, 7, TP);                                                 \
-    } while (0)
-
-/* the sums of dims 16 c, 16 (c + 1) in tiles X, Y over n keys: key tile t's probabilities in
- * tile 4 + t % 2 */
-#define PV_UNIT(X, Y)                                                             \
-    do {                                                                          \
-        _tile_loadd(X, acc[c], 64);                                               \
-        _tile_loadd(Y, acc[c + 1], 64);                                           \
-        for (int t = 0; t * KEY_TILE < n; t++) {                                  \
-            if (t & 1)                                                            \
-                PV_STEP(X, Y, 5);                                                 \
-            else                                                                  \
-                PV_STEP(X, Y, 4);                                                 \
-        }                                                                         \
-    } while (0)
-
-/* Block bi's sums O^T += V^T P^T over its first n staged keys, 32 dims a unit. */
-static void block_pv(const chunk_args *a, scratch *w, tile_stream *ts, int bi, int n) {
-    float(*acc)[256] = w->acc[bi];
-    for (int c = 0; c < a->d / 16; c += 2) {
-        if (ts->par)
-            PV_UNIT(2, 3);
-        else
-            PV_UNIT(0, 1);
-        unit_done(ts, acc[c], acc[c + 1]);
-    }
 }
 
 /* The 16 rows of a block's sums (acc [dim tiles][dim][row]) times inv[row], written out: row r
@@ -436,17 +435,31 @@ static void chunk_item(const chunk_args *a, const int64_t *row, const work_item 
         const int nk = k1 - kc < CHUNK_KEYS ? (int)(k1 - kc) : CHUNK_KEYS;
         const int64_t rest = k1 - kc - nk;
         stage_chunk(a, w->off + (kc - k0), nk, rest < CHUNK_KEYS ? (int)rest : CHUNK_KEYS, w);
-        tile_stream ts = {0, {NULL, NULL}};
-        for (int bi = 0; bi < nb; bi++) {
-            const int64_t visible = w->qpos[bi][15] + 1 - kc; /* keys of the chunk the block's last row sees */
-            if (visible <= 0) continue;
-            const int n = visible < nk ? (int)visible : nk;
-            block_scores(a, w, &ts, bi, n);
-            stream_flush(&ts);
-            block_softmax(a, w, bi, n, kc);
-            block_pv(a, w, &ts, bi, n);
+        /* the blocks that see keys of this chunk (the later ones: positions grow with the block),
+         * each block's probabilities beside the next one's scores and the previous one's sums */
+        int first = 0;
+        while (first < nb && w->qpos[first][15] + 1 - kc <= 0) first++;
+        if (first == nb) continue;
+        tile_work tw = {.sb = -1, .pbk = -1};
+        for (int bi = first; bi <= nb; bi++) {
+            const int64_t vis = bi < nb ? w->qpos[bi][15] + 1 - kc : 0; /* keys of the chunk its last row sees */
+            const int n = vis < nk ? (int)vis : nk;
+            if (bi == first) { /* the first block's scores alone */
+                start_scores(a, w, &tw, bi, n, w->s[bi & 1]);
+                tile_drain(a, w, &tw);
+            }
+            tw.sb = -1;
+            if (bi + 1 < nb) {
+                const int64_t nv = w->qpos[bi + 1][15] + 1 - kc;
+                start_scores(a, w, &tw, bi + 1, nv < nk ? (int)nv : nk, w->s[(bi + 1) & 1]);
+            }
+            if (bi == nb) { /* the last block's sums alone */
+                tile_drain(a, w, &tw);
+                break;
+            }
+            block_softmax(a, w, &tw, bi, n, kc, w->s[bi & 1], w->pb[bi & 1]);
+            tw.pbk = bi, tw.ptiles = (n + KEY_TILE - 1) / KEY_TILE, tw.pc = 0, tw.pt = 0, tw.pbuf = w->pb[bi & 1];
         }
-        stream_flush(&ts);
     }
     for (int bi = 0; bi < nb; bi++) {
         const int64_t b = it->b0 + bi, t0 = b * tpb;
