@@ -89,3 +89,22 @@ def test_kv_prefault_writes_the_first_pages_handed_out():
     none = KVPool(2, 4, 16, 2, 64, torch.bfloat16, torch.device("cpu"), alloc)
     assert all((c[:16] == 0).all() and (c[16:] == 7).all() for c in none.k + none.v)  # the null page alone
     assert CpuPlatform().kv_prefault_bytes() > 0
+
+
+def test_engine_prefaults_one_longest_request_at_least():
+    """The pool the engine builds is written at start-up for at least one context-length request
+    (past a platform's fixed amount), so a long document's prefill never backs fresh memory: that
+    came in bursts, every layer's next huge page in one step."""
+    from types import SimpleNamespace
+
+    from pagoda.engine.engine import KVCacheSize, build_kv_pool
+
+    per_token = KVPool.bytes_per_token(2, 2, 64, torch.bfloat16)
+    platform = SimpleNamespace(device=lambda: torch.device("cpu"), kv_prefault_bytes=lambda: 16 * per_token,
+                               alloc_streamed=lambda shape, dtype: torch.empty(shape, dtype=dtype))
+    loaded = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=2, head_dim=64), kv_heads=2, context_length=200)
+    size = KVCacheSize(num_pages=64, bytes_per_page=16 * per_token, dtype=torch.bfloat16)
+    pool = build_kv_pool(SimpleNamespace(page_size=16), platform, loaded, size)
+    assert pool.warm_pages * 16 >= 200 and pool.warm_pages < 63  # the request's pages, not the whole pool
+    device = SimpleNamespace(**{**vars(platform), "kv_prefault_bytes": lambda: 0})
+    assert build_kv_pool(SimpleNamespace(page_size=16), device, loaded, size).warm_pages == 64  # devices: all
