@@ -211,7 +211,7 @@ static void stage_chunk(const chunk_args *a, const int64_t *off, int nk, int ahe
  * with probabilities from pbuf, as steps of one tile product each. Tiles: scores 0-1 (by
  * group parity), queries 4-5, keys 6; sums 2, values 3, probabilities 7. */
 typedef struct {
-    int sb, sgroups, sg, sdb, resident; /* sb < 0: no scores */
+    int sb, sgroups, sg, sdb; /* sb < 0: no scores */
     float *sdst;
     int pbk, ptiles, pc, pt; /* pbk < 0: no sums */
     int turn;                /* the last step's kind, while both are left: 1 scores */
@@ -231,7 +231,7 @@ typedef struct {
 #define SCORE_STEP(X)                                                             \
     do {                                                                          \
         if (tw->sdb == 0) _tile_zero(X);                                          \
-        if (!tw->resident) LOAD_Q(tw->sdb);                                       \
+        if (d > 64) LOAD_Q(tw->sdb); /* else resident (start_scores) */          \
         _tile_loadd(6, w->kg[tw->sg] + 32 * tw->sdb, w->kstride);                 \
         if (tw->sdb & 1)                                                          \
             _tile_dpbf16ps(X, 6, 5);                                              \
@@ -243,11 +243,16 @@ typedef struct {
         }                                                                         \
     } while (0)
 
+/* the keys of the staged chunk at kc (nk of them) that block bi's last row sees */
+static inline int keys_seen(const scratch *w, int bi, int64_t kc, int nk) {
+    const int64_t vis = w->qpos[bi][15] + 1 - kc;
+    return vis < nk ? (int)vis : nk;
+}
+
 /* Block sb's scores set up as tile work over n keys, into score buffer sdst. */
 static inline void start_scores(const chunk_args *a, scratch *w, tile_work *tw, int sb, int n, float *sdst) {
     tw->sb = sb, tw->sgroups = (n + 15) / 16, tw->sg = 0, tw->sdb = 0, tw->sdst = sdst;
-    tw->resident = a->d <= 64; /* the queries stay in tiles 4-5 through the block's scores */
-    if (tw->resident) {
+    if (a->d <= 64) { /* the queries stay in tiles 4-5 through the block's scores */
         _tile_loadd(4, w->qt[sb][0], 64);
         if (a->d > 32) _tile_loadd(5, w->qt[sb][1], 64);
     }
@@ -438,28 +443,18 @@ static void chunk_item(const chunk_args *a, const int64_t *row, const work_item 
         /* the blocks that see keys of this chunk (the later ones: positions grow with the block),
          * each block's probabilities beside the next one's scores and the previous one's sums */
         int first = 0;
-        while (first < nb && w->qpos[first][15] + 1 - kc <= 0) first++;
+        while (first < nb && keys_seen(w, first, kc, nk) <= 0) first++;
         if (first == nb) continue;
         tile_work tw = {.sb = -1, .pbk = -1};
-        for (int bi = first; bi <= nb; bi++) {
-            const int64_t vis = bi < nb ? w->qpos[bi][15] + 1 - kc : 0; /* keys of the chunk its last row sees */
-            const int n = vis < nk ? (int)vis : nk;
-            if (bi == first) { /* the first block's scores alone */
-                start_scores(a, w, &tw, bi, n, w->s[bi & 1]);
-                tile_drain(a, w, &tw);
-            }
-            tw.sb = -1;
-            if (bi + 1 < nb) {
-                const int64_t nv = w->qpos[bi + 1][15] + 1 - kc;
-                start_scores(a, w, &tw, bi + 1, nv < nk ? (int)nv : nk, w->s[(bi + 1) & 1]);
-            }
-            if (bi == nb) { /* the last block's sums alone */
-                tile_drain(a, w, &tw);
-                break;
-            }
+        start_scores(a, w, &tw, first, keys_seen(w, first, kc, nk), w->s[first & 1]);
+        tile_drain(a, w, &tw); /* the first block's scores alone */
+        for (int bi = first; bi < nb; bi++) {
+            const int n = keys_seen(w, bi, kc, nk);
+            if (bi + 1 < nb) start_scores(a, w, &tw, bi + 1, keys_seen(w, bi + 1, kc, nk), w->s[(bi + 1) & 1]);
             block_softmax(a, w, &tw, bi, n, kc, w->s[bi & 1], w->pb[bi & 1]);
             tw.pbk = bi, tw.ptiles = (n + KEY_TILE - 1) / KEY_TILE, tw.pc = 0, tw.pt = 0, tw.pbuf = w->pb[bi & 1];
         }
+        tile_drain(a, w, &tw); /* the last block's sums alone */
     }
     for (int bi = 0; bi < nb; bi++) {
         const int64_t b = it->b0 + bi, t0 = b * tpb;
