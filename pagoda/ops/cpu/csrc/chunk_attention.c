@@ -93,8 +93,9 @@ typedef struct { /* one thread's working set, 64-byte aligned, kept for the thre
     int64_t off[SPLIT_KEYS];                   /* pool offsets (elements) of the split's rows for the item's kv head */
     const uint16_t *kg[CHUNK_KEYS / 16];       /* each 16 staged keys' first row: in kb, or in place */
     int64_t kstride;                           /* bytes from one of those rows to the next */
-    const int64_t *ahead;                      /* the next staged keys' pool offsets, their rows' lines */
-    int ahead_lines, ahead_done, ahead_total;  /* prefetched one at a time (prefetch_next) */
+    const int64_t *ahead;                      /* the next staged keys' pool offsets (ahead_keys of them), */
+    int ahead_keys, ahead_key, ahead_line;     /* prefetched a line at a time (prefetch_next): cursor */
+    int row_lines, elem_bytes;                 /* cache lines of a key or value row; bytes per element */
 } scratch;
 
 /* One thread's scratch (~1.7 MiB, about half of it touched at head_dim 64), made on its first
@@ -156,10 +157,14 @@ static inline __m512i value_bf16(const chunk_args *a, const int64_t *off, int u,
  * misses of a context that comes from memory fill the core's miss queue and stall it (8-9% of a
  * step at 30K keys of context with 128-query chunks). */
 static inline void prefetch_next(const chunk_args *a, scratch *w) {
-    const int i = w->ahead_done++, per_key = 2 * w->ahead_lines, t = i / per_key, line = i % per_key;
-    const int kv = line >= w->ahead_lines, es = a->kv_kind == KV_BF16 ? 2 : 1;
-    _mm_prefetch((const char *)(kv ? a->v : a->k) + w->ahead[t] * es + 64 * (line - kv * w->ahead_lines), _MM_HINT_T1);
+    const int line = w->ahead_line, kv = line >= w->row_lines;
+    _mm_prefetch((const char *)(kv ? a->v : a->k) + w->ahead[w->ahead_key] * w->elem_bytes + 64 * (line - kv * w->row_lines),
+                 _MM_HINT_T1);
+    if (++w->ahead_line == 2 * w->row_lines) w->ahead_line = 0, w->ahead_key++;
 }
+
+/* whether prefetch_next has lines left */
+static inline int prefetch_pending(const scratch *w) { return w->ahead_key < w->ahead_keys; }
 
 /* Stage keys kc..kc+nk-1 (pool offsets at off): w->kg points at each 16 key rows, in place
  * (bf16 rows, pages of 16 keys or a multiple) or copied side by side into w->kb (int8 rows
@@ -168,9 +173,8 @@ static inline void prefetch_next(const chunk_args *a, scratch *w) {
 static void stage_chunk(const chunk_args *a, const int64_t *off, int nk, int ahead, scratch *w) {
     const int d = a->d, in_place = a->kv_kind == KV_BF16 && a->page_size % 16 == 0;
     w->kstride = in_place ? 2 * a->row_stride : 2 * d;
-    while (w->ahead_done < w->ahead_total) prefetch_next(a, w);
-    w->ahead = off + nk, w->ahead_lines = (a->hd * (a->kv_kind == KV_BF16 ? 2 : 1) + 63) / 64;
-    w->ahead_done = 0, w->ahead_total = 2 * ahead * w->ahead_lines;
+    while (prefetch_pending(w)) prefetch_next(a, w);
+    w->ahead = off + nk, w->ahead_keys = ahead, w->ahead_key = w->ahead_line = 0;
     for (int h = 0; h * 16 < nk; h++) {
         const int n = nk - 16 * h < 16 ? nk - 16 * h : 16;
         const int64_t *ho = off + 16 * h;
@@ -328,7 +332,7 @@ static __m512 probabilities(const chunk_args *a, scratch *w, tile_work *tw, cons
     int k = 0;
     for (; k + 4 <= open; k += 4) {
         if (tw) tile_step(a, w, tw);
-        if (w->ahead_done < w->ahead_total) prefetch_next(a, w);
+        if (prefetch_pending(w)) prefetch_next(a, w);
         const __m512 p0 = exp2_bf16(key_score(s, k, scale, m));
         const __m512 p1 = exp2_bf16(key_score(s, k + 1, scale, m));
         const __m512 p2 = exp2_bf16(key_score(s, k + 2, scale, m));
@@ -449,7 +453,8 @@ static void chunk_item(const chunk_args *a, const int64_t *row, const work_item 
         w->off[t - k0] = (pages[p] * a->page_size + u) * a->row_stride + head;
         if (++u == a->page_size) u = 0, p++;
     }
-    w->ahead_done = w->ahead_total = 0;
+    w->elem_bytes = a->kv_kind == KV_BF16 ? 2 : 1, w->row_lines = (a->hd * w->elem_bytes + 63) / 64;
+    w->ahead_keys = w->ahead_key = 0; /* nothing queued from the last item */
     for (int64_t kc = k0; kc < k1; kc += CHUNK_KEYS) {
         const int nk = k1 - kc < CHUNK_KEYS ? (int)(k1 - kc) : CHUNK_KEYS;
         const int64_t rest = k1 - kc - nk;
