@@ -1,4 +1,4 @@
-"""The AMX chunk-attention kernel (csrc/chunk_attention.c) against the reference attention:
+"""The chunk-attention kernel (csrc/chunk_attention.c) against the reference attention:
 bf16 and int8 caches, GQA groups, head dims, chunks over prefixes, scattered pages, batches
 mixed with decode rows; and a model prefilled in chunks through it against the SDPA path."""
 
@@ -27,7 +27,8 @@ from tests.unit.test_decoder_stack import BASE, PAGE, _clone_kv
 from tests.unit.test_ops import _attention_inputs
 from tests.unit.test_quant import needs_c_quant
 
-pytestmark = pytest.mark.skipif(not native.HAS_AMX or native.library() is None, reason="needs AMX and the C kernels")
+pytestmark = pytest.mark.skipif(not native.HAS_BF16_TILES or native.library() is None,
+                                reason="needs bf16 tile products (AMX or AVX512-BF16) and the C kernels")
 
 
 def _sdpa_only(*args) -> None:

@@ -1,6 +1,7 @@
 """CPU paged attention: decode tokens read their context from the pages in place (the C
-kernel, csrc/paged_attention.c); so do prefill chunks where the CPU has AMX and the cache is
-bf16 or int8 (csrc/chunk_attention.c), and otherwise they go to torch's flash SDPA.
+kernel, csrc/paged_attention.c); so do prefill chunks where the CPU has bf16 tile products (AMX,
+or AVX512-BF16's vector form of them) and the cache is bf16 or int8 (csrc/chunk_attention.c),
+and otherwise they go to torch's flash SDPA.
 
 The C kernels read a step's tokens as rows (token index, batch index, context length):
 those views of the ForwardBatch are built here, once per step, by `batch.view`."""
@@ -12,7 +13,7 @@ from typing import Iterable
 import torch
 
 from pagoda.ops.cpu import native
-from pagoda.ops.cpu.native import DTYPE_FLAG, HAS_AMX, KV_KIND
+from pagoda.ops.cpu.native import DTYPE_FLAG, HAS_AMX, HAS_BF16_TILES, KV_KIND
 from pagoda.ops.forward_batch import ForwardBatch
 from pagoda.ops.registry import DECLINE, kernel
 from pagoda.ops.sdpa import attend_per_sequence
@@ -61,10 +62,10 @@ def decode_max_len(batch: ForwardBatch) -> int:
 @kernel("paged_attention", priority=20)
 def paged_attention_cpu(q, k_cache, v_cache, batch: ForwardBatch, scale, out_dtype=None):
     """Decode tokens read their context from the pages in place (C kernel); so do prefill
-    chunks over a bf16 or int8 cache where the CPU has AMX (C flash kernel, bf16 tile products).
-    Other chunks, and shapes that kernel does not take, go to torch's flash SDPA one sequence at
-    a time, in bfloat16 when the cache is bfloat16 or int8 and the CPU has AMX (2.7x float32's
-    speed there)."""
+    chunks over a bf16 or int8 cache where the CPU has bf16 tile products (C flash kernel: AMX,
+    or AVX512-BF16 vectors). Other chunks, and shapes that kernel does not take, go to torch's
+    flash SDPA one sequence at a time, in bfloat16 when the cache is bfloat16 or int8 and the
+    CPU has AMX (2.7x float32's speed there)."""
     lib = native.library()
     rows = batch.view(decode_rows)
     out_dtype = out_dtype or q.dtype
@@ -73,8 +74,9 @@ def paged_attention_cpu(q, k_cache, v_cache, batch: ForwardBatch, scale, out_dty
         and q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
     )
     decode_in_c = in_c and len(rows) > 0
-    compute = torch.bfloat16 if k_cache.dtype in (torch.bfloat16, torch.int8) and HAS_AMX else q.dtype
-    chunks_in_c = in_c and compute == torch.bfloat16 and bool(batch.chunk_seqs)
+    bf16_cache = k_cache.dtype in (torch.bfloat16, torch.int8)
+    compute = torch.bfloat16 if bf16_cache and HAS_AMX else q.dtype
+    chunks_in_c = in_c and bf16_cache and HAS_BF16_TILES and bool(batch.chunk_seqs)
     if not decode_in_c and not chunks_in_c and compute == q.dtype:
         return DECLINE  # exactly what the portable SDPA kernel does
     out = torch.empty(q.shape, dtype=out_dtype)

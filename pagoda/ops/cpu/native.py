@@ -28,7 +28,11 @@ log = logging.getLogger("pagoda.ops")
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = sorted(CSRC.glob("*.c"))
 HEADERS = sorted(CSRC.glob("*.h"))  # not compiled on their own, but part of what a build is made of
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+# PAGODA_NO_AMX=1 builds the kernels' AVX512-BF16 form of their tile products on an AMX CPU
+# (csrc/amx.h), so that form can be tested and measured there too.
+NO_AMX = os.environ.get("PAGODA_NO_AMX") == "1"
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=gnu11",
+         *(["-DPAGODA_NO_AMX"] if NO_AMX else [])]
 
 
 def cache_dir() -> Path:
@@ -124,4 +128,6 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-HAS_AMX = "amx_bf16" in cpu_flags().split()  # the C kernels' AMX paths apply
+HAS_AMX = "amx_bf16" in cpu_flags().split() and not NO_AMX  # the C kernels' AMX paths apply
+# bf16 tile products, on AMX or else on AVX512-BF16 vector units (csrc/amx.h): the chunk kernel serves
+HAS_BF16_TILES = HAS_AMX or "avx512_bf16" in cpu_flags().split()

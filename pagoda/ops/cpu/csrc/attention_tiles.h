@@ -1,4 +1,4 @@
-/* AMX pieces the two CPU attention kernels share (paged_attention.c, chunk_attention.c): the
+/* Tile pieces the two CPU attention kernels share (paged_attention.c, chunk_attention.c): the
  * queries as B tiles, and int8 cache rows as bf16. One definition each, so the decode and chunk
  * kernels round and lay out their operands the same way. */
 #ifndef PAGODA_ATTENTION_TILES_H
@@ -11,7 +11,7 @@
 #include "bf16.h"
 #include "simd.h"
 
-#if HAVE_AMX
+#if HAVE_BF16_TILES
 /* The query groups of `rows` rows (rows * g <= 16 heads, rounded to bf16) as B tiles, one per 32
  * dims: row r holds dims 2r, 2r+1 of each head (column i * g + j: row i's head j), the other
  * columns zero. */

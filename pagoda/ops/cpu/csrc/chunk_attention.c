@@ -53,7 +53,7 @@
 #include "attention_tiles.h"
 #include "kernels.h"
 
-#if HAVE_AMX
+#if HAVE_BF16_TILES
 
 #define KEY_TILE 32     /* keys per P V product (its depth) */
 #define CHUNK_KEYS 64   /* keys staged at a time; every block of the item passes over them (64: the
@@ -64,7 +64,9 @@
 #define MAX_D 128
 #define NEG_BIG (-1e30f)     /* a masked score: exp2 of it minus any maximum is 0 */
 #define SUM_LIMIT 65536.f    /* a row's probabilities may sum to this before the running maximum moves */
-#define TILES 8              /* the tiles tile_work uses */
+#if HAVE_AMX
+#define TILES 8 /* the tiles tile_work uses */
+#endif
 
 typedef struct {
     const float *q;
@@ -167,31 +169,33 @@ static inline void prefetch_next(const chunk_args *a, scratch *w) {
 static inline int prefetch_pending(const scratch *w) { return w->ahead_key < w->ahead_keys; }
 
 /* Stage keys kc..kc+nk-1 (pool offsets at off): w->kg points at each 16 key rows, in place
- * (bf16 rows, pages of 16 keys or a multiple) or copied side by side into w->kb (int8 rows
- * dequantized to bf16), zeros to the end of the last 16; the values as V^T A tiles. What is
+ * (AMX, bf16 rows, pages of 16 keys or a multiple) or copied into w->kb (int8 rows dequantized
+ * to bf16; without AMX every row, MAX_D apart), zeros to the end of the last 16; the values
+ * as V^T A tiles. What is
  * left of these keys' prefetches is issued first; the next `ahead` keys' are queued. */
 static void stage_chunk(const chunk_args *a, const int64_t *off, int nk, int ahead, scratch *w) {
-    const int d = a->d, in_place = a->kv_kind == KV_BF16 && a->page_size % 16 == 0;
-    w->kstride = in_place ? 2 * a->row_stride : 2 * d;
+    const int in_place = HAVE_AMX && a->kv_kind == KV_BF16 && a->page_size % 16 == 0;
+    const int d = a->d, kd = HAVE_AMX ? d : MAX_D; /* key rows in kb: kd apart (vec_tile_dp's constant a_row) */
+    w->kstride = in_place ? 2 * a->row_stride : 2 * kd;
     while (prefetch_pending(w)) prefetch_next(a, w);
     w->ahead = off + nk, w->ahead_keys = ahead, w->ahead_key = w->ahead_line = 0;
     for (int h = 0; h * 16 < nk; h++) {
         const int n = nk - 16 * h < 16 ? nk - 16 * h : 16;
         const int64_t *ho = off + 16 * h;
-        uint16_t *kb = w->kb + 16 * h * d;
+        uint16_t *kb = w->kb + 16 * h * kd;
         w->kg[h] = kb;
         if (in_place) {
             w->kg[h] = (const uint16_t *)a->k + ho[0]; /* the 16 keys are consecutive rows of one page */
             continue;
         }
         if (a->kv_kind == KV_BF16) {
-            for (int u = 0; u < n; u++) memcpy(kb + u * d, (const uint16_t *)a->k + ho[u], 2 * (size_t)d);
+            for (int u = 0; u < n; u++) memcpy(kb + u * kd, (const uint16_t *)a->k + ho[u], 2 * (size_t)d);
         } else {
             for (int u = 0; u < n; u++)
                 for (int c = 0; c < d; c += 32)
-                    _mm512_storeu_si512(kb + u * d + c, i8x32_to_bf16((const int8_t *)a->k + ho[u], d, c, 1));
+                    _mm512_storeu_si512(kb + u * kd + c, i8x32_to_bf16((const int8_t *)a->k + ho[u], d, c, 1));
         }
-        for (int u = n; u < 16; u++) memset(kb + u * d, 0, 2 * (size_t)d); /* rows past the keys: finite */
+        for (int u = n; u < 16; u++) memset(kb + u * kd, 0, 2 * (size_t)d); /* rows past the keys: finite */
     }
     /* V^T: per key tile, pairs of keys as dwords (lane = dim), transposed to rows of dims */
     const __m512i lo = interleave_words(32), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
@@ -232,6 +236,7 @@ typedef struct {
     uint32_t (*pbuf)[256];
 } tile_work;
 
+#if HAVE_AMX
 /* queries of dim block b in tile 4 + b % 2 */
 #define LOAD_Q(b)                                                                 \
     do {                                                                          \
@@ -256,6 +261,7 @@ typedef struct {
             tw->sdb = 0, tw->sg++;                                                \
         }                                                                         \
     } while (0)
+#endif
 
 /* the keys of the staged chunk at kc (nk of them) that block bi's last row sees */
 static inline int keys_seen(const scratch *w, int bi, int64_t kc, int nk) {
@@ -266,17 +272,35 @@ static inline int keys_seen(const scratch *w, int bi, int64_t kc, int nk) {
 /* Block sb's scores set up as tile work over n keys, into score buffer sdst. */
 static inline void start_scores(const chunk_args *a, scratch *w, tile_work *tw, int sb, int n, float *sdst) {
     tw->sb = sb, tw->sgroups = (n + 15) / 16, tw->sg = 0, tw->sdb = 0, tw->sdst = sdst;
+#if HAVE_AMX
     if (a->d <= 64) { /* the queries stay in tiles 4-5 through the block's scores */
         _tile_loadd(4, w->qt[sb][0], 64);
         if (a->d > 32) _tile_loadd(5, w->qt[sb][1], 64);
     }
+#else
+    (void)a, (void)w;
+#endif
 }
 
 /* One step of the tile work: a score product or a sum product, in turn while both are left.
- * Returns 0 when none is. */
+ * Returns 0 when none is. On the vector units (no AMX) a step is a 16-key group's scores over
+ * every dim block, or a dim tile's sums over every key tile: nothing runs beside it there, so
+ * the steps are as long as they can be. */
 static inline __attribute__((always_inline)) int tile_step(const chunk_args *a, scratch *w, tile_work *tw) {
     const int d = a->d;
     const int scores = tw->sb >= 0 && tw->sg < tw->sgroups, sums = tw->pbk >= 0 && tw->pc < d / 16;
+#if HAVE_VEC_TILES
+    if (scores && (!sums || (tw->turn ^= 1))) {
+        vec_tile_dp(tw->sdst + 256 * tw->sg, 1, (const uint32_t *)w->kg[tw->sg], MAX_D / 2, 16, w->qt[tw->sb][0],
+                    d / 32); /* key rows copied MAX_D apart (stage_chunk) */
+        tw->sg++;
+        return 1;
+    }
+    if (!sums) return 0;
+    vec_tile_dp(w->acc[tw->pbk][tw->pc], 0, w->vt[0][tw->pc], 16, sizeof(w->vt[0]) / 4, tw->pbuf[0], tw->ptiles);
+    tw->pc++;
+    return 1;
+#else
     if (scores && (!sums || (tw->turn ^= 1))) {
         if (tw->sg & 1)
             SCORE_STEP(1);
@@ -294,6 +318,7 @@ static inline __attribute__((always_inline)) int tile_step(const chunk_args *a, 
         tw->pt = 0, tw->pc++;
     }
     return 1;
+#endif
 }
 
 /* the rest of the tile work done */
@@ -560,11 +585,16 @@ static int by_cost(const void *x, const void *y) { /* costliest first: the last 
 }
 #endif
 
-/* 1 where paged_chunk_attention serves this cache and shape: AMX in the build and the CPU, a
- * bf16 or int8 cache, head_dim a multiple of 32 up to 128, at most 16 query heads per kv head. */
+/* 1 where paged_chunk_attention serves this cache and shape: bf16 tile products in the build (AMX,
+ * ready in this process, or AVX512-BF16), a bf16 or int8 cache, head_dim a multiple of 32 up to
+ * 128, at most 16 query heads per kv head. */
 int chunk_attention_fits(int kv_kind, int hq, int hk, int d) {
+#if HAVE_BF16_TILES
+    return (kv_kind == KV_BF16 || kv_kind == KV_INT8) && d % 32 == 0 && d <= MAX_D && hq / hk <= 16
 #if HAVE_AMX
-    return (kv_kind == KV_BF16 || kv_kind == KV_INT8) && d % 32 == 0 && d <= MAX_D && hq / hk <= 16 && amx_ready();
+           && amx_ready()
+#endif
+        ;
 #else
     (void)kv_kind, (void)hq, (void)hk, (void)d;
     return 0;
@@ -579,7 +609,7 @@ int paged_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
                           const int64_t *block_table, int64_t bt_stride, const int64_t *rows, int64_t n, void *out,
                           int out_bf16, int64_t out_stride, int hq, int hk, int d, int page_size, float scale,
                           int num_threads) {
-#if HAVE_AMX
+#if HAVE_BF16_TILES
     const int g = hq / hk;
     if (!chunk_attention_fits(kv_kind, hq, hk, d)) return 0;
     const chunk_args a = {q, q_stride, k_cache, v_cache, kv_kind, block_table, bt_stride, out, out_bf16, out_stride,
@@ -615,13 +645,17 @@ int paged_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
     _Pragma("omp parallel num_threads(num_threads)")
     {
         scratch *w = thread_scratch();
+#if HAVE_AMX
         load_tile_config(TILES);
+#endif
         _Pragma("omp for schedule(dynamic, 1)")
         for (int64_t it = 0; it < items; it++) {
             const work_item *wi = item + it;
             if (wi->cost > 0) chunk_item(&a, rows + 4 * wi->seq, wi, partials + first_slot[wi->seq] * slot_floats(d), w);
         }
+#if HAVE_AMX
         _tile_release();
+#endif
         if (merges) {
             _Pragma("omp for schedule(static)")
             for (int64_t j = 0; j < merges; j++) { /* (chunk, kv head, block) of the chunks over several splits */
