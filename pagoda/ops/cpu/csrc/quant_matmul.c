@@ -11,9 +11,11 @@
  * torch's speed for one row and 1.8x bfloat16 oneDNN at eight (measured on the default
  * model's layers). Where the CPU has AMX, tile products take over from 5 rows (below):
  * exactly up to 16 rows, and from 17 rows with the weights rounded to bfloat16 (up to 3x
- * faster). Activations are rounded to bfloat16 on every path, so up to 16 rows the products
- * are exact and the paths agree bit for bit; on every path a row's result depends on its
- * own inputs only, never on the rows beside it.
+ * faster). Without AMX but with AVX512-BF16 (AMD Zen 4 and later), the rounded form runs on
+ * the vector units from 24 rows (2x the FMA passes at 512 rows and more). Activations are
+ * rounded to bfloat16 on every path, so below the rounded forms the products are exact and
+ * the paths agree bit for bit; on every path a row's result depends on its own inputs and
+ * the row count only, never on the rows beside it.
  *
  * Layout (made by pagoda/ops/cpu/linear.py): int4 qp [N/16][K/32][16 pairs][16 outputs] bytes
  * with input 2p in the low nibble and 2p+1 in the high one; int8 qp [N/16][K/32][32
@@ -144,6 +146,102 @@ static float *float_rows(const void *x, int x_bf16, int64_t rows, int64_t k, int
     return xf;
 }
 
+#if HAVE_BF16_TILES
+/* Up to this many rows the products are exact; from the next on, the weights are rounded to
+ * bfloat16 (the rounded forms below). The vector form's 17-23 rows would be two row blocks,
+ * the second mostly padding: slower than the FMA passes there (measured on an AMD EPYC). */
+#if HAVE_AMX
+#define EXACT_MAX_ROWS 16
+#else
+#define EXACT_MAX_ROWS 23
+#endif
+
+/* float32 w0, w1 rounded to bfloat16 (nearest even) as 16 (w0[j], w1[j]) pairs: a B tile row */
+static inline __m512i bf16_pairs(__m512 w0, __m512 w1) {
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
+}
+
+/* The rounded form's B tile of one group of one output tile (256 bf16 pairs) into b */
+static inline __attribute__((always_inline)) void rounded_group(const uint8_t *qg, const uint16_t *d16g,
+                                                                 const uint16_t *m16g, int bits, uint32_t *b) {
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)d16g));
+    const __m512 m = bits == 4 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)m16g)) : _mm512_setzero_ps();
+    for (int p = 0; p < GROUP / 2; p++) {
+        __m512 q0, q1;
+        pair_weights(qg, p, bits, &q0, &q1);
+        _mm512_store_si512((__m512i *)(b + p * 16), bf16_pairs(_mm512_fmadd_ps(q0, d, m), _mm512_fmadd_ps(q1, d, m)));
+    }
+}
+
+/* out rows block * 16.. of output tile column t0 (16 outputs at t0 * 16, in rows `width` wide)
+ * from a 16 x 16 tile of sums c (or, with silu, gate sums c and up sums c + 256) */
+static inline void store_tile(const float *c, int silu, void *out, int out_bf16, int64_t block, int64_t rows,
+                              int64_t width, int64_t t0) {
+    for (int r = 0; r < 16 && block * 16 + r < rows; r++) {
+        const __m512 y = silu ? silu_mul16(_mm512_load_ps(c + r * 16), _mm512_load_ps(c + 256 + r * 16))
+                              : _mm512_load_ps(c + r * 16);
+        store_row(y, out, out_bf16, (block * 16 + r) * width + t0 * 16);
+    }
+}
+#endif
+
+#if HAVE_VEC_TILES
+/* ---- The rounded form (below, at AMX) on AVX512-BF16 vector units, for CPUs without AMX: rows
+ * > EXACT_MAX_ROWS take bfloat16 weights (w = d * q + m rounded, as a bfloat16 copy holds them)
+ * times bfloat16 activations, accumulated in float32 by vec_tile_dp over the whole input. The
+ * activations are laid out once per call as A tiles (per 16-row block and group, 16 rows x 16
+ * input pairs; zero rows pad the last block); each output tile's weights are made once per
+ * call and every row block passes over them. 2x the float32 FMA passes' multiply-adds per
+ * instruction, and no unpacking per row pass. */
+static void vec_rounded(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const void *x, int x_bf16,
+                        void *out, int out_bf16, int64_t rows, int64_t n, int64_t k, int bits, int silu,
+                        int num_threads) {
+    const int64_t groups = k / GROUP, blocks = (rows + 15) / 16, tiles = n / 16, group_bytes = GROUP * 16 * bits / 8;
+    const int64_t outs = silu ? tiles / 2 : tiles, width = silu ? n / 2 : n; /* silu: gate tile t, up t + tiles / 2 */
+    uint32_t *xa = aligned_alloc(64, sizeof(uint32_t) * 256 * (size_t)(blocks * groups));
+    _Pragma("omp parallel num_threads(num_threads)")
+    {
+        _Pragma("omp for schedule(static)")
+        for (int64_t bg = 0; bg < blocks * groups; bg++) { /* xa [block][group][16 rows][16 pairs] */
+            const int64_t b = bg / groups, g = bg % groups;
+            for (int r = 0; r < 16; r++) {
+                const int64_t row = b * 16 + r, at = row * k + g * GROUP;
+                __m512i v = _mm512_setzero_si512();
+                if (row < rows && x_bf16) v = _mm512_loadu_si512((const uint16_t *)x + at);
+                if (row < rows && !x_bf16)
+                    v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps((const float *)x + at + 16),
+                                                     _mm512_loadu_ps((const float *)x + at));
+                _mm512_store_si512(xa + bg * 256 + r * 16, v);
+            }
+        }
+        __attribute__((aligned(64))) float c[2 * 256]; /* a tile's sums (silu: gate, then up) */
+        uint32_t *wb = aligned_alloc(64, sizeof(uint32_t) * 2 * 256 * (size_t)groups); /* its weights (silu: gate, up) */
+        _Pragma("omp for schedule(static)")
+        for (int64_t t = 0; t < outs; t++) {
+            for (int j = 0; j < 1 + silu; j++) {
+                const int64_t tt = t + j * outs;
+                for (int64_t g = 0; g < groups; g++)
+                    rounded_group(qp + (tt * groups + g) * group_bytes, d16 + (tt * groups + g) * 16,
+                                  m16 ? m16 + (tt * groups + g) * 16 : NULL, bits, wb + (j * groups + g) * 256);
+            }
+            for (int64_t b = 0; b < blocks; b++) {
+                for (int j = 0; j < 1 + silu; j++)
+                    vec_tile_dp(c + j * 256, 1, xa + b * groups * 256, 16, 256, wb + j * groups * 256, (int)groups);
+                store_tile(c, silu, out, out_bf16, b, rows, width, t);
+            }
+        }
+        free(wb);
+    }
+    free(xa);
+}
+#define USE_AMX(rows) 0
+#define USE_ROUNDED(rows) ((rows) > EXACT_MAX_ROWS)
+#define amx_exact(...) ((void)0)
+#define rounded_form(...) vec_rounded(__VA_ARGS__)
+#endif
+
 #if HAVE_AMX
 /* ---- AMX (Intel Sapphire Rapids and later): tile products of 16 rows x 16 outputs x 32
  * inputs, in two forms by row count.
@@ -169,15 +267,7 @@ static float *float_rows(const void *x, int x_bf16, int64_t rows, int64_t k, int
  *   faster: making these weights costs more than the rescaling it saves. */
 
 #define AMX_MIN_ROWS 5
-#define EXACT_MAX_ROWS 16
 #define CHUNK_BYTES (1 << 20) /* the rounded form's activation rows per span (bf16 bytes) */
-
-/* float32 w0, w1 rounded to bfloat16 (nearest even) as 16 (w0[j], w1[j]) pairs: a B tile row */
-static inline __m512i bf16_pairs(__m512 w0, __m512 w1) {
-    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
-}
 
 /* q as bfloat16 pairs, as bf16_pairs lays them out: exact, so the top halves of the float32s */
 static inline __m512i exact_bf16_pairs(__m512 q0, __m512 q1) {
@@ -274,18 +364,6 @@ static void amx_exact(const uint8_t *qp, const uint16_t *d16, const uint16_t *m1
     free(xs);
 }
 
-/* The rounded form's B tile of one group of one output tile (256 bf16 pairs) into b */
-static inline __attribute__((always_inline)) void rounded_group(const uint8_t *qg, const uint16_t *d16g,
-                                                                 const uint16_t *m16g, int bits, uint32_t *b) {
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)d16g));
-    const __m512 m = bits == 4 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)m16g)) : _mm512_setzero_ps();
-    for (int p = 0; p < GROUP / 2; p++) {
-        __m512 q0, q1;
-        pair_weights(qg, p, bits, &q0, &q1);
-        _mm512_store_si512((__m512i *)(b + p * 16), bf16_pairs(_mm512_fmadd_ps(q0, d, m), _mm512_fmadd_ps(q1, d, m)));
-    }
-}
-
 /* One pass of RB (1-2) row blocks (16 rows at x0, x1) x NT (1-2) output tiles (t, t + ts) over all groups:
  * sums in C tiles 0, 1 (x0) and 2, 3 (x1); A tiles 4, 5; B tiles 6, 7; c gets them as
  * [RB][NT][16 x 16]. b holds the NT tiles' B tiles group by group (group g's at b + g * NT * 256).
@@ -372,20 +450,12 @@ static void amx_rounded(const uint8_t *qp, const uint16_t *d16, const uint16_t *
                     else if (rbn == 2) rounded_pass(make, d16, m16, t, ts, bits, x0, x1, b, groups, k, 2, 1, c);
                     else if (nt == 2) rounded_pass(make, d16, m16, t, ts, bits, x0, x1, b, groups, k, 1, 2, c);
                     else rounded_pass(make, d16, m16, t, ts, bits, x0, x1, b, groups, k, 1, 1, c);
-                    if (silu) {
-                        for (int i = 0; i < rbn; i++)
-                            for (int r = 0; r < 16 && (rb + i) * 16 + r < rows; r++) {
-                                const float *ci = c + i * 2 * 256 + r * 16;
-                                store_row(silu_mul16(_mm512_load_ps(ci), _mm512_load_ps(ci + 256)), out, out_bf16,
-                                          ((rb + i) * 16 + r) * (n / 2) + t * 16);
-                            }
-                        continue;
+                    for (int i = 0; i < rbn; i++) {
+                        if (silu) store_tile(c + i * 2 * 256, 1, out, out_bf16, rb + i, rows, n / 2, t);
+                        else
+                            for (int j = 0; j < nt; j++)
+                                store_tile(c + (i * nt + j) * 256, 0, out, out_bf16, rb + i, rows, n, t + j);
                     }
-                    for (int i = 0; i < rbn; i++)
-                        for (int j = 0; j < nt; j++)
-                            for (int r = 0; r < 16 && (rb + i) * 16 + r < rows; r++)
-                                store_row(_mm512_load_ps(c + (i * nt + j) * 256 + r * 16), out, out_bf16,
-                                          ((rb + i) * 16 + r) * n + (t + j) * 16);
                 }
             }
         }
@@ -396,12 +466,13 @@ static void amx_rounded(const uint8_t *qp, const uint16_t *d16, const uint16_t *
 }
 #define USE_AMX(rows) ((rows) >= AMX_MIN_ROWS && amx_ready())
 #define USE_ROUNDED(rows) (USE_AMX(rows) && (rows) > EXACT_MAX_ROWS) /* amx_rounded's rows */
-#else
+#define rounded_form(...) amx_rounded(__VA_ARGS__)
+#endif
+#if !HAVE_BF16_TILES
 #define USE_AMX(rows) 0
 #define USE_ROUNDED(rows) 0
-#define EXACT_MAX_ROWS 0
 #define amx_exact(...) ((void)0)
-#define amx_rounded(...) ((void)0)
+#define rounded_form(...) ((void)0)
 #endif
 #endif
 
@@ -411,7 +482,7 @@ static void amx_rounded(const uint8_t *qp, const uint16_t *d16, const uint16_t *
 static void quant_matmul(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const void *x, int x_bf16,
                          void *out, int out_bf16, int64_t rows, int64_t n, int64_t k, int bits, int num_threads) {
     if (USE_ROUNDED(rows)) {
-        amx_rounded(qp, d16, m16, x, x_bf16, out, out_bf16, rows, n, k, bits, 0, num_threads);
+        rounded_form(qp, d16, m16, x, x_bf16, out, out_bf16, rows, n, k, bits, 0, num_threads);
         return;
     }
     float *xf = float_rows(x, x_bf16, rows, k, bits == 4); /* int4's min term needs the group sums */
@@ -447,14 +518,14 @@ void int8_matmul(const int8_t *qp, const uint16_t *d16, const void *x, int x_bf1
 }
 
 /* out [rows, n / 2] = silu(x W_gate^T) * (x W_up^T) for a gate/up projection W [n, k] (gate rows
- * first), in one pass where the rounded form serves (AMX, rows > 16, n / 16 even): returns 1, or
- * 0 where it does not and the caller multiplies and applies silu_and_mul itself. bits 4 (m16 the
- * mins) or 8 (m16 NULL). */
+ * first), in one pass where the rounded form serves (bf16 tile products, rows > 16, n / 16 even):
+ * returns 1, or 0 where it does not and the caller multiplies and applies silu_and_mul itself.
+ * bits 4 (m16 the mins) or 8 (m16 NULL). */
 int quant_matmul_silu(const uint8_t *qp, const uint16_t *d16, const uint16_t *m16, const void *x, int x_bf16,
                       void *out, int out_bf16, int64_t rows, int64_t n, int64_t k, int bits, int num_threads) {
-#if defined(__AVX512F__) && HAVE_AMX
+#if defined(__AVX512F__) && HAVE_BF16_TILES
     if (!USE_ROUNDED(rows) || (n / 16) % 2) return 0;
-    amx_rounded(qp, d16, m16, x, x_bf16, out, out_bf16, rows, n, k, bits, 1, num_threads);
+    rounded_form(qp, d16, m16, x, x_bf16, out, out_bf16, rows, n, k, bits, 1, num_threads);
     return 1;
 #else
     (void)qp, (void)d16, (void)m16, (void)x, (void)x_bf16, (void)out, (void)out_bf16, (void)rows, (void)n, (void)k,
@@ -463,11 +534,13 @@ int quant_matmul_silu(const uint8_t *qp, const uint16_t *d16, const uint16_t *m1
 #endif
 }
 
-/* The row count from which weights are rounded to bfloat16 (AMX's rounded form; below it every
- * path computes the same exact sums), or 0 where this CPU or build has no AMX. */
+/* The row count from which weights are rounded to bfloat16 (the rounded form, on AMX or vectors;
+ * below it every path computes the same exact sums), or 0 where this CPU or build has neither. */
 int quant_matmul_rounded_rows(void) {
 #if HAVE_AMX
     return amx_ready() ? EXACT_MAX_ROWS + 1 : 0;
+#elif HAVE_VEC_TILES
+    return EXACT_MAX_ROWS + 1;
 #else
     return 0;
 #endif
