@@ -78,4 +78,15 @@ static inline __attribute__((always_inline)) void vec_tile_dp(float *c, int zero
 
 #define HAVE_BF16_TILES (HAVE_AMX || HAVE_VEC_TILES)
 
+#if HAVE_BF16_TILES
+/* whether the tile products may run in this process (AMX: once Linux has handed out the tiles) */
+static inline int bf16_tiles_ready(void) {
+#if HAVE_AMX
+    return amx_ready();
+#else
+    return 1;
+#endif
+}
+#endif
+
 #endif

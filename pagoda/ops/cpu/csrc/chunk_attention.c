@@ -1,4 +1,5 @@
-/* Prefill-chunk attention straight from the paged KV cache, on AMX tiles (CPU).
+/* Prefill-chunk attention straight from the paged KV cache, on bf16 tile products (CPU): AMX
+ * tiles, or their AVX512-BF16 vector form where the CPU has no AMX (vec_tile_dp, amx.h).
  *
  * A prompt chunk of many tokens attends to its whole context: compute-bound work (two
  * matrix products per query over every key), which the decode kernel (paged_attention.c)
@@ -36,7 +37,11 @@
  * - int8 caches (kv_kind, kernels.h): key and value rows are dequantized to bf16 as they are
  *   staged (the rounding the SDPA path applies to them too), and from there on are bf16 rows.
  *
- * Returns 0, computing nothing, where the build or CPU has no AMX or the shape does not fit
+ * Without AMX the tile products run on the vector units, whole (a step of tile_work is a full
+ * product, nothing to overlap), and every key row is copied to kb, so the products' row stride
+ * is a constant.
+ *
+ * Returns 0, computing nothing, where the build has no bf16 tile products or the shape does not fit
  * (chunk_attention_fits): the caller then uses torch's SDPA, which stays the reference
  * (tests/unit/test_chunk_attention.py).
  *
@@ -590,11 +595,8 @@ static int by_cost(const void *x, const void *y) { /* costliest first: the last 
  * 128, at most 16 query heads per kv head. */
 int chunk_attention_fits(int kv_kind, int hq, int hk, int d) {
 #if HAVE_BF16_TILES
-    return (kv_kind == KV_BF16 || kv_kind == KV_INT8) && d % 32 == 0 && d <= MAX_D && hq / hk <= 16
-#if HAVE_AMX
-           && amx_ready()
-#endif
-        ;
+    return (kv_kind == KV_BF16 || kv_kind == KV_INT8) && d % 32 == 0 && d <= MAX_D && hq / hk <= 16 &&
+           bf16_tiles_ready();
 #else
     (void)kv_kind, (void)hq, (void)hk, (void)d;
     return 0;
