@@ -176,8 +176,8 @@ static inline int prefetch_pending(const scratch *w) { return w->ahead_key < w->
 /* Stage keys kc..kc+nk-1 (pool offsets at off): w->kg points at each 16 key rows, in place
  * (AMX, bf16 rows, pages of 16 keys or a multiple) or copied into w->kb (int8 rows dequantized
  * to bf16; without AMX every row, MAX_D apart), zeros to the end of the last 16; the values
- * as V^T A tiles. What is
- * left of these keys' prefetches is issued first; the next `ahead` keys' are queued. */
+ * as V^T A tiles. What is left of these keys' prefetches is issued first; the next `ahead`
+ * keys' are queued. */
 static void stage_chunk(const chunk_args *a, const int64_t *off, int nk, int ahead, scratch *w) {
     const int in_place = HAVE_AMX && a->kv_kind == KV_BF16 && a->page_size % 16 == 0;
     const int d = a->d, kd = HAVE_AMX ? d : MAX_D; /* key rows in kb: kd apart (vec_tile_dp's constant a_row) */

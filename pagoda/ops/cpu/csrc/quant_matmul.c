@@ -236,9 +236,6 @@ static void vec_rounded(const uint8_t *qp, const uint16_t *d16, const uint16_t *
     }
     free(xa);
 }
-#define USE_AMX(rows) 0
-#define USE_ROUNDED(rows) ((rows) > EXACT_MAX_ROWS)
-#define amx_exact(...) ((void)0)
 #define rounded_form(...) vec_rounded(__VA_ARGS__)
 #endif
 
@@ -465,13 +462,15 @@ static void amx_rounded(const uint8_t *qp, const uint16_t *d16, const uint16_t *
     free(xb);
 }
 #define USE_AMX(rows) ((rows) >= AMX_MIN_ROWS && amx_ready())
-#define USE_ROUNDED(rows) (USE_AMX(rows) && (rows) > EXACT_MAX_ROWS) /* amx_rounded's rows */
 #define rounded_form(...) amx_rounded(__VA_ARGS__)
-#endif
-#if !HAVE_BF16_TILES
+#else
 #define USE_AMX(rows) 0
-#define USE_ROUNDED(rows) 0
 #define amx_exact(...) ((void)0)
+#endif
+#if HAVE_BF16_TILES
+#define USE_ROUNDED(rows) ((rows) > EXACT_MAX_ROWS && bf16_tiles_ready()) /* the rounded form's rows */
+#else
+#define USE_ROUNDED(rows) 0
 #define rounded_form(...) ((void)0)
 #endif
 #endif
@@ -537,10 +536,8 @@ int quant_matmul_silu(const uint8_t *qp, const uint16_t *d16, const uint16_t *m1
 /* The row count from which weights are rounded to bfloat16 (the rounded form, on AMX or vectors;
  * below it every path computes the same exact sums), or 0 where this CPU or build has neither. */
 int quant_matmul_rounded_rows(void) {
-#if HAVE_AMX
-    return amx_ready() ? EXACT_MAX_ROWS + 1 : 0;
-#elif HAVE_VEC_TILES
-    return EXACT_MAX_ROWS + 1;
+#if HAVE_BF16_TILES
+    return bf16_tiles_ready() ? EXACT_MAX_ROWS + 1 : 0;
 #else
     return 0;
 #endif
